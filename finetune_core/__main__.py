@@ -1,0 +1,3 @@
+from finetune_core.cli import main
+
+raise SystemExit(main())
