@@ -70,9 +70,7 @@ class ConfigError(ValueError):
 
     def __init__(self, errors: dict[str, str]):
         self.errors = dict(errors)
-        super().__init__(
-            "\n".join(f"{k.replace('_', '-')}: {v}" for k, v in self.errors.items())
-        )
+        super().__init__("\n".join(f"{k.replace('_', '-')}: {v}" for k, v in self.errors.items()))
 
 
 def nearest(word: str, choices, n: int = 3) -> str:
@@ -212,7 +210,9 @@ def validate_fields(cfg: RunConfig) -> dict[str, str]:
         if not (math.isfinite(v) and v >= 0):
             e[name] = f"must be 0 or a positive number, got {v}"
     if cfg.warmup_epochs >= cfg.epochs >= 1 and cfg.warmup_epochs > 0:
-        e["warmup_epochs"] = f"warm-up ({cfg.warmup_epochs}) must be shorter than the run ({cfg.epochs} epochs)"
+        e["warmup_epochs"] = (
+            f"warm-up ({cfg.warmup_epochs}) must be shorter than the run ({cfg.epochs} epochs)"
+        )
     if cfg.early_stop < 0:
         e["early_stop"] = f"must be 0 (off) or a number of epochs, got {cfg.early_stop}"
     if cfg.val_fraction + cfg.test_fraction >= 0.95:
@@ -224,7 +224,9 @@ def validate_fields(cfg: RunConfig) -> dict[str, str]:
     return e
 
 
-def validate(cfg: RunConfig, *, runs_dir: str | Path | None = None, deep: bool = True) -> dict[str, str]:
+def validate(
+    cfg: RunConfig, *, runs_dir: str | Path | None = None, deep: bool = True
+) -> dict[str, str]:
     """Returns {field: message} for everything wrong with cfg; empty when it may run.
 
     deep=True also checks the model (registry, image size, --unfreeze-last against its

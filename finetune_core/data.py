@@ -79,8 +79,16 @@ def load_data(
 class TensorLoader:
     """Iterates (uint8 images [B,3,S,S], int64 labels [B]) over a TensorSplit."""
 
-    def __init__(self, split: TensorSplit, batch_size: int, *, shuffle: bool, seed: int = 0,
-                 balanced: bool = False, drop_last: bool = False):
+    def __init__(
+        self,
+        split: TensorSplit,
+        batch_size: int,
+        *,
+        shuffle: bool,
+        seed: int = 0,
+        balanced: bool = False,
+        drop_last: bool = False,
+    ):
         raise NotImplementedError
 
     def set_epoch(self, epoch: int) -> None:
