@@ -1,0 +1,606 @@
+"""What the dashboard shows, as pure functions: DataFrames and dicts in, Plotly figures,
+tables and sentences out. No Streamlit here, so every chart is unit-tested on its own.
+
+Inputs are the run-directory contract read through `store`:
+- metrics: the rows of metrics.jsonl (split, epoch, step, loss, acc, acc5, lr, time_s,
+  images_per_s, phase); for several runs, one long frame with a `run` column (the label).
+- summaries: summary.json dicts; configs: config.json dicts.
+- plan frames: `strategies.Plan.to_frame()` (phase, group, params, trainable_params,
+  trainable, lr).
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Mapping
+from typing import Any
+
+import pandas as pd
+import plotly.graph_objects as go
+from plotly.subplots import make_subplots
+
+# Calm, colour-blind-safe palette (Okabe-Ito); one colour per run, stable by position.
+PALETTE = (
+    "#0072B2",
+    "#E69F00",
+    "#009E73",
+    "#CC79A7",
+    "#56B4E9",
+    "#D55E00",
+    "#F0E442",
+    "#000000",
+)
+TRAINS = "#009E73"
+PARTLY = "#56B4E9"
+FROZEN = "#BBBBBB"
+
+# Config fields that never count as a difference between runs of one comparison.
+_NOT_A_DIFFERENCE = ("name", "group", "env")
+
+
+# ---------------------------------------------------------------- formatting
+
+
+def fmt_count(n: float | int | None) -> str:
+    """Returns a parameter or image count in people's units: 512, 11.2k, 11.7M."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "–"
+    n = float(n)
+    for unit, size in (("B", 1e9), ("M", 1e6), ("k", 1e3)):
+        if abs(n) >= size:
+            return f"{n / size:.3g}{unit}"
+    return f"{n:.0f}"
+
+
+def fmt_duration(seconds: float | None) -> str:
+    """Returns 42 s, 3 min 05 s or 1 h 02 min."""
+    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
+        return "–"
+    s = max(0, int(round(seconds)))
+    if s < 60:
+        return f"{s} s"
+    if s < 3600:
+        return f"{s // 60} min {s % 60:02d} s"
+    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
+
+
+def fmt_bytes(n: float | None) -> str:
+    """Returns 812 B, 4.2 MB, 1.3 GB (decimal units, as disks are sold)."""
+    if n is None or (isinstance(n, float) and math.isnan(n)):
+        return "–"
+    n = float(n)
+    for unit, size in (("GB", 1e9), ("MB", 1e6), ("kB", 1e3)):
+        if n >= size:
+            return f"{n / size:.1f} {unit}"
+    return f"{n:.0f} B"
+
+
+def fmt_pct(fraction: float | None, digits: int = 1) -> str:
+    """Returns a fraction 0..1 as a percentage string, or – when unknown."""
+    if fraction is None or (isinstance(fraction, float) and math.isnan(fraction)):
+        return "–"
+    return f"{100 * fraction:.{digits}f} %"
+
+
+# ---------------------------------------------------------------- labels
+
+
+def strategy_label(cfg: Mapping[str, Any]) -> str:
+    """Returns the strategy with the option that defines it: `last_n 1`, `lp_ft 2`, `full`."""
+    strategy = cfg.get("strategy", "?")
+    if strategy == "last_n":
+        label = f"last_n {cfg.get('unfreeze_last', 1)}"
+    elif strategy == "gradual":
+        label = f"gradual every {cfg.get('unfreeze_every', 1)}"
+    elif strategy == "lp_ft":
+        label = f"lp_ft {cfg.get('probe_epochs', 1)}"
+    else:
+        label = str(strategy)
+    extras = []
+    if cfg.get("layer_decay", 1.0) not in (1, 1.0, None):
+        extras.append(f"decay {cfg['layer_decay']:g}")
+    if cfg.get("l2sp"):
+        extras.append(f"l2sp {cfg['l2sp']:g}")
+    if cfg.get("freeze_bn"):
+        extras.append("bn frozen")
+    return label + (f" ({', '.join(extras)})" if extras else "")
+
+
+def run_labels(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
+    """Returns {run_id: label}: the run's name, else its strategy; unique (id suffix added)."""
+    raw = {rid: (cfg.get("name") or strategy_label(cfg)) for rid, cfg in configs.items()}
+    counts: dict[str, int] = {}
+    for label in raw.values():
+        counts[label] = counts.get(label, 0) + 1
+    return {
+        rid: (label if counts[label] == 1 else f"{label} · {rid[-6:]}")
+        for rid, label in raw.items()
+    }
+
+
+# ---------------------------------------------------------------- one run, live
+
+
+def _empty(title: str, message: str) -> go.Figure:
+    fig = go.Figure()
+    fig.update_layout(
+        title=title,
+        annotations=[dict(text=message, showarrow=False, xref="paper", yref="paper", x=0.5, y=0.5)],
+        xaxis=dict(visible=False),
+        yaxis=dict(visible=False),
+    )
+    return _style(fig)
+
+
+def _style(fig: go.Figure, height: int = 300) -> go.Figure:
+    fig.update_layout(
+        template="plotly_white",
+        height=height,
+        margin=dict(l=50, r=20, t=50, b=40),
+        legend=dict(orientation="h", yanchor="bottom", y=1.0, xanchor="right", x=1.0),
+        hovermode="x unified",
+    )
+    return fig
+
+
+def _split(metrics: pd.DataFrame, split: str) -> pd.DataFrame:
+    if metrics is None or metrics.empty or "split" not in metrics:
+        return pd.DataFrame(columns=["split", "epoch", "step", "loss", "acc", "lr", "time_s"])
+    return metrics[metrics["split"] == split].sort_values("step")
+
+
+def _has(frame: pd.DataFrame, column: str) -> bool:
+    return column in frame and frame[column].notna().any()
+
+
+def loss_chart(metrics: pd.DataFrame) -> go.Figure:
+    """Returns train loss (line) and val loss (markers) against the global step."""
+    train, val = _split(metrics, "train"), _split(metrics, "val")
+    if train.empty and val.empty:
+        return _empty("Loss", "No loss recorded yet")
+    fig = go.Figure()
+    if _has(train, "loss"):
+        fig.add_scatter(
+            x=train["step"],
+            y=train["loss"],
+            name="train loss",
+            mode="lines",
+            line=dict(color=PALETTE[0]),
+        )
+    if _has(val, "loss"):
+        fig.add_scatter(
+            x=val["step"],
+            y=val["loss"],
+            name="val loss",
+            mode="lines+markers",
+            line=dict(color=PALETTE[1]),
+        )
+    fig.update_layout(title="Loss", xaxis_title="step", yaxis_title="loss")
+    return _style(fig)
+
+
+def accuracy_chart(metrics: pd.DataFrame) -> go.Figure:
+    """Returns val accuracy (and train accuracy, fainter) in % against the global step."""
+    train, val = _split(metrics, "train"), _split(metrics, "val")
+    if not _has(val, "acc") and not _has(train, "acc"):
+        return _empty("Accuracy", "Accuracy appears after the first steps")
+    fig = go.Figure()
+    if _has(train, "acc"):
+        fig.add_scatter(
+            x=train["step"],
+            y=100 * train["acc"],
+            name="train acc",
+            mode="lines",
+            line=dict(color=PALETTE[4], width=1),
+        )
+    if _has(val, "acc"):
+        fig.add_scatter(
+            x=val["step"],
+            y=100 * val["acc"],
+            name="val acc",
+            mode="lines+markers",
+            line=dict(color=PALETTE[2], width=3),
+        )
+    fig.update_layout(title="Accuracy", xaxis_title="step", yaxis_title="accuracy (%)")
+    return _style(fig)
+
+
+def lr_chart(metrics: pd.DataFrame) -> go.Figure:
+    """Returns the head group's learning rate against the global step."""
+    train = _split(metrics, "train")
+    if not _has(train, "lr"):
+        return _empty("Learning rate", "No learning rate recorded yet")
+    fig = go.Figure()
+    fig.add_scatter(
+        x=train["step"], y=train["lr"], name="lr (head)", mode="lines", line=dict(color=PALETTE[3])
+    )
+    fig.update_layout(title="Learning rate", xaxis_title="step", yaxis_title="lr")
+    return _style(fig)
+
+
+def throughput_chart(metrics: pd.DataFrame) -> go.Figure:
+    """Returns training throughput (images/s) against the global step."""
+    train = _split(metrics, "train")
+    if not _has(train, "images_per_s"):
+        return _empty("Throughput", "No throughput recorded yet")
+    fig = go.Figure()
+    fig.add_scatter(
+        x=train["step"],
+        y=train["images_per_s"],
+        name="images/s",
+        mode="lines",
+        line=dict(color=PALETTE[5]),
+    )
+    fig.update_layout(title="Throughput", xaxis_title="step", yaxis_title="images / s")
+    return _style(fig)
+
+
+def training_charts(metrics: pd.DataFrame) -> dict[str, go.Figure]:
+    """Returns the Training page's charts by key: loss, accuracy, lr, throughput."""
+    return {
+        "loss": loss_chart(metrics),
+        "accuracy": accuracy_chart(metrics),
+        "lr": lr_chart(metrics),
+        "throughput": throughput_chart(metrics),
+    }
+
+
+def _to_epoch_seconds(value: Any) -> float | None:
+    if value is None:
+        return None
+    if isinstance(value, (int, float)):
+        return float(value)
+    try:
+        return pd.Timestamp(value).timestamp()
+    except (ValueError, TypeError):
+        return None
+
+
+def run_progress(
+    status: Mapping[str, Any], metrics: pd.DataFrame | None = None, now: float | None = None
+) -> tuple[float, str]:
+    """Returns (fraction 0..1, 'epoch 2 of 5 · step 40 of 100 · about 1 min 10 s left').
+
+    The ETA comes from the time per step so far (metrics' time_s, else the status'
+    started_at), so it is blank until the first step is done.
+    """
+    state = status.get("state", "?")
+    step = int(status.get("step") or 0)
+    total = int(status.get("total_steps") or 0)
+    epoch = status.get("epoch")
+    fraction = min(1.0, step / total) if total > 0 else 0.0
+    if state == "completed":
+        fraction = 1.0
+    parts = []
+    if epoch:
+        parts.append(f"epoch {epoch}")
+    if total:
+        parts.append(f"step {step} of {total}")
+    elapsed = None
+    train = _split(metrics, "train") if metrics is not None else pd.DataFrame()
+    if not train.empty and _has(train, "time_s"):
+        last = train.iloc[-1]
+        if last["step"] and not math.isnan(float(last["time_s"])):
+            elapsed, step_done = float(last["time_s"]), int(last["step"])
+    if elapsed is None:
+        started = _to_epoch_seconds(status.get("started_at"))
+        if started is not None and step > 0:
+            import time
+
+            elapsed, step_done = (now if now is not None else time.time()) - started, step
+    if state in ("running",) and elapsed is not None and total > 0 and step_done > 0:
+        left = elapsed / step_done * max(0, total - step)
+        parts.append(f"about {fmt_duration(left)} left")
+    return fraction, " · ".join(parts) if parts else str(state)
+
+
+# ---------------------------------------------------------------- the trainable map
+
+
+def trainable_map(frame: pd.DataFrame) -> go.Figure:
+    """Returns the plan as horizontal bars: one row per group (stem at the bottom, head at the
+    top), length = parameters (log scale), colour = trains / partly trains / frozen, label =
+    trainable count and learning rate; one panel per phase for gradual and lp_ft."""
+    if frame is None or frame.empty:
+        return _empty("Trainable map", "Choose a model to see its layer groups")
+    phases = list(dict.fromkeys(frame["phase"])) if "phase" in frame else ["all"]
+    if "phase" not in frame:
+        frame = frame.assign(phase="all")
+    fig = make_subplots(
+        rows=1,
+        cols=len(phases),
+        shared_yaxes=True,
+        subplot_titles=[_phase_title(frame[frame["phase"] == p], p) for p in phases]
+        if len(phases) > 1
+        else None,
+        horizontal_spacing=0.02,
+    )
+    order = list(dict.fromkeys(frame["group"]))
+    kinds = (("trains", TRAINS), ("partly trains", PARTLY), ("frozen", FROZEN))
+    shown: set[str] = set()
+    for col, phase in enumerate(phases, start=1):
+        rows = frame[frame["phase"] == phase]
+        for kind, colour in kinds:
+            sel = rows[rows.apply(_kind, axis=1) == kind]
+            if sel.empty:
+                continue
+            fig.add_bar(
+                x=sel["params"].clip(lower=1),
+                y=sel["group"],
+                orientation="h",
+                name=kind,
+                legendgroup=kind,
+                showlegend=kind not in shown,
+                marker_color=colour,
+                text=[_bar_text(r) for _, r in sel.iterrows()],
+                textposition="auto",
+                customdata=sel[["trainable_params", "lr"]].to_numpy(),
+                hovertemplate="%{y}: %{x:,} parameters, %{customdata[0]:,} train, "
+                "lr %{customdata[1]}<extra>" + str(phase) + "</extra>",
+                row=1,
+                col=col,
+            )
+            shown.add(kind)
+        fig.update_xaxes(type="log", title_text="parameters", row=1, col=col)
+    fig.update_yaxes(categoryorder="array", categoryarray=order)
+    title = "Trainable map"
+    if len(phases) == 1:
+        title += " · " + _phase_title(frame, phases[0])
+    fig.update_layout(title=title, barmode="overlay", hovermode="closest")
+    return _style(fig, height=max(260, 40 + 28 * len(order)))
+
+
+def _kind(row: pd.Series) -> str:
+    if not row["trainable"] or not row["trainable_params"]:
+        return "frozen"
+    return "trains" if row["trainable_params"] >= row["params"] else "partly trains"
+
+
+def _bar_text(row: pd.Series) -> str:
+    if _kind(row) == "frozen":
+        return "frozen"
+    lr = row.get("lr")
+    lr_text = f" · lr {lr:.3g}" if isinstance(lr, (int, float)) and not math.isnan(lr) else ""
+    return f"{fmt_count(row['trainable_params'])} train{lr_text}"
+
+
+def _phase_title(rows: pd.DataFrame, phase: Any) -> str:
+    trainable = int(rows["trainable_params"].sum())
+    total = int(rows["params"].sum())
+    share = trainable / total if total else 0.0
+    return f"{phase}: {fmt_count(trainable)} of {fmt_count(total)} train ({fmt_pct(share)})"
+
+
+# ---------------------------------------------------------------- comparing runs
+
+
+def summary_table(
+    configs: Mapping[str, Mapping[str, Any]],
+    summaries: Mapping[str, Mapping[str, Any] | None],
+    metrics: Mapping[str, pd.DataFrame] | None = None,
+    statuses: Mapping[str, Mapping[str, Any]] | None = None,
+) -> pd.DataFrame:
+    """Returns one row per run (in the order of `configs`): run, run_id, strategy, state,
+    best_val_acc, final_val_acc, test_acc, trainable_params, trainable_pct, total_params,
+    train_time_s, images_per_s. Runs without a summary yet take what their metrics say."""
+    labels = run_labels(configs)
+    rows = []
+    for rid, cfg in configs.items():
+        s = dict(summaries.get(rid) or {})
+        m = (metrics or {}).get(rid)
+        val = _split(m, "val") if m is not None else pd.DataFrame()
+        train = _split(m, "train") if m is not None else pd.DataFrame()
+        best = s.get("best_val_acc")
+        final = s.get("final_val_acc")
+        if best is None and _has(val, "acc"):
+            best = float(val["acc"].max())
+        if final is None and _has(val, "acc"):
+            final = float(val["acc"].iloc[-1])
+        trainable, total = s.get("trainable_params"), s.get("total_params")
+        pct = 100 * trainable / total if trainable is not None and total else None
+        ips = float(train["images_per_s"].median()) if _has(train, "images_per_s") else None
+        t = s.get("train_time_s")
+        if t is None and _has(train, "time_s"):
+            t = float(train["time_s"].max())
+        state = s.get("state") or ((statuses or {}).get(rid) or {}).get("state")
+        rows.append(
+            dict(
+                run=labels[rid],
+                run_id=rid,
+                strategy=cfg.get("strategy"),
+                state=state,
+                best_val_acc=best,
+                final_val_acc=final,
+                test_acc=s.get("test_acc"),
+                trainable_params=trainable,
+                trainable_pct=pct,
+                total_params=total,
+                train_time_s=t,
+                images_per_s=ips,
+            )
+        )
+    columns = [
+        "run", "run_id", "strategy", "state", "best_val_acc", "final_val_acc", "test_acc",
+        "trainable_params", "trainable_pct", "total_params", "train_time_s", "images_per_s",
+    ]  # fmt: skip
+    return pd.DataFrame(rows, columns=columns)
+
+
+def headline(table: pd.DataFrame) -> str:
+    """Returns the one sentence that answers "which strategy, at what cost": the best run by
+    best val accuracy, its difference from `full` in points, and its train-time and
+    trainable-parameter ratios to `full`."""
+    done = table.dropna(subset=["best_val_acc"]) if not table.empty else table
+    if done.empty:
+        return "No run has finished an epoch yet, so there is nothing to compare."
+    best = done.loc[done["best_val_acc"].idxmax()]
+    full = done[done["strategy"] == "full"]
+    if len(done) == 1:
+        return (
+            f"Only one run has results: {best['run']} reached "
+            f"{fmt_pct(best['best_val_acc'])} val accuracy."
+        )
+    if full.empty:
+        second = done.drop(index=best.name)
+        runner_up = second.loc[second["best_val_acc"].idxmax()]
+        return (
+            f"{best['run']} is best with {fmt_pct(best['best_val_acc'])} val accuracy, "
+            f"{_points(best['best_val_acc'] - runner_up['best_val_acc'])} ahead of "
+            f"{runner_up['run']}; there is no full fine-tuning run to compare costs against."
+        )
+    ref = full.loc[full["best_val_acc"].idxmax()]
+    if best["strategy"] == "full":
+        partial = done[done["strategy"] != "full"]
+        if partial.empty:
+            return f"{best['run']} is best with {fmt_pct(best['best_val_acc'])} val accuracy."
+        alt = partial.loc[partial["best_val_acc"].idxmax()]
+        return (
+            f"{best['run']} is best with {fmt_pct(best['best_val_acc'])} val accuracy; the best "
+            f"partial strategy, {alt['run']}, is {_points(alt['best_val_acc'] - ref['best_val_acc'])}"
+            f" from it{_cost(alt, ref)}."
+        )
+    diff = best["best_val_acc"] - ref["best_val_acc"]
+    return (
+        f"{best['run']} is best with {fmt_pct(best['best_val_acc'])} val accuracy, "
+        f"{_points(diff)} {'above' if diff >= 0 else 'below'} full fine-tuning "
+        f"({fmt_pct(ref['best_val_acc'])}){_cost(best, ref)}."
+    )
+
+
+def _points(diff: float) -> str:
+    pts = abs(100 * diff)
+    return f"{pts:.1f} point{'' if round(pts, 1) == 1 else 's'}"
+
+
+def _ratio(a: Any, b: Any) -> float | None:
+    try:
+        a, b = float(a), float(b)
+    except (TypeError, ValueError):
+        return None
+    if math.isnan(a) or math.isnan(b) or b <= 0:
+        return None
+    return a / b
+
+
+def _cost(run: pd.Series, ref: pd.Series) -> str:
+    parts = []
+    t = _ratio(run["train_time_s"], ref["train_time_s"])
+    if t is not None:
+        parts.append(f"{t:.2g}× the training time")
+    p = _ratio(run["trainable_params"], ref["trainable_params"])
+    if p is not None:
+        parts.append(f"{_share(p)} of the trainable parameters")
+    return ", using " + " and ".join(parts) if parts else ""
+
+
+def _share(p: float) -> str:
+    if p >= 0.1:
+        return f"{100 * p:.0f} %"
+    if p >= 0.001:
+        return f"{100 * p:.1f} %"
+    return f"{100 * p:.2g} %"
+
+
+def compare_curves(metrics: pd.DataFrame, y: str = "acc", x: str = "epoch") -> go.Figure:
+    """Returns one val-split trace per run (the `run` column) of `y` (acc or loss) against
+    `x` (epoch or time_s)."""
+    name = {"acc": "val accuracy (%)", "loss": "val loss"}.get(y, y)
+    xname = {"epoch": "epoch", "time_s": "wall time (s)"}.get(x, x)
+    val = _split(metrics, "val")
+    if val.empty or "run" not in val:
+        return _empty(name.capitalize(), "No epoch has finished yet")
+    fig = go.Figure()
+    for i, (run, rows) in enumerate(val.groupby("run", sort=False)):
+        scale = 100 if y == "acc" else 1
+        fig.add_scatter(
+            x=rows[x],
+            y=scale * rows[y],
+            name=str(run),
+            mode="lines+markers",
+            line=dict(color=PALETTE[i % len(PALETTE)]),
+        )
+    fig.update_layout(title=f"{name.capitalize()} by {xname}", xaxis_title=xname, yaxis_title=name)
+    return _style(fig)
+
+
+def accuracy_vs_cost(table: pd.DataFrame, cost: str = "trainable_params") -> go.Figure:
+    """Returns best val accuracy (%) against a cost column (trainable_params or train_time_s),
+    one marker trace per run, so the cheapest good strategy stands out top left."""
+    xname = {"trainable_params": "trainable parameters", "train_time_s": "train time (s)"}[cost]
+    rows = table.dropna(subset=["best_val_acc", cost]) if not table.empty else table
+    if rows.empty:
+        return _empty(f"Accuracy vs {xname}", "No finished epoch yet")
+    fig = go.Figure()
+    for i, (_, r) in enumerate(rows.iterrows()):
+        fig.add_scatter(
+            x=[r[cost]], y=[100 * r["best_val_acc"]], name=str(r["run"]), mode="markers+text",
+            text=[str(r["run"])], textposition="top center",
+            marker=dict(size=14, color=PALETTE[i % len(PALETTE)]),
+        )  # fmt: skip
+    fig.update_layout(
+        title=f"Accuracy vs {xname}", xaxis_title=xname, yaxis_title="best val accuracy (%)",
+        showlegend=False, hovermode="closest",
+    )  # fmt: skip
+    if cost == "trainable_params":
+        fig.update_xaxes(type="log")
+    return _style(fig)
+
+
+def per_class_chart(summaries: Mapping[str, Mapping[str, Any]]) -> go.Figure:
+    """Returns per-class accuracy (%) as grouped bars, one trace per run ({label: summary})."""
+    have = {k: s for k, s in summaries.items() if s and s.get("per_class_acc")}
+    if not have:
+        return _empty("Per-class accuracy", "Appears when runs finish")
+    fig = go.Figure()
+    for i, (label, s) in enumerate(have.items()):
+        classes = list(s.get("classes") or s["per_class_acc"].keys())
+        fig.add_bar(
+            x=classes, y=[100 * float(s["per_class_acc"].get(c, float("nan"))) for c in classes],
+            name=str(label), marker_color=PALETTE[i % len(PALETTE)],
+        )  # fmt: skip
+    fig.update_layout(
+        title="Per-class accuracy", yaxis_title="accuracy (%)", barmode="group", hovermode="x"
+    )
+    return _style(fig, height=340)
+
+
+def confusion_chart(summaries: Mapping[str, Mapping[str, Any]]) -> go.Figure:
+    """Returns the confusion matrices side by side (rows true, columns predicted), one heatmap
+    per run, each normalised per true class so runs with different counts compare."""
+    have = {k: s for k, s in summaries.items() if s and s.get("confusion_matrix")}
+    if not have:
+        return _empty("Confusion matrices", "Appear when runs finish")
+    n = len(have)
+    fig = make_subplots(
+        rows=1, cols=n, subplot_titles=[str(k) for k in have], horizontal_spacing=0.04
+    )
+    for col, (_label, s) in enumerate(have.items(), start=1):
+        cm = [[float(v) for v in row] for row in s["confusion_matrix"]]
+        classes = list(s.get("classes") or range(len(cm)))
+        norm = [[v / sum(row) if sum(row) else 0.0 for v in row] for row in cm]
+        fig.add_heatmap(
+            z=norm, x=classes, y=classes, customdata=cm, coloraxis="coloraxis",
+            hovertemplate="true %{y}, predicted %{x}: %{customdata:.0f} (%{z:.0%})<extra></extra>",
+            row=1, col=col,
+        )  # fmt: skip
+        fig.update_xaxes(title_text="predicted", row=1, col=col)
+        fig.update_yaxes(autorange="reversed", showticklabels=col == 1, row=1, col=col)
+    fig.update_yaxes(title_text="true", row=1, col=1)
+    fig.update_layout(title="Confusion matrices", coloraxis=dict(colorscale="Blues", cmin=0,
+                      cmax=1, colorbar=dict(title="share")), hovermode="closest")  # fmt: skip
+    return _style(fig, height=360)
+
+
+def config_diff(configs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
+    """Returns the settings that differ between runs: one row per field, one column per run
+    label; empty when the runs agree on everything (names and group ids do not count)."""
+    labels = run_labels(configs)
+    fields = list(dict.fromkeys(k for c in configs.values() for k in c))
+    rows = {}
+    for f in fields:
+        if f in _NOT_A_DIFFERENCE:
+            continue
+        values = [c.get(f) for c in configs.values()]
+        if len({repr(v) for v in values}) > 1:
+            rows[f] = ["–" if v is None else str(v) for v in values]
+    return pd.DataFrame.from_dict(rows, orient="index", columns=[labels[r] for r in configs])

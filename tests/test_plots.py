@@ -1,0 +1,236 @@
+"""finetune_core.plots: figures, tables and sentences built from run data, without Streamlit."""
+
+from __future__ import annotations
+
+import pandas as pd
+import pytest
+
+from finetune_core import plots
+
+
+def _metrics(run: str | None = None, accs=(0.5, 0.7, 0.8), steps_per_epoch=10, t_epoch=2.0):
+    rows = []
+    for e, acc in enumerate(accs, start=1):
+        for k in (5, 10):
+            step = (e - 1) * steps_per_epoch + k
+            rows.append(
+                dict(split="train", epoch=e, step=step, loss=2.0 / step, acc=acc - 0.1,
+                     acc5=None, lr=0.01 / e, time_s=t_epoch * step / steps_per_epoch,
+                     images_per_s=100.0 + e, phase=None)
+            )  # fmt: skip
+        rows.append(
+            dict(split="val", epoch=e, step=e * steps_per_epoch, loss=1.0 / e, acc=acc,
+                 acc5=None, lr=0.01 / e, time_s=t_epoch * e, images_per_s=None, phase="main")
+        )  # fmt: skip
+    frame = pd.DataFrame(rows)
+    if run is not None:
+        frame["run"] = run
+    return frame
+
+
+def _table(**runs):
+    """runs: label=(strategy, best_val_acc, train_time_s, trainable_params)."""
+    return pd.DataFrame(
+        [
+            dict(run=k, run_id=k, strategy=s, state="completed", best_val_acc=a,
+                 final_val_acc=a, test_acc=None, trainable_params=p, trainable_pct=None,
+                 total_params=11_000_000, train_time_s=t, images_per_s=100.0)
+            for k, (s, a, t, p) in runs.items()
+        ]
+    )  # fmt: skip
+
+
+def test_formatting_uses_peoples_units():
+    assert plots.fmt_count(11_689_512) == "11.7M"
+    assert plots.fmt_count(3_078) == "3.08k"
+    assert plots.fmt_count(512) == "512"
+    assert plots.fmt_duration(42) == "42 s"
+    assert plots.fmt_duration(185) == "3 min 05 s"
+    assert plots.fmt_duration(3720) == "1 h 02 min"
+    assert plots.fmt_bytes(4_200_000) == "4.2 MB"
+    assert plots.fmt_pct(0.8421) == "84.2 %"
+    assert plots.fmt_pct(None) == "–"
+
+
+def test_run_labels_name_strategy_and_option_and_stay_unique():
+    labels = plots.run_labels(
+        {
+            "20250101-000000-aaaaaa": {"strategy": "full"},
+            "20250101-000000-bbbbbb": {"strategy": "last_n", "unfreeze_last": 2},
+            "20250101-000000-cccccc": {"strategy": "lp_ft", "probe_epochs": 1, "name": "mine"},
+            "20250101-000000-dddddd": {"strategy": "full"},
+        }
+    )
+    assert labels["20250101-000000-bbbbbb"] == "last_n 2"
+    assert labels["20250101-000000-cccccc"] == "mine"
+    assert labels["20250101-000000-aaaaaa"] == "full · aaaaaa"
+    assert labels["20250101-000000-dddddd"] == "full · dddddd"
+
+
+def test_training_charts_plot_train_and_val_series_against_step():
+    m = _metrics()
+    charts = plots.training_charts(m)
+    assert set(charts) == {"loss", "accuracy", "lr", "throughput"}
+    loss = {t.name: t for t in charts["loss"].data}
+    assert list(loss["train loss"].x) == [5, 10, 15, 20, 25, 30]
+    assert list(loss["val loss"].y) == [1.0, 0.5, pytest.approx(1 / 3)]
+    acc = {t.name: t for t in charts["accuracy"].data}
+    assert list(acc["val acc"].y) == pytest.approx([50, 70, 80])
+    assert list(charts["lr"].data[0].y) == pytest.approx(
+        [0.01, 0.01, 0.005, 0.005, 0.01 / 3, 0.01 / 3]
+    )
+    assert list(charts["throughput"].data[0].y) == [101, 101, 102, 102, 103, 103]
+
+
+def test_training_charts_with_no_metrics_say_so_instead_of_failing():
+    empty = pd.DataFrame()
+    for fig in plots.training_charts(empty).values():
+        assert len(fig.data) == 0
+        assert fig.layout.annotations[0].text
+
+
+def test_run_progress_gives_fraction_and_eta_from_time_per_step():
+    status = {"state": "running", "epoch": 2, "step": 15, "total_steps": 30}
+    fraction, text = plots.run_progress(status, _metrics(accs=(0.5,)).query("step <= 10"))
+    assert fraction == pytest.approx(0.5)
+    # 10 steps took 2 s -> 15 steps left take 3 s
+    assert text == "epoch 2 · step 15 of 30 · about 3 s left"
+    fraction, text = plots.run_progress({"state": "completed", "step": 30, "total_steps": 30})
+    assert fraction == 1.0 and "left" not in text
+
+
+def _plan_frame():
+    rows = [
+        ("probe", "stem", 9_536, 0, False, None),
+        ("probe", "layer4", 8_393_728, 0, False, None),
+        ("probe", "head", 3_078, 3_078, True, 0.01),
+        ("finetune", "stem", 9_536, 9_536, True, 0.001),
+        ("finetune", "layer4", 8_393_728, 1_024, True, 0.005),
+        ("finetune", "head", 3_078, 3_078, True, 0.01),
+    ]
+    return pd.DataFrame(
+        rows, columns=["phase", "group", "params", "trainable_params", "trainable", "lr"]
+    )
+
+
+def test_trainable_map_draws_one_panel_per_phase_coloured_by_what_trains():
+    fig = plots.trainable_map(_plan_frame())
+    by = {(t.xaxis, t.name): t for t in fig.data}
+    assert list(by[("x", "frozen")].y) == ["stem", "layer4"]
+    assert list(by[("x", "trains")].y) == ["head"]
+    assert list(by[("x2", "trains")].y) == ["stem", "head"]
+    assert list(by[("x2", "partly trains")].y) == ["layer4"]
+    assert list(by[("x2", "partly trains")].x) == [8_393_728]
+    assert "lr 0.005" in by[("x2", "partly trains")].text[0]
+    titles = [a.text for a in fig.layout.annotations]
+    assert titles[0].startswith("probe: 3.08k of 8.41M train")
+    assert fig.layout.xaxis.type == "log"
+    # the legend lists each kind once
+    assert sum(1 for t in fig.data if t.showlegend is not False) == 3
+
+
+def test_trainable_map_single_phase_has_no_panel_titles():
+    frame = _plan_frame().query("phase == 'probe'")
+    fig = plots.trainable_map(frame)
+    assert fig.layout.title.text.startswith("Trainable map · probe: 3.08k")
+    assert {t.name for t in fig.data} == {"frozen", "trains"}
+
+
+def test_summary_table_reads_summaries_and_falls_back_to_metrics_for_live_runs():
+    configs = {"r1": {"strategy": "full"}, "r2": {"strategy": "linear_probe"}}
+    summaries = {
+        "r1": {"state": "completed", "best_val_acc": 0.9, "final_val_acc": 0.85,
+               "test_acc": 0.8, "trainable_params": 1000, "total_params": 1000,
+               "train_time_s": 60.0},
+        "r2": None,
+    }  # fmt: skip
+    metrics = {"r1": _metrics(), "r2": _metrics(accs=(0.4, 0.6))}
+    table = plots.summary_table(configs, summaries, metrics, {"r2": {"state": "running"}})
+    r1, r2 = table.iloc[0], table.iloc[1]
+    assert (r1["run"], r1["best_val_acc"], r1["trainable_pct"]) == ("full", 0.9, 100.0)
+    assert r1["images_per_s"] == 102.0
+    assert (r2["state"], r2["best_val_acc"], r2["final_val_acc"]) == ("running", 0.6, 0.6)
+    assert r2["train_time_s"] == 4.0
+
+
+def test_headline_names_best_strategy_its_gap_to_full_and_cost_ratios():
+    table = _table(
+        full=("full", 0.80, 100.0, 11_000_000),
+        **{"last_n 1": ("last_n", 0.83, 40.0, 2_200_000)},
+        linear_probe=("linear_probe", 0.70, 10.0, 3_000),
+    )
+    text = plots.headline(table)
+    assert text == (
+        "last_n 1 is best with 83.0 % val accuracy, 3.0 points above full fine-tuning "
+        "(80.0 %), using 0.4× the training time and 20 % of the trainable parameters."
+    )
+
+
+def test_headline_when_full_wins_reports_the_best_partial_strategy():
+    table = _table(
+        full=("full", 0.90, 100.0, 11_000_000),
+        linear_probe=("linear_probe", 0.75, 10.0, 3_000),
+    )
+    text = plots.headline(table)
+    assert text.startswith("full is best with 90.0 % val accuracy; the best partial strategy, ")
+    assert "linear_probe, is 15.0 points from it" in text
+    assert "0.1× the training time and 0.027 % of the trainable parameters" in text
+
+
+def test_headline_without_results_or_without_full_still_says_something_true():
+    assert "nothing to compare" in plots.headline(_table())
+    table = _table(a=("linear_probe", 0.6, 1.0, 10), b=("bitfit", 0.65, 2.0, 20))
+    assert plots.headline(table).startswith("b is best with 65.0 % val accuracy, 5.0 points ahead")
+
+
+def test_compare_curves_draw_one_val_trace_per_run():
+    m = pd.concat([_metrics("full", accs=(0.5, 0.8)), _metrics("probe", accs=(0.3, 0.4))])
+    fig = plots.compare_curves(m, y="acc", x="epoch")
+    assert [t.name for t in fig.data] == ["full", "probe"]
+    assert list(fig.data[0].x) == [1, 2] and list(fig.data[0].y) == pytest.approx([50, 80])
+    assert list(fig.data[1].y) == pytest.approx([30, 40])
+    by_time = plots.compare_curves(m, y="loss", x="time_s")
+    assert list(by_time.data[0].x) == [2.0, 4.0] and list(by_time.data[0].y) == [1.0, 0.5]
+
+
+def test_accuracy_vs_cost_puts_one_marker_per_run():
+    table = _table(full=("full", 0.8, 100.0, 11_000_000), lp=("linear_probe", 0.7, 10.0, 3_000))
+    fig = plots.accuracy_vs_cost(table, "trainable_params")
+    assert [(t.name, t.x[0], t.y[0]) for t in fig.data] == [
+        ("full", 11_000_000, pytest.approx(80.0)),
+        ("lp", 3_000, pytest.approx(70.0)),
+    ]
+    assert fig.layout.xaxis.type == "log"
+    fig = plots.accuracy_vs_cost(table, "train_time_s")
+    assert [t.x[0] for t in fig.data] == [100.0, 10.0]
+
+
+def test_per_class_and_confusion_charts_show_each_run_side_by_side():
+    s1 = {"classes": ["a", "b"], "per_class_acc": {"a": 1.0, "b": 0.5},
+          "confusion_matrix": [[4, 0], [2, 2]]}  # fmt: skip
+    s2 = {"classes": ["a", "b"], "per_class_acc": {"a": 0.75, "b": 0.25},
+          "confusion_matrix": [[3, 1], [3, 1]]}  # fmt: skip
+    bars = plots.per_class_chart({"full": s1, "probe": s2})
+    assert [(t.name, list(t.y)) for t in bars.data] == [("full", [100, 50]), ("probe", [75, 25])]
+    cm = plots.confusion_chart({"full": s1, "probe": s2})
+    assert [t.type for t in cm.data] == ["heatmap", "heatmap"]
+    assert [list(r) for r in cm.data[0].z] == [[1.0, 0.0], [0.5, 0.5]]
+    assert [a.text for a in cm.layout.annotations] == ["full", "probe"]
+
+
+def test_config_diff_keeps_only_fields_that_differ():
+    diff = plots.config_diff(
+        {
+            "r1": {"model": "resnet18", "strategy": "full", "lr": 0.01, "name": "a", "group": "g"},
+            "r2": {
+                "model": "resnet18",
+                "strategy": "last_n",
+                "lr": 0.01,
+                "name": "b",
+                "group": "g",
+            },
+        }
+    )
+    assert list(diff.index) == ["strategy"]
+    assert list(diff.columns) == ["a", "b"]
+    assert list(diff.loc["strategy"]) == ["full", "last_n"]
