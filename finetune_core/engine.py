@@ -1,0 +1,613 @@
+"""The training engine: `prepare()` loads data, weights and model; `fit()` trains and evaluates.
+
+Read in order: pick_device, prepare, make_optimizer, make_scheduler, train_one_epoch,
+evaluate, fit. Everything that is not the loop itself (writing metrics, status, stopping,
+gradual unfreezing) is a Callback.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import math
+import os
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import torch
+from torch import nn
+
+from finetune_core import data as data_mod
+from finetune_core import metrics, models, strategies
+from finetune_core.config import RunConfig
+
+TRAIN_RECORD_EVERY = 10  # steps between train records (and at least RECORD_SECONDS)
+RECORD_SECONDS = 0.5
+
+
+class StopTraining(Exception):
+    """Raised by a callback to stop: the engine saves a checkpoint and ends as "stopped"."""
+
+
+class TrainingFailed(RuntimeError):
+    """The run cannot go on (a non-finite loss, ...); the message says what to do."""
+
+
+class Callback:
+    """Hooks around the loop; every method is a no-op unless overridden."""
+
+    def on_fit_start(self, trainer: Trainer) -> None: ...
+    def on_batch_end(self, trainer: Trainer) -> None: ...
+    def on_train_record(self, trainer: Trainer, record: dict) -> None: ...
+    def on_epoch_end(self, trainer: Trainer, record: dict) -> None: ...
+    def on_fit_end(self, trainer: Trainer, summary: dict) -> None: ...
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """Returns the torch device for "auto" (cuda, then mps, then cpu) or an explicit name."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    if name == "cuda" and not torch.cuda.is_available():
+        raise TrainingFailed(
+            "device cuda was asked for but no CUDA GPU is available; use auto or cpu"
+        )
+    if name == "mps" and not (
+        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
+    ):
+        raise TrainingFailed("device mps was asked for but is not available; use auto or cpu")
+    return torch.device(name)
+
+
+@dataclass
+class Experiment:
+    """Everything fit() needs: the config, the built model, the decoded data, the device."""
+
+    cfg: RunConfig
+    parts: models.ModelParts
+    data: data_mod.ImageData
+    device: torch.device
+    spec: models.InputSpec
+    weights_note: str = ""  # where the initial weights came from, for the log
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.data.classes)
+
+
+def prepare(cfg: RunConfig, *, runs_dir=None, progress=None) -> Experiment:
+    """Returns an Experiment: data decoded once, weights loaded, model built for K classes."""
+    from finetune_core import weights
+
+    spec = models.input_spec(cfg.model)
+    device = pick_device(cfg.device)
+    data = data_mod.load_data(
+        cfg.data,
+        image_size=cfg.image_size,
+        val_fraction=cfg.val_fraction,
+        test_fraction=cfg.test_fraction,
+        seed=cfg.seed,
+        interpolation=spec.interpolation,
+        progress=progress,
+    )
+    state = weights.load_backbone_state(
+        cfg.weights, cfg.model, num_classes=len(data.classes), runs_dir=runs_dir, progress=progress
+    )
+    torch.manual_seed(cfg.seed)  # the new head's initialisation is part of the run's seed
+    parts = models.create_model(
+        cfg.model, len(data.classes), image_size=cfg.image_size, backbone_state=state
+    )
+    return Experiment(cfg, parts, data, device, spec)
+
+
+def make_optimizer(cfg: RunConfig, groups: list[dict]) -> torch.optim.Optimizer:
+    """Returns SGD (momentum 0.9), Adam or AdamW over the given parameter groups."""
+    if cfg.optimizer == "sgd":
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+    if cfg.optimizer == "adam":
+        return torch.optim.Adam(groups, lr=cfg.lr)
+    return torch.optim.AdamW(groups, lr=cfg.lr)
+
+
+def lr_factor(cfg: RunConfig, step: int, total_steps: int, steps_per_epoch: int) -> float:
+    """Returns the multiplier of every group's base lr after `step` optimizer steps."""
+    warmup = int(round(cfg.warmup_epochs * steps_per_epoch))
+    if step < warmup:
+        return 0.01 + 0.99 * step / warmup
+    t = (step - warmup) / max(1, total_steps - warmup)  # 0 -> 1 over the rest of the run
+    if cfg.scheduler == "constant":
+        return 1.0
+    if cfg.scheduler == "step":  # x0.1 at half and at three quarters of the run
+        return 0.1 ** ((t >= 0.5) + (t >= 0.75))
+    if cfg.scheduler == "cosine":
+        return 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+    # onecycle: 30 % up from lr/25, then cosine down to lr/1e4 (Smith; torch's OneCycleLR)
+    if t < 0.3:
+        return 1 / 25 + (1 - 1 / 25) * 0.5 * (1 - math.cos(math.pi * t / 0.3))
+    return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * min(1.0, (t - 0.3) / 0.7)))
+
+
+class _Recorder:
+    """Accumulates train loss/accuracy on the device and emits batched train records."""
+
+    def __init__(self, trainer: Trainer):
+        self.trainer = trainer
+        self.reset()
+
+    def reset(self):
+        self.losses: list[torch.Tensor] = []
+        self.correct: list[torch.Tensor] = []
+        self.images = 0
+        self.since = time.perf_counter()
+        self.first_step = self.trainer.step + 1
+
+    def add(self, loss: torch.Tensor, logits: torch.Tensor, y: torch.Tensor):
+        self.losses.append(loss.detach())
+        self.correct.append((logits.detach().argmax(1) == y).sum())
+        self.images += len(y)
+
+    def due(self) -> bool:
+        return len(self.losses) >= TRAIN_RECORD_EVERY and (
+            time.perf_counter() - self.since >= RECORD_SECONDS
+        )
+
+    def flush(self) -> dict | None:
+        if not self.losses:
+            return None
+        losses = torch.stack(self.losses).float().cpu()
+        bad = (~torch.isfinite(losses)).nonzero()
+        if len(bad):
+            step = self.first_step + int(bad[0])
+            raise TrainingFailed(
+                f"the loss became {losses[int(bad[0])].item()} at step {step} "
+                f"(epoch {self.trainer.epoch}); try a lower learning rate than {self.trainer.cfg.lr:g}"
+            )
+        t = self.trainer
+        seconds = max(time.perf_counter() - self.since, 1e-9)
+        record = {
+            "split": "train",
+            "epoch": t.epoch,
+            "step": t.step,
+            "loss": float(losses.mean()),
+            "acc": float(torch.stack(self.correct).sum()) / self.images,
+            "acc5": None,
+            "lr": t.head_lr(),
+            "time_s": round(t.elapsed(), 3),
+            "images_per_s": round(self.images / seconds, 2),
+        }
+        self.reset()
+        return record
+
+
+class Trainer:
+    """Runs one Experiment: the loop state callbacks may read (epoch, step, phase, ...)."""
+
+    def __init__(self, exp: Experiment, callbacks=(), checkpoint_dir: str | Path | None = None):
+        self.exp = exp
+        self.cfg = exp.cfg
+        self.parts = exp.parts
+        self.device = exp.device
+        self.callbacks = list(callbacks)
+        self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
+        self.plan = strategies.make_plan(self.cfg, self.parts)
+        self.epoch = 1
+        self.step = 0
+        self.phase = self.plan.phases[0].name
+        self.best_val_acc: float | None = None
+        self.best_eval: dict | None = None
+        self.last_eval: dict | None = None
+        self.val_history: list[float] = []  # val losses, for early stopping
+        self.elapsed_before = 0.0  # training seconds of earlier sessions (resume)
+        self.start_time = time.perf_counter()
+        self.feature_cache: dict[str, torch.Tensor] | None = None
+        self.trainable_per_phase: dict[str, int] = {}
+
+        dev = self.device
+        self.amp_dtype = None
+        if dev.type == "cuda":
+            self.amp_dtype = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
+        self.scaler = torch.amp.GradScaler(dev.type, enabled=self.amp_dtype == torch.float16)
+        self.channels_last = dev.type == "cuda"
+        model = self.parts.model.to(dev)
+        if self.channels_last:
+            model.to(memory_format=torch.channels_last)
+        self.model = torch.compile(model) if self.cfg.compile else model
+        self.mean = torch.tensor(exp.spec.mean, device=dev).view(1, 3, 1, 1)
+        self.std = torch.tensor(exp.spec.std, device=dev).view(1, 3, 1, 1)
+
+        train = exp.data.train
+        self.train_loader = data_mod.TensorLoader(
+            train,
+            self.cfg.batch_size,
+            shuffle=True,
+            seed=self.cfg.seed,
+            balanced=self.cfg.balance == "sampler",
+            drop_last=len(train) > self.cfg.batch_size,
+        )
+        self.steps_per_epoch = len(self.train_loader)
+        self.total_steps = self.steps_per_epoch * self.cfg.epochs
+        weight = None
+        if self.cfg.balance == "loss":
+            counts = data_mod.class_counts(train, exp.num_classes).float()
+            weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).to(dev)
+        self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=self.cfg.label_smoothing)
+        self.l2sp = strategies.L2SP(self.parts, self.plan, self.cfg.l2sp) if self.cfg.l2sp else None
+        self.optimizer = make_optimizer(
+            self.cfg, strategies.optimizer_groups(self.cfg, self.parts, self.plan)
+        )
+        self.scheduler = torch.optim.lr_scheduler.LambdaLR(
+            self.optimizer,
+            lambda s: lr_factor(self.cfg, s, self.total_steps, self.steps_per_epoch),
+        )
+        self._head_input: torch.Tensor | None = None
+        self.best_epoch: int | None = None
+        self.callbacks.insert(0, FollowPlan())
+
+    # --- small helpers -------------------------------------------------------------------
+    def _capture_head_input(self, module, inputs):
+        self._head_input = inputs[0]
+
+    def head_lr(self) -> float:
+        for g in self.optimizer.param_groups:
+            if g.get("name") == strategies.HEAD:
+                return float(g["lr"])
+        return float(self.optimizer.param_groups[-1]["lr"])
+
+    def elapsed(self) -> float:
+        return self.elapsed_before + time.perf_counter() - self.start_time
+
+    def current_phase(self) -> strategies.Phase:
+        return self.plan.phase_at(self.epoch)
+
+    def enter_phase(self, epoch: int) -> None:
+        """Makes the model's trainable set and modes match the phase of `epoch`."""
+        phase = self.plan.phase_at(epoch)
+        strategies.apply_phase(self.parts, phase, bitfit=self.cfg.strategy == "bitfit")
+        self.phase = phase.name
+        self.trainable_per_phase[phase.name] = sum(
+            p.numel() for p in self.parts.model.parameters() if p.requires_grad
+        )
+
+    def autocast(self):
+        if self.amp_dtype is None:
+            return contextlib.nullcontext()
+        return torch.autocast(self.device.type, dtype=self.amp_dtype)
+
+    def to_input(self, images: torch.Tensor, generator: torch.Generator | None) -> torch.Tensor:
+        """Returns normalised float input on the device from a uint8 batch, augmented if asked."""
+        x = images.to(self.device, non_blocking=True)
+        if generator is not None and self.cfg.augment != "none":
+            x = data_mod.augment_batch(x, self.cfg.augment, generator)
+        x = (x.float().div_(255) - self.mean) / self.std
+        if self.channels_last:
+            x = x.contiguous(memory_format=torch.channels_last)
+        return x
+
+    def features(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns the head's input for a batch (the backbone's features), without grad."""
+        head = self.parts.model.get_submodule(self.parts.head)
+        handle = head.register_forward_pre_hook(self._capture_head_input)
+        try:
+            with torch.no_grad(), self.autocast():
+                self.parts.model(x)
+        finally:
+            handle.remove()
+        return self._head_input.float()
+
+    def use_feature_cache(self) -> bool:
+        """Returns True when backbone features can be computed once: a linear probe on
+        un-augmented images (a balanced sampler would need the loader's own order)."""
+        cfg = self.cfg
+        return cfg.strategy == "linear_probe" and cfg.augment == "none" and cfg.balance != "sampler"
+
+    # --- the loop ------------------------------------------------------------------------
+    def _batch_generator(self, batch_index: int) -> torch.Generator:
+        g = torch.Generator(device=self.device)
+        g.manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 10_007 + batch_index)
+        return g
+
+    def train_one_epoch(self, skip_batches: int = 0) -> None:
+        """Trains one epoch, emitting batched train records; skip_batches resumes mid-epoch."""
+        phase = self.current_phase()
+        strategies.set_train_mode(self.parts, phase, freeze_bn=self.cfg.freeze_bn)
+        head_only = phase.head_only and self.cfg.strategy != "bitfit"
+        if head_only:
+            self.parts.model.eval()  # the whole backbone is frozen: inference mode everywhere
+        self.train_loader.set_epoch(self.epoch)
+        recorder = _Recorder(self)
+        cached = self.feature_cache
+        for i, (images, labels) in enumerate(self._epoch_batches(cached)):
+            if i < skip_batches:
+                continue
+            y = labels.to(self.device, non_blocking=True)
+            if cached is not None:
+                logits_input = images  # already features on the device
+            else:
+                x = self.to_input(images, self._batch_generator(i))
+            with self.autocast():
+                if cached is not None:
+                    logits = self.parts.head_forward(logits_input)
+                elif head_only:
+                    logits = self.parts.head_forward(self.features(x))
+                else:
+                    logits = self.model(x)
+                loss = self.loss_fn(logits.float(), y)
+                if self.l2sp is not None:
+                    loss = loss + self.l2sp.penalty()
+            self.optimizer.zero_grad(set_to_none=True)
+            self.scaler.scale(loss).backward()
+            if self.cfg.clip_grad > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.parts.model.parameters() if p.requires_grad],
+                    self.cfg.clip_grad,
+                )
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            self.scheduler.step()
+            self.step += 1
+            recorder.add(loss, logits, y)
+            if recorder.due():
+                self._emit_train(recorder.flush())
+            for cb in self.callbacks:
+                cb.on_batch_end(self)
+        self._emit_train(recorder.flush())
+
+    def _epoch_batches(self, cached):
+        if cached is None:
+            yield from self.train_loader
+            return
+        feats, labels = cached["train"], cached["train_labels"]
+        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.epoch)
+        order = torch.randperm(len(labels), generator=g)
+        bs = self.cfg.batch_size
+        n = len(self.train_loader)
+        for b in range(n):
+            idx = order[b * bs : (b + 1) * bs].to(feats.device)
+            yield feats[idx], labels[idx]
+
+    def _emit_train(self, record: dict | None) -> None:
+        if record is None:
+            return
+        for cb in self.callbacks:
+            cb.on_train_record(self, record)
+
+    @torch.no_grad()
+    def evaluate(self, split: data_mod.TensorSplit, cached: torch.Tensor | None = None) -> dict:
+        """Returns loss, acc, acc5, confusion matrix and per-class accuracy on a split."""
+        self.parts.model.eval()
+        k = self.exp.num_classes
+        total_loss, n, top1, top5 = 0.0, 0, 0, 0
+        preds, targets = [], []
+        bs = max(self.cfg.batch_size, 128)
+        loss_fn = nn.CrossEntropyLoss(reduction="sum")
+        for start in range(0, len(split), bs):
+            y = split.labels[start : start + bs].to(self.device)
+            with self.autocast():
+                if cached is not None:
+                    logits = self.parts.head_forward(cached[start : start + bs])
+                else:
+                    logits = self.model(self.to_input(split.images[start : start + bs], None))
+            logits = logits.float()
+            total_loss += float(loss_fn(logits, y))
+            top1 += metrics.topk_correct(logits, y, 1)
+            top5 += metrics.topk_correct(logits, y, 5)
+            n += len(y)
+            preds.append(logits.argmax(1).cpu())
+            targets.append(y.cpu())
+        cm = metrics.confusion_matrix(torch.cat(preds), torch.cat(targets), k)
+        return {
+            "loss": total_loss / max(n, 1),
+            "acc": top1 / max(n, 1),
+            "acc5": top5 / max(n, 1) if k > 5 else None,
+            "confusion_matrix": cm.tolist(),
+            "per_class_acc": metrics.per_class_accuracy(cm, self.exp.data.classes),
+        }
+
+    def _build_feature_cache(self) -> None:
+        """Runs the frozen backbone once over every split and keeps the head's inputs."""
+        self.parts.model.eval()
+        cache = {}
+        for name in ("train", "val", "test"):
+            split = getattr(self.exp.data, name)
+            if split is None:
+                continue
+            chunks = []
+            for start in range(0, len(split), max(self.cfg.batch_size, 128)):
+                x = self.to_input(split.images[start : start + max(self.cfg.batch_size, 128)], None)
+                chunks.append(self.features(x))
+            cache[name] = torch.cat(chunks)
+            cache[f"{name}_labels"] = split.labels.to(self.device)
+        self.feature_cache = cache
+
+    # --- checkpoints -------------------------------------------------------------------------
+    def _save_weights(self, name: str) -> None:
+        if self.checkpoint_dir is None:
+            return
+        from safetensors.torch import save_file
+
+        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
+        state = {k: v.detach().contiguous().cpu() for k, v in self.parts.model.state_dict().items()}
+        tmp = self.checkpoint_dir / f".{name}.tmp"
+        save_file(state, str(tmp), metadata={"model": self.cfg.model})
+        os.replace(tmp, self.checkpoint_dir / name)
+
+    def save_checkpoint(self, epoch_done: bool) -> None:
+        """Writes last.safetensors and last_state.pt (optimizer, scheduler, RNG, counters)."""
+        if self.checkpoint_dir is None:
+            return
+        self._save_weights("last.safetensors")
+        state = {
+            "epoch": self.epoch,
+            "epoch_done": epoch_done,
+            "step": self.step,
+            "optimizer": self.optimizer.state_dict(),
+            "scheduler": self.scheduler.state_dict(),
+            "scaler": self.scaler.state_dict(),
+            "torch_rng": torch.get_rng_state(),
+            "best_val_acc": self.best_val_acc,
+            "best_eval": self.best_eval,
+            "best_epoch": self.best_epoch,
+            "last_eval": self.last_eval,
+            "val_history": self.val_history,
+            "elapsed": self.elapsed(),
+            "trainable_per_phase": self.trainable_per_phase,
+        }
+        tmp = self.checkpoint_dir / ".last_state.pt.tmp"
+        torch.save(state, tmp)
+        os.replace(tmp, self.checkpoint_dir / "last_state.pt")
+
+    def load_checkpoint(self) -> int:
+        """Restores the last checkpoint; returns how many batches of `epoch` are already done."""
+        from safetensors.torch import load_file
+
+        d = self.checkpoint_dir
+        if d is None or not (d / "last_state.pt").exists():
+            raise TrainingFailed("nothing to resume: the run has no checkpoints/last_state.pt")
+        self.parts.model.load_state_dict(load_file(str(d / "last.safetensors")))
+        state = torch.load(d / "last_state.pt", weights_only=True, map_location="cpu")
+        self.enter_phase(state["epoch"])  # so the optimizer sees the same trainable set
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.scheduler.load_state_dict(state["scheduler"])
+        self.scaler.load_state_dict(state["scaler"])
+        torch.set_rng_state(state["torch_rng"])
+        self.best_val_acc = state["best_val_acc"]
+        self.best_eval = state["best_eval"]
+        self.best_epoch = state["best_epoch"]
+        self.last_eval = state["last_eval"]
+        self.val_history = list(state["val_history"])
+        self.elapsed_before = float(state["elapsed"])
+        self.trainable_per_phase = dict(state["trainable_per_phase"])
+        self.step = int(state["step"])
+        if state["epoch_done"]:
+            self.epoch = int(state["epoch"]) + 1
+            return 0
+        self.epoch = int(state["epoch"])
+        return self.step - (self.epoch - 1) * self.steps_per_epoch
+
+    # --- fit ---------------------------------------------------------------------------------
+    def fit(self, resume: bool = False) -> dict:
+        """Trains for cfg.epochs (or until early stop / StopTraining); returns the summary."""
+        skip = self.load_checkpoint() if resume else 0
+        self.start_time = time.perf_counter()
+        if self.use_feature_cache():
+            self._build_feature_cache()
+        state = "completed"
+        for cb in self.callbacks:
+            cb.on_fit_start(self)
+        try:
+            while self.epoch <= self.cfg.epochs:
+                self.train_one_epoch(skip_batches=skip)
+                skip = 0
+                record = self._validate()
+                self.save_checkpoint(epoch_done=True)
+                for cb in self.callbacks:
+                    cb.on_epoch_end(self, record)
+                if self._should_stop_early():
+                    break
+                self.epoch += 1
+        except StopTraining:
+            state = "stopped"
+            self.save_checkpoint(epoch_done=False)
+        self.epoch = min(self.epoch, self.cfg.epochs)
+        summary = self._finish(state)
+        for cb in self.callbacks:
+            cb.on_fit_end(self, summary)
+        return summary
+
+    def _validate(self) -> dict:
+        cached = self.feature_cache["val"] if self.feature_cache else None
+        ev = self.evaluate(self.exp.data.val, cached)
+        self.last_eval = ev
+        self.val_history.append(ev["loss"])
+        if self.best_val_acc is None or ev["acc"] > self.best_val_acc:
+            self.best_val_acc = ev["acc"]
+            self.best_eval = ev
+            self.best_epoch = self.epoch
+            self._save_weights("best.safetensors")
+        seconds = max(self.elapsed(), 1e-9)
+        return {
+            "split": "val",
+            "epoch": self.epoch,
+            "step": self.step,
+            "loss": ev["loss"],
+            "acc": ev["acc"],
+            "acc5": ev["acc5"],
+            "lr": self.head_lr(),
+            "time_s": round(seconds, 3),
+            "images_per_s": round(self.step * self.cfg.batch_size / seconds, 2),
+            "phase": self.phase,
+        }
+
+    def _should_stop_early(self) -> bool:
+        n = self.cfg.early_stop
+        if n <= 0 or len(self.val_history) <= n:
+            return False
+        best_before = min(self.val_history[:-n])
+        return min(self.val_history[-n:]) >= best_before
+
+    def _finish(self, state: str) -> dict:
+        test_acc = None
+        if state == "completed" and self.exp.data.test is not None:
+            test_acc = self._test()
+        best = self.best_eval or {}
+        return {
+            "state": state,
+            "best_val_acc": self.best_val_acc,
+            "final_val_acc": self.last_eval["acc"] if self.last_eval else None,
+            "test_acc": test_acc,
+            "trainable_params": max(self.trainable_per_phase.values(), default=0),
+            "trainable_params_per_phase": self.trainable_per_phase,
+            "total_params": self.plan.total_params,
+            "train_time_s": round(self.elapsed(), 3),
+            "classes": list(self.exp.data.classes),
+            "per_class_acc": best.get("per_class_acc"),
+            "confusion_matrix": best.get("confusion_matrix"),
+            "epochs_run": len(self.val_history),
+            "best_epoch": self.best_epoch,
+        }
+
+    def _test(self) -> float:
+        """Scores the best checkpoint on the test split and emits the test record."""
+        from safetensors.torch import load_file
+
+        if self.checkpoint_dir is not None and (self.checkpoint_dir / "best.safetensors").exists():
+            self.parts.model.load_state_dict(
+                load_file(str(self.checkpoint_dir / "best.safetensors"))
+            )
+        # the feature cache holds only for a frozen backbone, which the best weights share
+        cached = self.feature_cache["test"] if self.feature_cache else None
+        ev = self.evaluate(self.exp.data.test, cached)
+        record = {
+            "split": "test",
+            "epoch": self.epoch,
+            "step": self.step,
+            "loss": ev["loss"],
+            "acc": ev["acc"],
+            "acc5": ev["acc5"],
+            "lr": self.head_lr(),
+            "time_s": round(self.elapsed(), 3),
+            "images_per_s": None,
+        }
+        for cb in self.callbacks:
+            cb.on_epoch_end(self, record)
+        return ev["acc"]
+
+
+class FollowPlan(Callback):
+    """Gradual unfreezing and LP-FT as a callback: before each epoch, enter its phase."""
+
+    def on_fit_start(self, trainer: Trainer) -> None:
+        trainer.enter_phase(trainer.epoch)
+
+    def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
+        if record["split"] == "val" and trainer.epoch < trainer.cfg.epochs:
+            trainer.enter_phase(trainer.epoch + 1)
+
+
+def fit(exp: Experiment, callbacks=(), *, checkpoint_dir=None, resume: bool = False) -> dict:
+    """Trains exp and returns the summary dict (state, best/final val acc, test acc, ...)."""
+    return Trainer(exp, callbacks, checkpoint_dir).fit(resume=resume)
