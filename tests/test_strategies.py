@@ -1,0 +1,135 @@
+"""The plan (what trains, when, at what lr) and the L2-SP penalty."""
+
+import pytest
+import torch
+
+from finetune_core import models, strategies
+from finetune_core.config import RunConfig
+
+K = 7
+
+
+@pytest.fixture(scope="module")
+def resnet18():
+    torch.manual_seed(0)
+    return models.create_model("resnet18", K, image_size=32)
+
+
+def cfg(**kw) -> RunConfig:
+    return RunConfig(model="resnet18", weights="none", image_size=32, **kw)
+
+
+def test_linear_probe_trains_exactly_the_head(resnet18):
+    plan = strategies.make_plan(cfg(strategy="linear_probe"), resnet18)
+    assert len(plan.phases) == 1
+    assert plan.phases[0].trainable_params == 512 * K + K
+    assert plan.head_params == 512 * K + K
+    assert plan.total_params == sum(p.numel() for p in resnet18.model.parameters())
+
+
+def test_last_n_trains_the_top_groups_and_the_head(resnet18):
+    plan = strategies.make_plan(cfg(strategy="last_n", unfreeze_last=1), resnet18)
+    layer4 = sum(p.numel() for p in resnet18.model.layer4.parameters())
+    assert plan.phases[0].trainable_params == layer4 + 512 * K + K
+    trained = [g.name for g in plan.phases[0].groups if g.trainable]
+    assert trained == ["layer4", "head"]
+    zero = strategies.make_plan(cfg(strategy="last_n", unfreeze_last=0), resnet18)
+    assert zero.phases[0].trainable_params == 512 * K + K
+
+
+def test_last_n_beyond_the_groups_is_an_error(resnet18):
+    with pytest.raises(ValueError, match="exceeds"):
+        strategies.make_plan(cfg(strategy="last_n", unfreeze_last=6), resnet18)
+
+
+def test_full_trains_everything(resnet18):
+    plan = strategies.make_plan(cfg(strategy="full"), resnet18)
+    assert plan.phases[0].trainable_params == plan.total_params
+
+
+def test_gradual_unfreezes_one_group_from_the_top_every_m_epochs(resnet18):
+    plan = strategies.make_plan(cfg(strategy="gradual", epochs=6, unfreeze_every=2), resnet18)
+    spans = [(p.start_epoch, p.end_epoch) for p in plan.phases]
+    assert spans == [(1, 2), (3, 4), (5, 6)]
+    trained = [[g.name for g in p.groups if g.trainable] for p in plan.phases]
+    assert trained == [["head"], ["layer4", "head"], ["layer3", "layer4", "head"]]
+    assert plan.phase_at(4).name == "unfreeze layer4"
+
+
+def test_gradual_keeps_the_last_phase_once_all_groups_train(resnet18):
+    plan = strategies.make_plan(cfg(strategy="gradual", epochs=9, unfreeze_every=1), resnet18)
+    assert plan.phases[-1].trainable_params == plan.total_params
+    assert plan.phases[-1].end_epoch == 9
+    assert len(plan.phases) == 1 + len(resnet18.groups)
+
+
+def test_lp_ft_probes_then_trains_everything(resnet18):
+    plan = strategies.make_plan(cfg(strategy="lp_ft", epochs=3, probe_epochs=1), resnet18)
+    assert [p.name for p in plan.phases] == ["linear probe", "fine-tune"]
+    assert plan.phases[0].trainable_params == 512 * K + K
+    assert plan.phases[1].trainable_params == plan.total_params
+    assert (plan.phases[1].start_epoch, plan.phases[1].end_epoch) == (2, 3)
+
+
+def test_bitfit_trains_biases_and_norms_plus_the_head(resnet18):
+    plan = strategies.make_plan(cfg(strategy="bitfit"), resnet18)
+    expected = sum(
+        p.numel()
+        for n, p in resnet18.model.named_parameters()
+        if n.startswith("fc.") or "bn" in n or "downsample.1" in n or n.endswith("bias")
+    )
+    assert plan.phases[0].trainable_params == expected
+    strategies.apply_phase(resnet18, plan.phases[0], bitfit=True)
+    trained = {n for n, p in resnet18.model.named_parameters() if p.requires_grad}
+    assert "layer1.0.conv1.weight" not in trained
+    assert "layer1.0.bn1.weight" in trained and "fc.weight" in trained
+
+
+def test_layer_decay_gives_the_head_lr_and_each_lower_group_one_more_factor(resnet18):
+    plan = strategies.make_plan(cfg(strategy="full", lr=0.1, layer_decay=0.5), resnet18)
+    lrs = {g.name: g.lr for g in plan.phases[0].groups}
+    assert lrs["head"] == pytest.approx(0.1)
+    assert lrs["layer4"] == pytest.approx(0.05)
+    assert lrs["layer3"] == pytest.approx(0.025)
+    assert lrs["stem"] == pytest.approx(0.1 * 0.5**5)
+    groups = strategies.optimizer_groups(cfg(lr=0.1, layer_decay=0.5), resnet18, plan)
+    assert {g["name"]: g["lr"] for g in groups}["layer3"] == pytest.approx(0.025)
+
+
+def test_l2sp_is_zero_at_start_and_its_gradient_is_two_lambda_delta(resnet18):
+    plan = strategies.make_plan(cfg(strategy="last_n", unfreeze_last=1), resnet18)
+    strategies.apply_phase(resnet18, plan.phases[0])
+    reg = strategies.L2SP(resnet18, plan, lam=0.3)
+    assert float(reg.penalty()) == 0.0
+    assert all(not n.startswith("fc.") for n, _ in _named(reg, resnet18))
+    w = resnet18.model.layer4[1].conv2.weight
+    with torch.no_grad():
+        w.add_(0.01 * torch.randn_like(w))
+    theta0 = next(p0 for p, p0 in reg.pairs if p is w)
+    resnet18.model.zero_grad()
+    reg.penalty().backward()
+    torch.testing.assert_close(w.grad, 2 * 0.3 * (w.detach() - theta0))
+    assert resnet18.model.layer1[0].conv1.weight.grad is None  # frozen: not in the penalty
+
+
+def _named(reg, parts):
+    ids = {id(p) for p, _ in reg.pairs}
+    return [(n, p) for n, p in parts.model.named_parameters() if id(p) in ids]
+
+
+def test_l2sp_takes_weight_decay_off_the_backbone_only(resnet18):
+    c = cfg(strategy="full", l2sp=0.01, weight_decay=1e-3)
+    groups = strategies.optimizer_groups(c, resnet18, strategies.make_plan(c, resnet18))
+    decay = {g["name"]: g["weight_decay"] for g in groups}
+    assert decay.pop("head") == 1e-3
+    assert set(decay.values()) == {0.0}
+
+
+def test_plan_for_builds_on_the_meta_device_and_frames_per_phase():
+    plan = strategies.plan_for(
+        RunConfig(model="vit_b_16", strategy="lp_ft", epochs=3, image_size=224), 10
+    )
+    frame = plan.to_frame()
+    assert set(frame["phase"]) == {"linear probe", "fine-tune"}
+    assert frame.groupby("phase")["params"].sum().nunique() == 1
+    assert plan.total_params > 80_000_000
