@@ -1,0 +1,448 @@
+"""The command line: python -m finetune_core train | list | show | compare | stop | resume |
+worker | queue | models.
+
+`train` validates everything before a run folder exists (exit 2 with a message naming the
+flag), then runs the same worker body as the dashboard's queue, in the foreground, with a
+progress bar on stderr; the absolute run folder is the last line of stdout. Exit codes:
+0 completed, 1 failed, 2 invalid input, 130 stopped.
+"""
+
+from __future__ import annotations
+
+import argparse
+import dataclasses
+import inspect
+import json
+import os
+import re
+import sys
+import time
+from pathlib import Path
+from typing import Any
+
+from finetune_core import config, runner, store
+from finetune_core.config import ConfigError, RunConfig
+
+# Fields that are not flags of `train`: group is set by the queue for runs launched together.
+_NOT_FLAGS = ("group",)
+_CHOICES = {
+    "strategy": config.STRATEGIES,
+    "optimizer": config.OPTIMIZERS,
+    "scheduler": config.SCHEDULERS,
+    "augment": config.AUGMENTS,
+    "balance": config.BALANCES,
+    "device": config.DEVICES,
+}
+
+
+def _field_help() -> dict[str, str]:
+    """Returns the comment after each RunConfig field, used as the flag's help."""
+    try:
+        source = inspect.getsource(RunConfig)
+    except (OSError, TypeError):
+        return {}
+    found = {}
+    for match in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, re.MULTILINE):
+        found[match.group(1)] = match.group(2).strip()
+    return found
+
+
+def flag(name: str) -> str:
+    """Returns the command-line flag of a RunConfig field: image_size -> --image-size."""
+    return "--" + name.replace("_", "-")
+
+
+def _add_config_flags(parser: argparse.ArgumentParser) -> None:
+    helps = _field_help()
+    defaults = RunConfig()
+    for f in dataclasses.fields(RunConfig):
+        if f.name in _NOT_FLAGS:
+            continue
+        default = getattr(defaults, f.name)
+        text = helps.get(f.name, "")
+        if f.name in _CHOICES:
+            text = "one of " + ", ".join(_CHOICES[f.name])
+        text = f"{text} (default: {default!r})" if text else f"default: {default!r}"
+        if f.type in ("bool", bool):
+            parser.add_argument(
+                flag(f.name),
+                dest=f.name,
+                action=argparse.BooleanOptionalAction,
+                default=None,
+                help=text,
+            )
+        else:
+            # Values stay strings here; config.from_dict converts them and names the flag
+            # when one is not a number, like any other invalid value.
+            parser.add_argument(flag(f.name), dest=f.name, default=None, help=text)
+
+
+def _error_label(key: str) -> str:
+    if key in config.FIELD_NAMES or key == "config":
+        return flag(key)
+    return key
+
+
+def _report(errors: dict[str, str]) -> None:
+    for key, message in errors.items():
+        print(f"error: {_error_label(key)}: {message}", file=sys.stderr)
+
+
+def config_from_args(args: argparse.Namespace) -> RunConfig:
+    """Returns the RunConfig of `train`: the --config file's settings, overridden by flags.
+
+    Raises ConfigError naming the flag or the file.
+    """
+    base = RunConfig()
+    if args.config:
+        try:
+            base = config.from_dict(config.load_json(args.config))
+        except ConfigError as e:
+            if set(e.errors) == {"config"}:
+                raise
+            problems = "; ".join(
+                v if k == "config" else f"key {k!r}: {v}" for k, v in e.errors.items()
+            )
+            raise ConfigError({"config": f"{args.config}: {problems}"}) from None
+    given = {
+        f.name: getattr(args, f.name)
+        for f in dataclasses.fields(RunConfig)
+        if f.name not in _NOT_FLAGS and getattr(args, f.name, None) is not None
+    }
+    return config.from_dict(given, base=base)
+
+
+# ---------------------------------------------------------------------------------------------
+# Progress bar
+
+
+def _clock(seconds: float | None) -> str:
+    if seconds is None or seconds != seconds or seconds < 0:
+        return "--:--"
+    seconds = int(round(seconds))
+    h, rest = divmod(seconds, 3600)
+    m, s = divmod(rest, 60)
+    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
+
+
+class ProgressBar(store._Callback):
+    """Draws one plain-text line on stderr: epoch, step/total, loss, acc, ETA (<= 5 a second)."""
+
+    def __init__(self, stream=None, min_interval_s: float = 0.2, width: int = 24):
+        self.stream = stream or sys.stderr
+        self.min_interval_s = min_interval_s
+        self.width = width
+        self.loss = None
+        self.acc = None
+        self._last = 0.0
+        self._t0 = time.monotonic()
+        self._step0 = 0
+        self._drawn = False
+
+    def _line(self, trainer) -> str:
+        step = int(getattr(trainer, "step", 0) or 0)
+        total = int(getattr(trainer, "total_steps", 0) or 0)
+        epochs = getattr(getattr(trainer, "cfg", None), "epochs", "?")
+        done = step - self._step0
+        eta = None
+        if total and done > 0:
+            eta = (time.monotonic() - self._t0) / done * max(total - step, 0)
+        filled = int(self.width * step / total) if total else 0
+        bar = "#" * filled + "." * (self.width - filled)
+        parts = [f"epoch {getattr(trainer, 'epoch', '?')}/{epochs}", f"[{bar}] {step}/{total}"]
+        if self.loss is not None:
+            parts.append(f"loss {self.loss:.4f}")
+        if self.acc is not None:
+            parts.append(f"acc {100 * self.acc:5.1f}%")
+        parts.append(f"ETA {_clock(eta)}")
+        return "  ".join(parts)
+
+    def _draw(self, trainer) -> None:
+        line = self._line(trainer)
+        self.stream.write("\r" + line.ljust(100))
+        self.stream.flush()
+        self._drawn = True
+
+    def _newline(self) -> None:
+        if self._drawn:
+            self.stream.write("\n")
+            self.stream.flush()
+            self._drawn = False
+
+    def on_fit_start(self, trainer) -> None:
+        self._t0 = time.monotonic()
+        self._step0 = int(getattr(trainer, "step", 0) or 0)
+
+    def on_train_record(self, trainer, record) -> None:
+        self.loss = record.get("loss")
+        self.acc = record.get("acc")
+
+    def on_batch_end(self, trainer) -> None:
+        now = time.monotonic()
+        if now - self._last >= self.min_interval_s:
+            self._draw(trainer)
+            self._last = now
+
+    def on_epoch_end(self, trainer, record) -> None:
+        self._draw(trainer)
+        self._newline()
+        if record and record.get("acc") is not None:
+            epochs = getattr(getattr(trainer, "cfg", None), "epochs", "?")
+            self.stream.write(
+                f"epoch {getattr(trainer, 'epoch', '?')}/{epochs} done: "
+                f"val loss {record.get('loss', float('nan')):.4f}  "
+                f"val acc {100 * record['acc']:.1f}%\n"
+            )
+            self.stream.flush()
+
+    def on_fit_end(self, trainer, summary) -> None:
+        self._newline()
+
+
+# ---------------------------------------------------------------------------------------------
+# Commands
+
+
+def _run_in_foreground(run_dir: Path) -> int:
+    code = runner.run_worker(run_dir, callbacks=[ProgressBar()], echo=True)
+    status = store.read_status(run_dir)
+    if code == runner.EXIT_FAILED:
+        print(f"error: run failed: {status.get('message')}", file=sys.stderr)
+    else:
+        print(f"{status.get('state')}: {status.get('message')}")
+    print(run_dir)
+    return code
+
+
+def cmd_train(args) -> int:
+    root = store.runs_dir(args.runs_dir)
+    try:
+        cfg = config_from_args(args)
+    except ConfigError as e:
+        _report(e.errors)
+        return runner.EXIT_INVALID
+    errors = config.validate(cfg, runs_dir=root, deep=True)
+    if errors:
+        _report(errors)
+        return runner.EXIT_INVALID
+    run_dir = store.create_run(cfg, root, owner_pid=os.getpid())
+    print(
+        f"run {run_dir.name}: {cfg.model}, {cfg.strategy}, weights {cfg.weights}, on {cfg.data}",
+        file=sys.stderr,
+    )
+    return _run_in_foreground(run_dir)
+
+
+def cmd_resume(args) -> int:
+    run_dir = store.resolve_run(args.run, store.runs_dir(args.runs_dir))
+    if args.queue:
+        runner.resume_run(run_dir)
+        print(f"queued {run_dir.name} to resume")
+        print(run_dir)
+        return 0
+    runner.resume_run(run_dir, owner_pid=os.getpid())
+    return _run_in_foreground(run_dir)
+
+
+def cmd_worker(args) -> int:
+    return runner.run_worker(store.resolve_run(args.run_dir, store.runs_dir(args.runs_dir)))
+
+
+def cmd_queue(args) -> int:
+    limit = int(args.max_parallel) if args.max_parallel is not None else None
+    return runner.supervise(store.runs_dir(args.runs_dir), limit, idle_exit_s=args.idle_exit)
+
+
+def _pct(value) -> str:
+    return "" if value is None or value != value else f"{100 * value:.1f}%"
+
+
+def cmd_list(args) -> int:
+    root = store.runs_dir(args.runs_dir)
+    runs = store.list_runs(root)
+    if runs.empty:
+        print(f"no runs in {root}")
+        return 0
+    table = runs[["run_id", "name", "model", "strategy", "state"]].copy()
+    table["best_val_acc"] = runs["best_val_acc"].map(_pct)
+    table["trainable"] = runs["trainable_pct"].map(
+        lambda v: "" if v != v else f"{v:.2f}%"  # noqa: PLR0124 - NaN check
+    )
+    table["time"] = runs["train_time_s"].map(lambda v: "" if v != v else f"{v:.0f}s")
+    table["disk"] = runs["disk_bytes"].map(lambda b: f"{b / 1e6:.1f}MB")
+    table["group"] = runs["group"].fillna("")
+    print(table.to_string(index=False))
+    return 0
+
+
+def _plan_text(cfg: RunConfig, summary: dict[str, Any] | None) -> str:
+    try:
+        from finetune_core import data, strategies
+
+        classes = (summary or {}).get("classes")
+        num_classes = len(classes) if classes else len(data.inspect_data(cfg.data).classes)
+        return strategies.plan_for(cfg, num_classes).to_frame().to_string(index=False)
+    except Exception as e:  # noqa: BLE001 - the plan is extra information for `show`
+        return f"(the plan is not available: {e})"
+
+
+def cmd_show(args) -> int:
+    run_dir = store.resolve_run(args.run, store.runs_dir(args.runs_dir))
+    conf = store.read_config(run_dir)
+    status = store.read_status(run_dir)
+    summary = store.read_summary(run_dir)
+    print(f"run {run_dir.name}  ({run_dir})")
+    print("\nconfig:")
+    print(json.dumps(conf, indent=2))
+    print("\nstatus:")
+    print(json.dumps(status, indent=2))
+    print("\nsummary:")
+    print(json.dumps(summary, indent=2) if summary else "(none yet: the run has not ended)")
+    print("\nplan:")
+    print(_plan_text(store.run_config(run_dir), summary))
+    return 0
+
+
+def cmd_compare(args) -> int:
+    root = store.runs_dir(args.runs_dir)
+    run_dirs = [store.resolve_run(ref, root) for ref in args.runs]
+    table = store.compare_runs(run_dirs)
+    shown = table.copy()
+    for column in ("best_val_acc", "final_val_acc", "test_acc"):
+        shown[column] = table[column].map(_pct)
+    shown["trainable_pct"] = table["trainable_pct"].map(lambda v: "" if v != v else f"{v:.2f}%")
+    print(shown.drop(columns=["path"]).to_string(index=False))
+    return 0
+
+
+def cmd_stop(args) -> int:
+    run_dir = store.resolve_run(args.run, store.runs_dir(args.runs_dir))
+    outcome = runner.stop_run(run_dir)
+    if outcome == "not running":
+        state = store.read_status(run_dir).get("state")
+        print(f"run {run_dir.name} is {state}; nothing to stop", file=sys.stderr)
+        return 1
+    if outcome == "cancelled":
+        print(f"cancelled {run_dir.name} before it started")
+    else:
+        print(f"stopping {run_dir.name}: the worker saves a checkpoint and ends as stopped")
+    return 0
+
+
+def cmd_models(args) -> int:
+    from finetune_core import models
+
+    rows = []
+    for name in models.classification_models():
+        try:
+            info = models.model_info(name)
+        except Exception:  # noqa: BLE001 - list the name even without metadata
+            info = {}
+        params = info.get("params") or info.get("num_params")
+        acc1 = info.get("acc1")
+        rows.append(
+            f"{name:<28} {'' if params is None else f'{params / 1e6:8.1f}M':>10}"
+            f"  {'' if acc1 is None else f'ImageNet top-1 {acc1:.1f}%'}"
+        )
+    print(f"{'model':<28} {'params':>10}")
+    print("\n".join(rows))
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(
+        prog="python -m finetune_core",
+        description="Fine-tune torchvision models: full vs partial fine-tuning.",
+    )
+    sub = parser.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    def runs_dir_flag(p):
+        p.add_argument(
+            "--runs-dir",
+            default=None,
+            help="runs folder (default: $FINETUNE_RUNS_DIR, else ./runs)",
+        )
+
+    train = sub.add_parser("train", help="train one run in the foreground")
+    _add_config_flags(train)
+    train.add_argument(
+        "--config", default=None, metavar="FILE.json", help="settings file; flags override it"
+    )
+    runs_dir_flag(train)
+    train.set_defaults(func=cmd_train)
+
+    p = sub.add_parser("list", help="list runs, newest first")
+    runs_dir_flag(p)
+    p.set_defaults(func=cmd_list)
+
+    p = sub.add_parser("show", help="show a run's config, status, summary and plan")
+    p.add_argument("run", help="run id, unique id prefix, or folder")
+    runs_dir_flag(p)
+    p.set_defaults(func=cmd_show)
+
+    p = sub.add_parser("compare", help="a table of final metrics of several runs")
+    p.add_argument("runs", nargs="+", help="run ids, unique id prefixes, or folders")
+    runs_dir_flag(p)
+    p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "stop", help="stop a running run (it saves a checkpoint) or cancel a queued one"
+    )
+    p.add_argument("run")
+    runs_dir_flag(p)
+    p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("resume", help="resume a stopped, crashed or failed run")
+    p.add_argument("run")
+    p.add_argument(
+        "--queue", action="store_true", help="queue it for the supervisor instead of running here"
+    )
+    runs_dir_flag(p)
+    p.set_defaults(func=cmd_resume)
+
+    p = sub.add_parser("worker", help="run a queued run (used by the queue and the dashboard)")
+    p.add_argument("run_dir")
+    runs_dir_flag(p)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("queue", help="run the queue supervisor of a runs folder")
+    runs_dir_flag(p)
+    p.add_argument(
+        "--max-parallel",
+        type=int,
+        default=None,
+        help="runs trained at once (default: $FINETUNE_MAX_PARALLEL, settings.json, else 1)",
+    )
+    p.add_argument(
+        "--idle-exit",
+        type=float,
+        default=runner.IDLE_EXIT_S,
+        help="seconds with nothing queued or running before the supervisor exits",
+    )
+    p.set_defaults(func=cmd_queue)
+
+    p = sub.add_parser("models", help="list the classification models of torchvision")
+    p.set_defaults(func=cmd_models)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    """Runs the command line; returns the exit code."""
+    args = build_parser().parse_args(argv)
+    try:
+        return args.func(args)
+    except store.RunError as e:
+        print(f"error: {e}", file=sys.stderr)
+        return runner.EXIT_INVALID
+    except ConfigError as e:
+        _report(e.errors)
+        return runner.EXIT_INVALID
+    except KeyboardInterrupt:
+        print("\ninterrupted", file=sys.stderr)
+        return runner.EXIT_STOPPED
+    except BrokenPipeError:
+        return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
