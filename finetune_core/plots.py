@@ -245,51 +245,35 @@ def training_charts(metrics: pd.DataFrame) -> dict[str, go.Figure]:
     }
 
 
-def _to_epoch_seconds(value: Any) -> float | None:
-    if value is None:
-        return None
-    if isinstance(value, (int, float)):
-        return float(value)
-    try:
-        return pd.Timestamp(value).timestamp()
-    except (ValueError, TypeError):
-        return None
-
-
 def run_progress(
-    status: Mapping[str, Any], metrics: pd.DataFrame | None = None, now: float | None = None
+    status: Mapping[str, Any], metrics: pd.DataFrame | None = None
 ) -> tuple[float, str]:
     """Returns (fraction 0..1, 'epoch 2 of 5 · step 40 of 100 · about 1 min 10 s left').
 
-    The ETA comes from the time per step so far (metrics' time_s, else the status'
-    started_at), so it is blank until the first step is done.
+    The ETA is the worker's own (status eta_s), else the time per step so far in the
+    metrics; blank until the first step is done. While the worker prepares (data,
+    weights) the fraction and text are those of the preparation stage.
     """
     state = status.get("state", "?")
     step = int(status.get("step") or 0)
     total = int(status.get("total_steps") or 0)
-    epoch = status.get("epoch")
-    fraction = min(1.0, step / total) if total > 0 else 0.0
-    if state == "completed":
-        fraction = 1.0
+    if state == "running" and step == 0 and status.get("stage_fraction") is not None:
+        return float(status["stage_fraction"]), str(status.get("message") or "preparing")
+    fraction = 1.0 if state == "completed" else (min(1.0, step / total) if total > 0 else 0.0)
     parts = []
-    if epoch:
-        parts.append(f"epoch {epoch}")
+    if status.get("epoch"):
+        epochs = status.get("epochs")
+        parts.append(f"epoch {status['epoch']}" + (f" of {epochs}" if epochs else ""))
     if total:
         parts.append(f"step {step} of {total}")
-    elapsed = None
-    train = _split(metrics, "train") if metrics is not None else pd.DataFrame()
-    if not train.empty and _has(train, "time_s"):
-        last = train.iloc[-1]
-        if last["step"] and not math.isnan(float(last["time_s"])):
-            elapsed, step_done = float(last["time_s"]), int(last["step"])
-    if elapsed is None:
-        started = _to_epoch_seconds(status.get("started_at"))
-        if started is not None and step > 0:
-            import time
-
-            elapsed, step_done = (now if now is not None else time.time()) - started, step
-    if state in ("running",) and elapsed is not None and total > 0 and step_done > 0:
-        left = elapsed / step_done * max(0, total - step)
+    left = status.get("eta_s")
+    if left is None and metrics is not None:
+        train = _split(metrics, "train")
+        if _has(train, "time_s") and total:
+            last = train.dropna(subset=["time_s"]).iloc[-1]
+            if int(last["step"]) > 0:
+                left = float(last["time_s"]) / int(last["step"]) * max(0, total - step)
+    if state == "running" and left is not None and total:
         parts.append(f"about {fmt_duration(left)} left")
     return fraction, " · ".join(parts) if parts else str(state)
 

@@ -90,13 +90,22 @@ def test_training_charts_with_no_metrics_say_so_instead_of_failing():
 
 
 def test_run_progress_gives_fraction_and_eta_from_time_per_step():
-    status = {"state": "running", "epoch": 2, "step": 15, "total_steps": 30}
+    status = {"state": "running", "epoch": 2, "epochs": 3, "step": 15, "total_steps": 30}
     fraction, text = plots.run_progress(status, _metrics(accs=(0.5,)).query("step <= 10"))
     assert fraction == pytest.approx(0.5)
     # 10 steps took 2 s -> 15 steps left take 3 s
-    assert text == "epoch 2 · step 15 of 30 · about 3 s left"
+    assert text == "epoch 2 of 3 · step 15 of 30 · about 3 s left"
+    # the worker's own ETA wins
+    _, text = plots.run_progress({**status, "eta_s": 75.0}, _metrics())
+    assert text.endswith("about 1 min 15 s left")
     fraction, text = plots.run_progress({"state": "completed", "step": 30, "total_steps": 30})
     assert fraction == 1.0 and "left" not in text
+
+
+def test_run_progress_while_preparing_shows_the_stage():
+    status = {"state": "running", "step": 0, "stage_fraction": 0.25,
+              "message": "training builtin weights: epoch 2 of 6"}  # fmt: skip
+    assert plots.run_progress(status) == (0.25, "training builtin weights: epoch 2 of 6")
 
 
 def _plan_frame():

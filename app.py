@@ -1,0 +1,127 @@
+"""Home: what this is, the device, and every run with links, rename, delete and clone."""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard.common import LIVE_REFRESH_S, PAGES, device_text, setup_page, state_text
+from finetune_core import plots, store
+
+root = setup_page("Home")
+
+st.title("🧪 Fine-tuning dashboard")
+st.markdown(
+    "Fine-tune a pretrained torchvision model on your own images and watch it train, live. "
+    "Compare **full** fine-tuning with **partial** strategies (a frozen backbone, only the "
+    "last blocks, gradual unfreezing, …) side by side to see which one wins, and at what cost."
+)
+st.caption(f"**Device:** {device_text()} · **Runs folder:** `{root}`")
+
+if st.button("🚀 Start here: set up a run or a comparison", type="primary", key="start_here"):
+    st.switch_page(PAGES["new"])
+
+
+def _runs_table(was_live: bool) -> None:
+    runs = store.list_runs(root)
+    live = int(runs["state"].isin(store.LIVE_STATES).sum()) if not runs.empty else 0
+    if was_live and not live:
+        st.rerun()  # the last live run ended: show the final page once, then stop refreshing
+    st.subheader(f"Runs ({len(runs)})" + (f" · {live} live" if live else ""))
+    if runs.empty:
+        st.info(
+            "No runs yet. Press **Start here** to launch one, or a comparison of "
+            "strategies on the built-in data (a few minutes on a CPU)."
+        )
+        return
+    table = runs.assign(
+        open=[f"Training?run={r}" for r in runs["run_id"]],
+        compare=[f"Compare?group={g}" if g else None for g in runs["group"]],
+        state=[state_text(s) for s in runs["state"]],
+        best_val_acc=100 * runs["best_val_acc"],
+        time=[plots.fmt_duration(t) if t == t else "–" for t in runs["train_time_s"]],
+        disk=[plots.fmt_bytes(b) for b in runs["disk_bytes"]],
+    )
+    columns = ["open", "name", "model", "strategy", "state", "best_val_acc", "trainable_pct",
+               "time", "disk", "compare", "created_at"]  # fmt: skip
+    st.dataframe(
+        table[columns],
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "open": st.column_config.LinkColumn(
+                "run", display_text=r"Training\?run=(.*)", help="Open the run's Training view"
+            ),
+            "name": "name",
+            "best_val_acc": st.column_config.NumberColumn("best val acc", format="%.1f %%"),
+            "trainable_pct": st.column_config.NumberColumn("trainable", format="%.2f %%"),
+            "time": "train time",
+            "disk": "disk use",
+            "compare": st.column_config.LinkColumn(
+                "group", display_text="Compare", help="Compare the runs launched together"
+            ),
+            "created_at": st.column_config.DatetimeColumn("created", format="YYYY-MM-DD HH:mm"),
+        },
+    )
+
+
+runs = store.list_runs(root)
+# The table refreshes itself while runs are live, so states and accuracies move on their own.
+has_live = bool(runs["state"].isin(store.LIVE_STATES).any())
+st.fragment(_runs_table, run_every=LIVE_REFRESH_S * 2 if has_live else None)(has_live)
+
+if not runs.empty:
+    st.subheader("Manage a run")
+    ids = list(runs["run_id"])
+    label = {
+        r.run_id: f"{r.name or r.strategy} · {r.model} · {r.state} · {r.run_id}"
+        for r in runs.itertuples()
+    }
+    if st.session_state.get("manage_run") not in ids:
+        st.session_state["manage_run"] = ids[0]
+    run_id = st.selectbox("Run", ids, format_func=label.get, key="manage_run")
+    run_dir = root / run_id
+    row = runs.set_index("run_id").loc[run_id]
+    c1, c2, c3 = st.columns(3)
+    with c1:
+        with st.form("rename_form", border=False):
+            new_name = st.text_input(
+                "New name",
+                value=row["name"],
+                max_chars=100,
+                help="A label for people; the id stays.",
+            )
+            if st.form_submit_button("Rename"):
+                try:
+                    store.rename_run(run_dir, new_name)
+                    st.toast(f"Renamed {run_id} to {new_name!r}")
+                    st.rerun()
+                except store.RunError as e:
+                    st.error(str(e))
+    with c2:
+        st.write("Start a new run with these settings, to change one thing and run again.")
+        if st.button("Clone into New run", key="clone"):
+            st.switch_page(PAGES["new"], query_params={"clone": run_id})
+        st.page_link(PAGES["training"], label="Open in Training", query_params={"run": run_id})
+    with c3:
+        if st.session_state.get("confirm_delete") == run_id:
+            st.warning(f"Delete run {run_id} and its checkpoints ({plots.fmt_bytes(row['disk_bytes'])})? "
+                       "This cannot be undone.")  # fmt: skip
+            y, n = st.columns(2)
+            if y.button("Yes, delete", type="primary", key="delete_yes"):
+                try:
+                    store.delete_run(run_dir)
+                    st.session_state.pop("confirm_delete", None)
+                    st.session_state.pop("manage_run", None)
+                    st.toast(f"Deleted run {run_id}")
+                    st.rerun()
+                except store.RunError as e:
+                    st.error(str(e))
+            if n.button("Keep it", key="delete_no"):
+                st.session_state.pop("confirm_delete", None)
+                st.rerun()
+        else:
+            live = row["state"] in store.LIVE_STATES
+            if st.button("Delete…", key="delete", disabled=live,
+                         help="Stop or cancel the run first" if live else "Asks before deleting"):  # fmt: skip
+                st.session_state["confirm_delete"] = run_id
+                st.rerun()

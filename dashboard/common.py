@@ -1,0 +1,99 @@
+"""Page setup, the runs folder, the device line and small widgets every page uses."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import streamlit as st
+
+from finetune_core import store
+
+PAGES = {
+    "home": "app.py",
+    "new": "pages/1_New_run.py",
+    "training": "pages/2_Training.py",
+    "compare": "pages/3_Compare.py",
+}
+
+STATE_ICONS = {
+    "queued": "⏳",
+    "running": "▶️",
+    "completed": "✅",
+    "stopped": "⏹️",
+    "failed": "❌",
+    "crashed": "💥",
+}
+
+# Seconds between refreshes of the live parts of a page.
+LIVE_REFRESH_S = float(os.environ.get("FINETUNE_REFRESH_S", "1.5"))
+
+
+def setup_page(title: str) -> Path:
+    """Configures the page, makes sure the queue is served, and returns the runs folder."""
+    st.set_page_config(page_title=f"{title} · Fine-tuning", page_icon="🧪", layout="wide")
+    root = store.runs_dir()
+    _ensure_supervisor(str(root))
+    return root
+
+
+def _ensure_supervisor(root: str) -> None:
+    """Starts the queue's supervisor when none serves this runs folder (cheap when one does).
+
+    Runs on every script run: a supervisor that died (or a server restart) is replaced on
+    the next page view, so queued runs always start.
+    """
+    try:
+        from finetune_core import runner
+
+        runner.ensure_supervisor(root)
+    except Exception as e:  # the page still shows what exists; say why the queue may stall
+        st.warning(
+            f"Could not start the run queue's supervisor for {root}: {e}. Queued runs will "
+            "wait; start it by hand with `python -m finetune_core queue`."
+        )
+
+
+@st.cache_resource
+def device_text() -> str:
+    """Returns the device runs use by default: the GPU's name and memory, else the CPU."""
+    import torch
+
+    if torch.cuda.is_available():
+        props = torch.cuda.get_device_properties(0)
+        more = f" (+{torch.cuda.device_count() - 1} more)" if torch.cuda.device_count() > 1 else ""
+        return f"GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB memory{more}"
+    mps = getattr(torch.backends, "mps", None)
+    if mps is not None and mps.is_available():
+        return "Apple GPU (MPS)"
+    cores = os.cpu_count() or 1
+    mem = _memory_gib()
+    mem_text = f", {mem:.0f} GiB memory" if mem else ""
+    return f"CPU: {cores} core{'s' if cores != 1 else ''}{mem_text} (no GPU found)"
+
+
+def _memory_gib() -> float | None:
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemTotal:"):
+                    return int(line.split()[1]) / 2**20
+    except OSError:
+        pass
+    return None
+
+
+def state_text(state: str | None) -> str:
+    """Returns the state with its icon: '▶️ running'."""
+    return f"{STATE_ICONS.get(state or '', '❔')} {state or 'unknown'}"
+
+
+def training_url(run_id: str) -> str:
+    """Returns the Training view's URL for a run (relative, so it works behind a proxy)."""
+    return f"Training?run={run_id}"
+
+
+def show_errors(errors: dict[str, str], field: str) -> None:
+    """Shows the validation message for one field right under it, if there is one."""
+    if field in errors:
+        st.error(f"**{field.replace('_', ' ')}**: {errors[field]}", icon="⚠️")

@@ -1,0 +1,167 @@
+"""Training: one run's state, progress and live charts; Stop, Resume, Cancel; config and log.
+
+?run=<id> selects the run; without it the newest live run (else the newest run) is shown.
+The live part is a fragment that refreshes itself while the run is queued or running.
+"""
+
+from __future__ import annotations
+
+import streamlit as st
+
+from dashboard.common import LIVE_REFRESH_S, PAGES, setup_page, state_text
+from finetune_core import plots, runner, store
+
+root = setup_page("Training")
+st.title("Training")
+
+runs = store.list_runs(root)
+if runs.empty:
+    st.info("No runs yet. Set one up on **New run**; it will show here while it trains.")
+    st.page_link(PAGES["new"], label="New run", icon="🚀")
+    st.stop()
+
+
+def _default_run() -> str:
+    for states in (("running",), ("queued",)):
+        live = runs[runs["state"].isin(states)]
+        if not live.empty:
+            # the oldest queued run starts first; the newest running one is the one to watch
+            return str(live["run_id"].iloc[-1 if states == ("queued",) else 0])
+    return str(runs["run_id"].iloc[0])
+
+
+ids = list(runs["run_id"])
+wanted = st.query_params.get("run")
+if wanted:
+    try:
+        run_id = store.resolve_run(wanted, root).name
+    except store.RunError as e:
+        st.error(f"{e}. Showing the newest run instead.")
+        run_id = _default_run()
+else:
+    run_id = _default_run()
+if run_id not in ids:  # created between list_runs and now
+    ids.insert(0, run_id)
+if st.session_state.get("_training_shown") != run_id:
+    st.session_state["training_run"] = run_id
+    st.session_state["_training_shown"] = run_id
+labels = {
+    r.run_id: f"{r.name or r.strategy} · {r.model} · {r.state} · {r.run_id}"
+    for r in runs.itertuples()
+}
+
+
+def _pick() -> None:
+    st.query_params["run"] = st.session_state["training_run"]
+    st.session_state["_training_shown"] = st.session_state["training_run"]
+
+
+run_id = st.selectbox("Run", ids, key="training_run", format_func=lambda r: labels.get(r, r),
+                      on_change=_pick)  # fmt: skip
+st.query_params["run"] = run_id
+run_dir = root / run_id
+try:
+    config = store.read_config(run_dir)
+except store.RunError as e:
+    st.error(f"{e}. It may have been deleted; pick another run.")
+    st.stop()
+
+st.caption(
+    f"**{plots.strategy_label(config)}** · {config.get('model')} · weights `{config.get('weights')}`"
+    f" · data `{config.get('data')}` · {config.get('epochs')} epochs · image {config.get('image_size')}"
+    f" px · batch {config.get('batch_size')} · lr {config.get('lr')} · id `{run_id}`"
+)
+
+
+def _actions(status: dict) -> None:
+    state = status.get("state")
+    c1, c2, c3, _ = st.columns([1, 1, 1, 3])
+    if state == "running":
+        stopping = bool(status.get("stop_requested_at"))
+        if c1.button("⏹ Stop", key="stop", disabled=stopping,
+                     help="The worker finishes the current step, saves a checkpoint and ends as "
+                     "stopped; Resume continues from there."):  # fmt: skip
+            result = runner.stop_run(run_dir)
+            st.toast(f"Stop: {result}")
+            st.rerun(scope="fragment")
+    if state == "queued":
+        if c2.button("✖ Cancel", key="cancel", help="Takes the run out of the queue."):
+            if runner.cancel_run(run_dir):
+                st.toast("Cancelled: the run will not start")
+            else:
+                st.toast("It had already started; use Stop")
+            st.rerun()
+    if state in store.RESUMABLE_STATES:
+        has_ckpt = (run_dir / "checkpoints" / "last_state.pt").exists()
+        if c3.button("▶ Resume", key="resume",
+                     help="Continues from the last checkpoint" if has_ckpt
+                     else "No checkpoint yet: the run starts over"):  # fmt: skip
+            try:
+                runner.resume_run(run_dir)
+                st.toast("Queued to resume")
+            except store.RunError as e:
+                st.error(str(e))
+            st.rerun()
+
+
+def live_view(was_live: bool) -> None:
+    status = store.read_status(run_dir)
+    state = status.get("state")
+    live = state in store.LIVE_STATES
+    if was_live and not live:
+        st.rerun()  # it just ended: redraw the whole page once, then stop refreshing
+    metrics = store.read_metrics(run_dir)
+    fraction, text = plots.run_progress(status, metrics)
+    head = st.columns([1, 3])
+    head[0].markdown(f"### {state_text(state)}")
+    with head[1]:
+        st.progress(fraction, text=text)
+        if status.get("message"):
+            st.caption(status["message"])
+    if state == "failed":
+        st.error(f"The run failed: {status.get('message')}. The traceback is in worker.log "
+                 "below; fix the setting it names and clone the run from Home, or Resume.")  # fmt: skip
+    elif state == "crashed":
+        st.warning(f"{status.get('message')}. Resume continues from the last checkpoint.")
+    _actions(status)
+    charts = plots.training_charts(metrics)
+    top, bottom = st.columns(2), st.columns(2)
+    for slot, key in zip((*top, *bottom), ("loss", "accuracy", "lr", "throughput"), strict=True):
+        slot.plotly_chart(charts[key], key=f"chart_{key}", width="stretch")
+    summary = store.read_summary(run_dir)
+    if summary:
+        st.markdown(
+            f"**Result:** best val acc {plots.fmt_pct(summary.get('best_val_acc'))}, final "
+            f"{plots.fmt_pct(summary.get('final_val_acc'))}, test "
+            f"{plots.fmt_pct(summary.get('test_acc'))}, "
+            f"{plots.fmt_count(summary.get('trainable_params'))} of "
+            f"{plots.fmt_count(summary.get('total_params'))} parameters trained, "
+            f"{plots.fmt_duration(summary.get('train_time_s'))}."
+        )
+        if summary.get("skipped_files"):
+            with st.expander(f"{len(summary['skipped_files'])} files were skipped (unreadable)"):
+                st.write(summary["skipped_files"])
+    group = config.get("group")
+    if group:
+        members = runs[runs["group"] == group].iloc[::-1]  # oldest first: launch order
+        st.markdown(f"**Group** `{group}`: {len(members)} runs launched together")
+        cols = st.columns(min(len(members), 4) + 1)
+        for i, m in enumerate(members.itertuples()):
+            member_state = store.read_status(root / m.run_id).get("state")
+            cols[i % 4].page_link(
+                PAGES["training"],
+                label=f"{m.name or m.strategy}: {state_text(member_state)}",
+                query_params={"run": m.run_id},
+                disabled=m.run_id == run_id,
+            )
+        cols[-1].page_link(PAGES["compare"], label="Compare this group", icon="📊",
+                           query_params={"group": group})  # fmt: skip
+    with st.expander("worker.log (last 40 lines)", expanded=state == "failed"):
+        st.code(store.read_log_tail(run_dir, 40) or "(empty)", language=None)
+
+
+is_live = store.read_status(run_dir).get("state") in store.LIVE_STATES
+st.fragment(live_view, run_every=LIVE_REFRESH_S if is_live else None)(is_live)
+
+with st.expander("Config"):
+    st.json(config, expanded=True)

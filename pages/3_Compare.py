@@ -1,0 +1,150 @@
+"""Compare: which strategy, at what cost. Headline, cost charts, curves, table, per-class,
+confusion matrices, config diff.
+
+?group=<id> or ?runs=id,id,... selects the runs; otherwise the newest group.
+"""
+
+from __future__ import annotations
+
+import pandas as pd
+import streamlit as st
+
+from dashboard.common import LIVE_REFRESH_S, PAGES, setup_page
+from finetune_core import plots, store
+
+root = setup_page("Compare")
+st.title("Compare")
+
+runs = store.list_runs(root)
+if runs.empty:
+    st.info(
+        "Nothing to compare yet. On **New run**, turn on *Compare strategies* to launch full "
+        "and partial fine-tuning as one group; the comparison appears here."
+    )
+    st.page_link(PAGES["new"], label="New run", icon="🚀")
+    st.stop()
+
+ids = list(runs["run_id"])
+problems = []
+
+
+def _from_query() -> list[str]:
+    if st.query_params.get("runs"):
+        chosen = []
+        for ref in st.query_params["runs"].split(","):
+            try:
+                chosen.append(store.resolve_run(ref.strip(), root).name)
+            except store.RunError as e:
+                problems.append(str(e))
+        return chosen
+    group = st.query_params.get("group")
+    if group:
+        chosen = list(runs.loc[runs["group"] == group, "run_id"])[::-1]
+        if not chosen:
+            problems.append(f"no runs of group {group!r} in {root}")
+        return chosen
+    grouped = runs.dropna(subset=["group"])
+    if not grouped.empty:  # the newest group, in launch order
+        return list(runs.loc[runs["group"] == grouped["group"].iloc[0], "run_id"])[::-1]
+    return ids[:3][::-1]
+
+
+query_key = (st.query_params.get("runs"), st.query_params.get("group"))
+if st.session_state.get("_compare_query") != query_key or "compare_runs" not in st.session_state:
+    st.session_state["compare_runs"] = [r for r in _from_query() if r in ids]
+    st.session_state["_compare_query"] = query_key
+for p in problems:
+    st.warning(f"{p}. Pick runs below.")
+
+labels = {
+    r.run_id: f"{r.name or r.strategy} · {r.model} · {r.state} · {r.run_id}"
+    for r in runs.itertuples()
+}
+
+
+def _pick() -> None:
+    st.query_params.clear()
+    st.query_params["runs"] = ",".join(st.session_state["compare_runs"])
+    st.session_state["_compare_query"] = (st.query_params.get("runs"), None)
+
+
+chosen = st.multiselect("Runs", ids, key="compare_runs", format_func=lambda r: labels.get(r, r),
+                        on_change=_pick, help="Runs of a group share seed, split and epochs.")  # fmt: skip
+if not chosen:
+    st.info("Pick two or more runs to compare.")
+    st.stop()
+
+
+def comparison(was_live: bool) -> None:
+    configs = {r: store.read_config(root / r) for r in chosen}
+    statuses = {r: store.read_status(root / r) for r in chosen}
+    summaries = {r: store.read_summary(root / r) for r in chosen}
+    metrics = {r: store.read_metrics(root / r) for r in chosen}
+    live = [r for r in chosen if statuses[r].get("state") in store.LIVE_STATES]
+    if was_live and not live:
+        st.rerun()  # everything finished: draw the final page once, then stop refreshing
+    table = plots.summary_table(configs, summaries, metrics, statuses)
+    label = dict(zip(table["run_id"], table["run"], strict=True))
+
+    st.subheader(plots.headline(table))
+    if live:
+        st.info(f"{len(live)} of {len(chosen)} runs are still training; this page updates as "
+                "they go and the sentence above is provisional.")  # fmt: skip
+
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(plots.accuracy_vs_cost(table, "trainable_params"), key="acc_params",
+                    width="stretch")  # fmt: skip
+    c2.plotly_chart(plots.accuracy_vs_cost(table, "train_time_s"), key="acc_time", width="stretch")
+
+    x = st.radio("Curves against", ["epoch", "time_s"], horizontal=True, key="compare_x",
+                 format_func={"epoch": "epoch", "time_s": "wall time"}.get)  # fmt: skip
+    long = [m.assign(run=label[r]) for r, m in metrics.items() if not m.empty]
+    frame = pd.concat(long, ignore_index=True) if long else pd.DataFrame()
+    c1, c2 = st.columns(2)
+    c1.plotly_chart(plots.compare_curves(frame, "acc", x), key="curve_acc", width="stretch")
+    c2.plotly_chart(plots.compare_curves(frame, "loss", x), key="curve_loss", width="stretch")
+
+    st.markdown("#### Final metrics")
+    shown = table.assign(
+        best_val_acc=100 * table["best_val_acc"],
+        final_val_acc=100 * table["final_val_acc"],
+        test_acc=100 * table["test_acc"].astype(float),
+    )
+    st.dataframe(
+        shown.drop(columns=["strategy"]),
+        hide_index=True,
+        width="stretch",
+        column_config={
+            "run_id": st.column_config.TextColumn("run id"),
+            "best_val_acc": st.column_config.NumberColumn("best val acc", format="%.1f %%"),
+            "final_val_acc": st.column_config.NumberColumn("final val acc", format="%.1f %%"),
+            "test_acc": st.column_config.NumberColumn("test acc", format="%.1f %%"),
+            "trainable_params": st.column_config.NumberColumn("trainable params", format="%d"),
+            "trainable_pct": st.column_config.NumberColumn("trainable", format="%.2f %%"),
+            "total_params": st.column_config.NumberColumn("total params", format="%d"),
+            "train_time_s": st.column_config.NumberColumn("train time", format="%.1f s"),
+            "images_per_s": st.column_config.NumberColumn("images/s", format="%.0f"),
+        },
+    )
+    st.download_button(
+        "Download the table as CSV",
+        table.to_csv(index=False).encode(),
+        file_name="comparison.csv",
+        mime="text/csv",
+        key="csv",
+    )
+
+    by_label = {label[r]: summaries[r] for r in chosen}
+    st.plotly_chart(plots.per_class_chart(by_label), key="per_class", width="stretch")
+    st.plotly_chart(plots.confusion_chart(by_label), key="confusion", width="stretch")
+
+    st.markdown("#### Settings that differ")
+    diff = plots.config_diff(configs)
+    if diff.empty:
+        st.write("The runs use the same settings (apart from names and group).")
+    else:
+        st.dataframe(diff, width="stretch")
+
+
+any_live = bool(runs[runs["run_id"].isin(chosen)]["state"].isin(store.LIVE_STATES).any())
+st.fragment(comparison, run_every=LIVE_REFRESH_S * 2 if any_live else None)(any_live)

@@ -1,0 +1,136 @@
+"""Hand-written run folders (config.json, status.json, metrics.jsonl, summary.json exactly as
+the run-directory contract says) for the dashboard's page tests, so pages are tested on
+known values without training anything."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import time
+from pathlib import Path
+
+import numpy as np
+
+from finetune_core import store
+from finetune_core.config import RunConfig
+
+CLASSES = ["circle", "square", "triangle"]
+
+
+def write_run(
+    root: Path,
+    run_id: str,
+    *,
+    strategy: str = "full",
+    accs: tuple[float, ...] = (0.5, 0.7),
+    state: str = "completed",
+    group: str | None = None,
+    name: str = "",
+    trainable: int = 11_000_000,
+    total: int = 11_000_000,
+    train_time: float = 60.0,
+    steps_per_epoch: int = 10,
+    total_epochs: int | None = None,
+    **cfg_fields,
+) -> Path:
+    """Writes one run folder; a `running` run is owned by this test process (so it reads as
+    live), a final one gets a summary.json. Returns the folder."""
+    run_dir = Path(root) / run_id
+    run_dir.mkdir(parents=True)
+    cfg = RunConfig(strategy=strategy, name=name, group=group, epochs=total_epochs or len(accs),
+                    **cfg_fields).to_dict()  # fmt: skip
+    cfg["env"] = {"torch": "x", "torchvision": "y", "python": "3.11", "device": "cpu"}
+    (run_dir / "config.json").write_text(json.dumps(cfg))
+    records = []
+    for e, acc in enumerate(accs, start=1):
+        for k in (5, 10):
+            step = (e - 1) * steps_per_epoch + k
+            records.append(
+                dict(split="train", epoch=e, step=step, loss=round(2.0 / step, 4),
+                     acc=round(acc - 0.1, 4), acc5=None, lr=0.01, time_s=step * 0.5,
+                     images_per_s=128.0)
+            )  # fmt: skip
+        records.append(
+            dict(split="val", epoch=e, step=e * steps_per_epoch, loss=round(1.0 / e, 4),
+                 acc=acc, acc5=None, lr=0.01, time_s=e * steps_per_epoch * 0.5,
+                 images_per_s=None, phase="main")
+        )  # fmt: skip
+    with open(run_dir / "metrics.jsonl", "w") as f:
+        for r in records:
+            f.write(json.dumps(r) + "\n")
+    epochs = total_epochs or len(accs)
+    now = time.time()
+    step = len(accs) * steps_per_epoch
+    status = dict(
+        state=state, pid=None, pid_started_at=None, created_at=now - 100, started_at=now - 90,
+        updated_at=now, epoch=len(accs), step=step, total_steps=epochs * steps_per_epoch,
+        message="",
+    )  # fmt: skip
+    if state == "running":
+        status.update(pid=os.getpid(), pid_started_at=store.process_start_time(os.getpid()))
+    (run_dir / "status.json").write_text(json.dumps(status))
+    (run_dir / "worker.log").write_text(f"worker for {run_id}\nepoch 1 done\n")
+    if state in store.FINAL_STATES:
+        cm = [[8, 1, 1], [2, 7, 1], [0, 0, 10]]
+        summary = dict(
+            state=state, best_val_acc=max(accs), final_val_acc=accs[-1], test_acc=None,
+            trainable_params=trainable, trainable_params_per_phase=[trainable],
+            total_params=total, train_time_s=train_time, classes=CLASSES,
+            per_class_acc={c: round(cm[i][i] / sum(cm[i]), 4) for i, c in enumerate(CLASSES)},
+            confusion_matrix=cm, skipped_files=[], epochs_run=len(accs),
+        )  # fmt: skip
+        (run_dir / "summary.json").write_text(json.dumps(summary))
+    return run_dir
+
+
+def write_group(root: Path, group: str = "20250101-120000-abcdef", stamp: str = "20250101-1200"):
+    """Writes a finished group of three strategies; returns their run ids in order."""
+    specs = [
+        ("full", (0.6, 0.8), 11_000_000, 100.0, {}),
+        ("last_n", (0.55, 0.83), 8_400_000, 70.0, {"unfreeze_last": 1}),
+        ("linear_probe", (0.4, 0.5), 1_539, 20.0, {}),
+    ]
+    ids = []
+    for i, (strategy, accs, trainable, t, extra) in enumerate(specs):
+        rid = f"{stamp}0{i}-00000{i}"
+        write_run(root, rid, strategy=strategy, accs=accs, group=group, trainable=trainable,
+                  train_time=t, **extra)  # fmt: skip
+        ids.append(rid)
+    return ids
+
+
+# ---------------------------------------------------------------- reading Plotly out of AppTest
+
+
+def _expand(value):
+    """Decodes Plotly's base64 typed arrays ({"dtype", "bdata"}) into lists."""
+    if isinstance(value, dict):
+        if "bdata" in value and "dtype" in value:
+            arr = np.frombuffer(base64.b64decode(value["bdata"]), dtype=np.dtype(value["dtype"]))
+            if "shape" in value:
+                shape = [int(s) for s in str(value["shape"]).split(",")]
+                arr = arr.reshape(shape)
+            return arr.tolist()
+        return {k: _expand(v) for k, v in value.items()}
+    if isinstance(value, list):
+        return [_expand(v) for v in value]
+    return value
+
+
+def plotly_figures(at) -> list[dict]:
+    """Returns the figure specs (data + layout) of every Plotly chart an AppTest rendered."""
+    return [_expand(json.loads(el.proto.spec)) for el in at.get("plotly_chart")]
+
+
+def figure_titled(at, prefix: str) -> dict:
+    """Returns the one rendered figure whose title starts with prefix."""
+    found = [f for f in plotly_figures(at) if _title(f).startswith(prefix)]
+    titles = [_title(f) for f in plotly_figures(at)]
+    assert len(found) == 1, f"expected one chart titled {prefix!r}, got {titles}"
+    return found[0]
+
+
+def _title(fig: dict) -> str:
+    title = fig.get("layout", {}).get("title", {})
+    return title.get("text", "") if isinstance(title, dict) else str(title)
