@@ -184,9 +184,11 @@ class ProgressBar(store._Callback):
             self._last = now
 
     def on_epoch_end(self, trainer, record) -> None:
+        if not record or record.get("split") != "val":
+            return
         self._draw(trainer)
         self._newline()
-        if record and record.get("acc") is not None:
+        if record.get("acc") is not None:
             epochs = getattr(getattr(trainer, "cfg", None), "epochs", "?")
             self.stream.write(
                 f"epoch {getattr(trainer, 'epoch', '?')}/{epochs} done: "

@@ -91,17 +91,11 @@ class StopCallback(store._Callback):
     def __init__(self, flag: StopFlag):
         self.flag = flag
 
-    def _check(self) -> None:
+    def on_batch_end(self, trainer) -> None:
         if self.flag.requested:
             from finetune_core import engine
 
             raise engine.StopTraining("stop requested (SIGTERM or Ctrl-C)")
-
-    def on_fit_start(self, trainer) -> None:
-        self._check()
-
-    def on_batch_end(self, trainer) -> None:
-        self._check()
 
 
 def _plan_counts(trainer) -> dict[str, Any]:
@@ -110,8 +104,10 @@ def _plan_counts(trainer) -> dict[str, Any]:
         return {}
     counts: dict[str, Any] = {"total_params": getattr(plan, "total_params", None)}
     phases = getattr(plan, "phases", None) or []
-    if phases:
-        counts["trainable_params"] = getattr(phases[0], "trainable_params", None)
+    trainable = [getattr(p, "trainable_params", None) for p in phases]
+    trainable = [t for t in trainable if t is not None]
+    if trainable:
+        counts["trainable_params"] = max(trainable)  # gradual / lp_ft: the widest phase
     return counts
 
 
@@ -158,7 +154,7 @@ class StatusCallback(store._Callback):
 
     def on_epoch_end(self, trainer, record) -> None:
         fields = self._progress(trainer)
-        if record and record.get("acc") is not None:
+        if record and record.get("split") == "val" and record.get("acc") is not None:
             epochs = fields.get("epochs")
             fields["message"] = (
                 f"epoch {fields['epoch']}/{epochs}: val acc {100 * record['acc']:.1f} %, "
@@ -306,7 +302,10 @@ def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bo
         state, message = "stopped", "interrupted; resume to continue from the last checkpoint"
         log.traceback()
     except Exception as error:  # noqa: BLE001 - every failure must end as a final state
-        state, message = "failed", _failure_message(error)
+        if type(error).__name__ == "StopTraining":  # raised outside the loop's own handler
+            state, message = "stopped", "stopped; resume to continue from the last checkpoint"
+        else:
+            state, message = "failed", _failure_message(error)
         log.traceback()
     finally:
         metrics.close()
