@@ -143,12 +143,23 @@ def _mismatches(state: dict, model: str, image_size: int | None = None) -> list[
 
 
 def _fit_classes(state: dict, model: str, num_classes: int | None, image_size=None) -> dict:
-    """Returns `state` with the head dropped unless it already has num_classes rows."""
-    _, head = _layout(model, image_size)
-    file_k = _head_classes(state, head)
-    if num_classes is not None and file_k == num_classes:
+    """Returns `state` with the head dropped unless it already has num_classes rows, and
+    BatchNorm counters that older files lack filled in (create_model wants every key)."""
+    expected, head = _layout(model, image_size)
+    if num_classes is None or _head_classes(state, head) != num_classes:
+        state = {k: v for k, v in state.items() if not _is_head(k, head)}
+    return _with_bn_counters(state, expected, head)
+
+
+def _with_bn_counters(state: dict, expected: dict, head: str) -> dict:
+    missing = [
+        k
+        for k in expected
+        if k.endswith("num_batches_tracked") and k not in state and not _is_head(k, head)
+    ]
+    if not missing:
         return state
-    return {k: v for k, v in state.items() if not _is_head(k, head)}
+    return {**state, **{k: torch.tensor(0, dtype=torch.long) for k in missing}}
 
 
 # ---------------------------------------------------------------------------- reading files
@@ -432,6 +443,11 @@ def _load_default(model: str, progress) -> dict[str, torch.Tensor]:
     except Exception as e:
         raise WeightsError(_unreadable_cache(model, target, e)) from None
     return _unwrap(state, str(target))
+
+
+def _with_layout(state: dict, model: str) -> dict:
+    expected, head = _layout(model, None)
+    return _with_bn_counters(state, expected, head)
 
 
 def _unreadable_cache(model: str, target: Path, e: BaseException) -> str:
@@ -853,7 +869,7 @@ def load_backbone_state(
     if kind == "none":
         return None
     if kind == "default":
-        return _load_default(model, progress)
+        return _with_layout(_load_default(model, progress), model)
     if kind == "builtin":
         return _load_builtin(model, progress)
     if kind == "run":
