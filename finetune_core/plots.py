@@ -355,6 +355,24 @@ def _phase_title(rows: pd.DataFrame, phase: Any) -> str:
     return f"{phase}: {fmt_count(trainable)} of {fmt_count(total)} train ({fmt_pct(share)})"
 
 
+# ---------------------------------------------------------------- data
+
+
+def class_counts_chart(counts: Mapping[str, Mapping[str, int]]) -> go.Figure:
+    """Returns images per class as bars, stacked by split ({split or "all": {class: n}}), so
+    an imbalanced or tiny class shows before anything trains."""
+    if not counts:
+        return _empty("Images per class", "No images found")
+    fig = go.Figure()
+    for i, (split, per_class) in enumerate(counts.items()):
+        fig.add_bar(x=list(per_class), y=list(per_class.values()), name=str(split),
+                    marker_color=PALETTE[i % len(PALETTE)])  # fmt: skip
+    total = sum(sum(c.values()) for c in counts.values())
+    fig.update_layout(title=f"Images per class ({total:,} in all)", barmode="stack",
+                      yaxis_title="images", hovermode="x")  # fmt: skip
+    return _style(fig, height=260)
+
+
 # ---------------------------------------------------------------- comparing runs
 
 

@@ -243,3 +243,12 @@ def test_config_diff_keeps_only_fields_that_differ():
     assert list(diff.index) == ["strategy"]
     assert list(diff.columns) == ["a", "b"]
     assert list(diff.loc["strategy"]) == ["full", "last_n"]
+
+
+def test_class_counts_chart_stacks_splits_per_class():
+    fig = plots.class_counts_chart({"train": {"a": 10, "b": 3}, "val": {"a": 2, "b": 1}})
+    assert [(t.name, list(t.x), list(t.y)) for t in fig.data] == [
+        ("train", ["a", "b"], [10, 3]),
+        ("val", ["a", "b"], [2, 1]),
+    ]
+    assert fig.layout.title.text == "Images per class (16 in all)"

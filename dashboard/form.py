@@ -1,0 +1,281 @@
+"""The New run form's state: defaults, help texts, persistence across refreshes, and turning
+the widgets' values into RunConfigs.
+
+Every widget of the form has the key `f_<name>`; the values live in st.session_state and
+are saved to <runs folder>/.form_state.json after every change, so a refresh, a closed tab
+or a server restart gives the form back as the user left it.
+"""
+
+from __future__ import annotations
+
+import inspect
+import json
+import re
+import time
+from dataclasses import fields
+from pathlib import Path
+from typing import Any
+
+import streamlit as st
+
+from finetune_core import store
+from finetune_core.config import RunConfig, from_dict
+
+FORM_FILE = ".form_state.json"
+PREFIX = "f_"
+
+# Strategies a comparison group can hold; the defaults answer "full vs partial".
+PRESETS = ("full", "last_n 1", "last_n 2", "last_n 3", "linear_probe", "gradual", "lp_ft", "bitfit")
+DEFAULT_PRESETS = ["full", "last_n 1", "linear_probe"]
+
+WEIGHT_CHOICES = {
+    "default": "ImageNet (torchvision)",
+    "builtin": "builtin (offline stand-in)",
+    "file": "A weights file",
+    "run": "An earlier run",
+    "none": "None (random init)",
+}
+DATA_CHOICES = {
+    "builtin": "Built-in shapes",
+    "zip": "Upload a .zip",
+    "folder": "A folder on this server",
+    "torchvision": "A torchvision dataset",
+}
+
+_EXTRA_HELP = {
+    "epochs": "passes over the training images",
+    "batch_size": "images per optimizer step; lower it when memory runs out",
+    "seed": "fixes the split, the head's initialisation and the augmentation; same seed, same run",
+    "name": "optional; shown instead of the strategy in tables and charts",
+    "optimizer": "sgd uses momentum 0.9; adamw decouples weight decay",
+    "weight_decay": "L2 penalty the optimizer applies to the weights that train",
+    "compile": "torch.compile the model: slower start, faster steps on a GPU",
+    "freeze_bn": "keep BatchNorm running statistics fixed even in the groups that train",
+}
+
+
+def _comments() -> dict[str, str]:
+    """Returns {field: its comment in RunConfig's source} (the help text, written once)."""
+    source = inspect.getsource(RunConfig)
+    found = {}
+    for line in source.splitlines():
+        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
+        if m:
+            found[m.group(1)] = m.group(2).strip()
+    return found
+
+
+_COMMENTS = _comments()
+
+
+def field_help(name: str) -> str:
+    """Returns the help text of a RunConfig field: its source comment and what it is for."""
+    parts = [p for p in (_COMMENTS.get(name), _EXTRA_HELP.get(name)) if p]
+    default = getattr(RunConfig(), name, None)
+    text = "; ".join(parts) if parts else name.replace("_", " ")
+    return f"{text}. Default: {default!r}."
+
+
+def defaults(weights_choice: str) -> dict[str, Any]:
+    """Returns the form's first values: RunConfig's defaults plus the UI's own choices."""
+    values = {PREFIX + f.name: getattr(RunConfig(), f.name) for f in fields(RunConfig)}
+    values.pop(PREFIX + "group")
+    values.update(
+        {
+            PREFIX + "weights_choice": weights_choice,
+            PREFIX + "weights_file": "",
+            PREFIX + "weights_run": "",
+            PREFIX + "data_choice": "builtin",
+            PREFIX + "data_zip": "",
+            PREFIX + "data_root": "",
+            PREFIX + "data_sub": "",
+            PREFIX + "data_tv": "CIFAR10",
+            PREFIX + "compare": True,
+            PREFIX + "compare_set": list(DEFAULT_PRESETS),
+        }
+    )
+    return values
+
+
+def load(root: Path) -> dict[str, Any]:
+    """Returns the saved form values ({} when none or unreadable)."""
+    data = store.read_json(Path(root) / FORM_FILE)
+    return data if isinstance(data, dict) else {}
+
+
+def _coerce(key: str, value: Any, default: Any) -> Any:
+    """Returns value with the default's type (JSON turns 1.0 into 1), or the default."""
+    if default is None or value is None:
+        return value
+    try:
+        if isinstance(default, bool):
+            return bool(value)
+        if isinstance(default, int):
+            return int(value)
+        if isinstance(default, float):
+            return float(value)
+        if isinstance(default, list):
+            return list(value)
+        return type(default)(value)
+    except (TypeError, ValueError):
+        return default
+
+
+def restore(root: Path, first: dict[str, Any]) -> None:
+    """Puts saved values (else the defaults) into session_state for keys not set yet."""
+    saved = load(root)
+    for key, default in first.items():
+        if key not in st.session_state:
+            st.session_state[key] = _coerce(key, saved.get(key, default), default)
+
+
+def save(root: Path) -> None:
+    """Writes the form's current values, merged over the saved ones (hidden widgets keep
+    theirs), when they changed."""
+    saved = load(root)
+    current = {
+        k: v
+        for k, v in st.session_state.items()
+        if k.startswith(PREFIX) and isinstance(v, (str, int, float, bool, list, type(None)))
+    }
+    merged = {**saved, **current}
+    if merged != saved:
+        merged["_saved_at"] = time.time()
+        Path(root).mkdir(parents=True, exist_ok=True)
+        store.write_json_atomic(Path(root) / FORM_FILE, merged)
+
+
+def apply_config(config: dict[str, Any], data_roots: list[str]) -> None:
+    """Sets the form to a run's config (clone): every field, weights and data choices."""
+    for f in fields(RunConfig):
+        if f.name in config and f.name != "group":
+            st.session_state[PREFIX + f.name] = config[f.name]
+    w = str(config.get("weights", "builtin"))
+    if w in ("default", "builtin", "none"):
+        st.session_state[PREFIX + "weights_choice"] = w
+    elif w.startswith("run:"):
+        st.session_state[PREFIX + "weights_choice"] = "run"
+        st.session_state[PREFIX + "weights_run"] = w[4:]
+    else:
+        st.session_state[PREFIX + "weights_choice"] = "file"
+        st.session_state[PREFIX + "weights_file"] = w
+    d = str(config.get("data", "builtin:shapes"))
+    if d.startswith("builtin:"):
+        st.session_state[PREFIX + "data_choice"] = "builtin"
+    elif d.startswith("torchvision:"):
+        st.session_state[PREFIX + "data_choice"] = "torchvision"
+        st.session_state[PREFIX + "data_tv"] = d.partition(":")[2]
+    elif d.lower().endswith(".zip"):
+        st.session_state[PREFIX + "data_choice"] = "zip"
+        st.session_state[PREFIX + "data_zip"] = d
+    else:
+        st.session_state[PREFIX + "data_choice"] = "folder"
+        root, sub = _split_under_roots(d, data_roots)
+        st.session_state[PREFIX + "data_root"] = root
+        st.session_state[PREFIX + "data_sub"] = sub
+    st.session_state[PREFIX + "compare"] = False
+
+
+def _split_under_roots(path: str, roots: list[str]) -> tuple[str, str]:
+    p = Path(path).resolve()
+    for r in roots:
+        rp = Path(r).resolve()
+        if p == rp or rp in p.parents:
+            return r, str(p.relative_to(rp))
+    return "", path
+
+
+def data_roots() -> list[str]:
+    """Returns the folders below which server data folders may be chosen
+    ($FINETUNE_DATA_ROOTS, colon-separated; existing folders only)."""
+    import os
+
+    raw = os.environ.get("FINETUNE_DATA_ROOTS", "")
+    return [r for r in raw.split(os.pathsep) if r.strip() and Path(r).expanduser().is_dir()]
+
+
+def folder_spec(root: str, sub: str, roots: list[str]) -> tuple[str | None, str | None]:
+    """Returns (data spec, None) for a folder below an allowed root, or (None, message)."""
+    if root not in roots:
+        return None, "choose one of the data roots"
+    base = Path(root).expanduser().resolve()
+    path = (base / sub.strip()).resolve() if sub.strip() else base
+    if path != base and base not in path.parents:
+        return None, f"{sub!r} leads outside {root}; only folders below the data roots are allowed"
+    if not path.is_dir():
+        return None, f"{path} is not a folder; give a path below {root}"
+    return str(path), None
+
+
+def weights_spec(state) -> tuple[str, str | None]:
+    """Returns (weights spec, message when the choice is incomplete)."""
+    choice = state.get(PREFIX + "weights_choice", "builtin")
+    if choice in ("default", "builtin", "none"):
+        return choice, None
+    if choice == "run":
+        run = state.get(PREFIX + "weights_run") or ""
+        return (
+            (f"run:{run}", None) if run else ("", "pick the run whose best weights to start from")
+        )
+    path = state.get(PREFIX + "weights_file") or ""
+    if not path:
+        return "", "upload a weights file (.safetensors, .pt or .pth), or choose another source"
+    return path, None
+
+
+def data_spec(state, roots: list[str]) -> tuple[str, str | None]:
+    """Returns (data spec, message when the choice is incomplete)."""
+    choice = state.get(PREFIX + "data_choice", "builtin")
+    if choice == "zip":
+        path = state.get(PREFIX + "data_zip") or ""
+        return (
+            (path, None) if path else ("", "upload a .zip of class folders, or choose other data")
+        )
+    if choice == "folder":
+        spec, problem = folder_spec(
+            state.get(PREFIX + "data_root", ""), state.get(PREFIX + "data_sub", ""), roots
+        )
+        return spec or "", problem
+    if choice == "torchvision":
+        return f"torchvision:{state.get(PREFIX + 'data_tv', 'CIFAR10')}", None
+    return "builtin:shapes", None
+
+
+def preset_fields(preset: str) -> dict[str, Any]:
+    """Returns the RunConfig fields a comparison preset sets: 'last_n 2' -> last_n, k=2."""
+    name, _, k = preset.partition(" ")
+    out: dict[str, Any] = {"strategy": name}
+    if k:
+        out["unfreeze_last"] = int(k)
+    return out
+
+
+def base_values(state) -> dict[str, Any]:
+    """Returns the RunConfig fields the form holds (weights and data excluded)."""
+    out = {}
+    for f in fields(RunConfig):
+        key = PREFIX + f.name
+        if f.name not in ("group", "weights", "data") and key in state:
+            out[f.name] = state[key]
+    return out
+
+
+def build_configs(state, weights: str, data: str) -> list[tuple[str, RunConfig]]:
+    """Returns [(label, RunConfig)]: one run, or one per preset in compare mode (sharing seed,
+    split, augmentation and epochs). Raises ConfigError for values of the wrong type."""
+    values = base_values(state)
+    values.update(weights=weights, data=data)
+    if not state.get(PREFIX + "compare"):
+        return [(values.get("strategy", "full"), from_dict(values))]
+    out = []
+    name = values.get("name") or ""
+    for preset in state.get(PREFIX + "compare_set") or []:
+        v = {**values, **preset_fields(preset)}
+        v["name"] = f"{name} · {preset}" if name else ""
+        out.append((preset, from_dict(v)))
+    return out
+
+
+def to_json(cfg: RunConfig) -> str:
+    """Returns a stable JSON key for caching per config."""
+    return json.dumps(cfg.to_dict(), sort_keys=True)
