@@ -100,7 +100,7 @@ def test_l2sp_is_zero_at_start_and_its_gradient_is_two_lambda_delta(resnet18):
     plan = strategies.make_plan(cfg(strategy="last_n", unfreeze_last=1), resnet18)
     strategies.apply_phase(resnet18, plan.phases[0])
     reg = strategies.L2SP(resnet18, plan, lam=0.3)
-    assert float(reg.penalty()) == 0.0
+    assert float(reg.penalty().detach()) == 0.0
     assert all(not n.startswith("fc.") for n, _ in _named(reg, resnet18))
     w = resnet18.model.layer4[1].conv2.weight
     with torch.no_grad():
