@@ -211,7 +211,7 @@ def _run_in_foreground(run_dir: Path) -> int:
     if code == runner.EXIT_FAILED:
         print(f"error: run failed: {status.get('message')}", file=sys.stderr)
     else:
-        print(f"{status.get('state')}: {status.get('message')}")
+        print(status.get("message"))
     print(run_dir)
     return code
 

@@ -164,6 +164,26 @@ class StatusCallback(store._Callback):
         self._last_write = time.monotonic()
 
 
+class _LogCallback(store._Callback):
+    """Writes each val and test record into worker.log (the progress bar is not logged)."""
+
+    def __init__(self, log: _Log):
+        self.log = log
+
+    def on_fit_start(self, trainer) -> None:
+        self.log(
+            f"training: {getattr(trainer, 'total_steps', '?')} steps, "
+            f"phase {getattr(trainer, 'phase', '?')}, from step {getattr(trainer, 'step', 0)}"
+        )
+
+    def on_epoch_end(self, trainer, record) -> None:
+        if record:
+            self.log(
+                f"{record.get('split')} epoch {record.get('epoch')} step {record.get('step')}: "
+                f"loss {record.get('loss', float('nan')):.4f}, acc {record.get('acc', 0):.4f}"
+            )
+
+
 class _Log:
     """Appends timestamped lines to worker.log; echo also prints them to stderr (foreground)."""
 
@@ -284,7 +304,13 @@ def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bo
         store.write_status(run_dir, message="training")
         summary = engine.fit(
             exp,
-            callbacks=[metrics, StatusCallback(run_dir), StopCallback(flag), *callbacks],
+            callbacks=[
+                metrics,
+                StatusCallback(run_dir),
+                StopCallback(flag),
+                _LogCallback(_Log(log.path, echo=False)),
+                *callbacks,
+            ],
             checkpoint_dir=run_dir / "checkpoints",
             resume=resume,
         )
@@ -616,24 +642,23 @@ def cancel_run(run_dir: str | os.PathLike) -> bool:
     """Takes a queued run out of the queue (state stopped, "cancelled before it started");
     returns False when it was no longer queued."""
     run_dir = Path(run_dir)
-    status = store.update_status(
-        run_dir,
-        lambda s: (
-            {
-                "state": "stopped",
-                "message": "cancelled before it started",
-                "finished_at": time.time(),
-                "cancelled": True,
-            }
-            if s.get("state") == "queued"
-            else None
-        ),
-    )
-    if status.get("cancelled") and status.get("state") == "stopped":
-        if store.read_summary(run_dir) is None:
-            store.write_summary(run_dir, {"state": "stopped", "message": status["message"]})
-        return True
-    return False
+    done = []
+
+    def cancel(status):
+        if status.get("state") != "queued":
+            return None
+        done.append(True)
+        return {
+            "state": "stopped",
+            "message": "cancelled before it started",
+            "finished_at": time.time(),
+            "cancelled": True,
+        }
+
+    status = store.update_status(run_dir, cancel)
+    if done:
+        store.write_summary(run_dir, {"state": "stopped", "message": status["message"]})
+    return bool(done)
 
 
 def resume_run(

@@ -1,0 +1,244 @@
+"""The command line: bad input exits 2 before any run folder exists; `train` writes the whole
+run directory contract; two processes with one seed write the same metrics; SIGTERM stops
+with a checkpoint and `resume` finishes the run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+
+from finetune_core import cli, store
+
+REPO = Path(__file__).resolve().parent.parent
+TINY = [
+    "--data",
+    "builtin:shapes",
+    "--model",
+    "resnet18",
+    "--weights",
+    "none",
+    "--image-size",
+    "32",
+    "--epochs",
+    "1",
+    "--batch-size",
+    "64",
+    "--augment",
+    "none",
+    "--seed",
+    "3",
+]
+
+
+def _env(**extra):
+    env = dict(os.environ)
+    env["PYTHONPATH"] = str(REPO)
+    env.update(extra)
+    return env
+
+
+def _cli(*args, env=None, **kwargs):
+    return subprocess.Popen(
+        [sys.executable, "-m", "finetune_core", *args],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=REPO,
+        env=env or _env(),
+        **kwargs,
+    )
+
+
+def _finish(proc, timeout=300):
+    out, err = proc.communicate(timeout=timeout)
+    return proc.returncode, out, err
+
+
+# ---------------------------------------------------------------------------------------------
+# Bad input
+
+
+@pytest.mark.parametrize(
+    ("args", "flag", "hint"),
+    [
+        (["--lr", "nan"], "--lr", "positive finite"),
+        (["--lr", "-1"], "--lr", "positive"),
+        (["--lr", "0"], "--lr", "positive"),
+        (["--lr", "abc"], "--lr", "abc"),
+        (["--epochs", "0"], "--epochs", "at least 1"),
+        (["--batch-size", "-4"], "--batch-size", "at least 1"),
+        (["--model", "resnet19"], "--model", "resnet18"),
+        (["--strategy", "ful"], "--strategy", "full"),
+        (["--strategy", "last_n", "--unfreeze-last", "99"], "--unfreeze-last", "groups"),
+        (["--model", "alexnet", "--image-size", "32"], "--image-size", "alexnet"),
+        (["--data", "/no/such/folder"], "--data", "/no/such/folder"),
+    ],
+)
+def test_train_rejects_bad_input_naming_the_flag_and_creates_no_run(
+    tmp_path, capsys, args, flag, hint
+):
+    runs = tmp_path / "runs"
+    code = cli.main(["train", *TINY, *args, "--runs-dir", str(runs)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert f"error: {flag}:" in err
+    assert hint in err
+    assert "Traceback" not in err
+    assert not runs.exists() or not any(runs.iterdir())
+
+
+@pytest.mark.parametrize(
+    ("text", "hint"),
+    [("{not json", "not valid JSON"), ('{"lr": 0.1, "learning_rate": 1}', "learning_rate")],
+)
+def test_train_rejects_a_bad_config_file_naming_the_file(tmp_path, capsys, text, hint):
+    path = tmp_path / "cfg.json"
+    path.write_text(text)
+    runs = tmp_path / "runs"
+    code = cli.main(["train", "--config", str(path), "--runs-dir", str(runs)])
+    err = capsys.readouterr().err
+    assert code == 2
+    assert "error: --config:" in err and str(path) in err and hint in err
+    assert not runs.exists()
+
+
+def test_bad_input_in_a_real_process_exits_2_without_traceback(tmp_path):
+    runs = tmp_path / "runs"
+    code, out, err = _finish(_cli("train", *TINY, "--lr", "inf", "--runs-dir", str(runs)))
+    assert code == 2, err
+    assert "--lr" in err and "Traceback" not in err
+    assert not runs.exists()
+
+
+def test_config_file_gives_defaults_and_flags_override(tmp_path):
+    path = tmp_path / "cfg.json"
+    path.write_text(json.dumps({"lr": 0.5, "epochs": 7, "image-size": 48, "freeze_bn": True}))
+    args = cli.build_parser().parse_args(
+        ["train", "--config", str(path), "--epochs", "2", "--no-freeze-bn"]
+    )
+    cfg = cli.config_from_args(args)
+    assert (cfg.lr, cfg.epochs, cfg.image_size, cfg.freeze_bn) == (0.5, 2, 48, False)
+
+
+def test_every_config_field_is_a_train_flag():
+    text = cli.build_parser()._subparsers._group_actions[0].choices["train"].format_help()
+    from finetune_core.config import FIELD_NAMES
+
+    for name in FIELD_NAMES:
+        if name != "group":
+            assert cli.flag(name) in text
+
+
+# ---------------------------------------------------------------------------------------------
+# Real runs (a few, each about 10-20 s on 2 cores)
+
+
+@pytest.fixture(scope="module")
+def two_runs(tmp_path_factory):
+    """Two separate processes train the same config and seed, side by side on one core each."""
+    runs = tmp_path_factory.mktemp("cli") / "runs"
+    env = _env(OMP_NUM_THREADS="1")
+    procs = [_cli("train", *TINY, "--runs-dir", str(runs), env=env) for _ in range(2)]
+    return runs, [_finish(p) for p in procs]
+
+
+def test_train_completes_and_writes_the_whole_run_contract(two_runs):
+    runs, results = two_runs
+    code, out, err = results[0]
+    assert code == 0, err
+    run_dir = Path(out.strip().splitlines()[-1])
+    assert run_dir.is_absolute() and run_dir.parent == runs.resolve()
+    assert store.RUN_ID_RE.match(run_dir.name)
+    config = json.loads((run_dir / "config.json").read_text())
+    assert config["model"] == "resnet18" and config["image_size"] == 32
+    assert "env" in config and "group" in config
+    status = json.loads((run_dir / "status.json").read_text())
+    assert status["state"] == "completed"
+    assert status["step"] == status["total_steps"] > 0
+    for key in ("pid", "pid_started_at", "started_at", "updated_at", "epoch", "message"):
+        assert key in status
+    metrics = store.read_metrics(run_dir)
+    assert {"train", "val"} <= set(metrics["split"])
+    val = metrics[metrics["split"] == "val"].iloc[-1]
+    assert val["epoch"] == 1 and 0 <= val["acc"] <= 1
+    summary = json.loads((run_dir / "summary.json").read_text())
+    for key in store.SUMMARY_KEYS:
+        assert key in summary
+    assert summary["state"] == "completed"
+    assert set(summary["per_class_acc"]) == set(summary["classes"])
+    assert len(summary["confusion_matrix"]) == len(summary["classes"])
+    for name in ("best.safetensors", "last.safetensors", "last_state.pt"):
+        assert (run_dir / "checkpoints" / name).is_file()
+    assert "completed" in (run_dir / "worker.log").read_text()
+    assert "epoch 1/1" in err  # the progress bar
+
+
+def test_two_processes_with_one_seed_write_identical_metrics(two_runs):
+    _, results = two_runs
+    frames = []
+    for code, out, err in results:
+        assert code == 0, err
+        run_dir = Path(out.strip().splitlines()[-1])
+        frames.append(store.read_metrics(run_dir).drop(columns=["time_s", "images_per_s"]))
+    a, b = frames
+    assert len(a[a["split"] == "val"]) == 1
+    assert a.equals(b), f"\n{a}\n{b}"
+
+
+def test_list_show_and_compare_read_the_store(two_runs, capsys):
+    runs, results = two_runs
+    dirs = [Path(out.strip().splitlines()[-1]) for _, out, _ in results]
+    assert cli.main(["list", "--runs-dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert all(d.name in out for d in dirs) and "completed" in out
+    assert cli.main(["show", dirs[0].name[:-2], "--runs-dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert '"state": "completed"' in out and "layer4" in out  # the plan's groups
+    assert cli.main(["compare", str(dirs[0]), dirs[1].name, "--runs-dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert "best_val_acc" in out and dirs[1].name in out
+    assert cli.main(["stop", dirs[0].name, "--runs-dir", str(runs)]) == 1
+    assert cli.main(["show", "nope", "--runs-dir", str(runs)]) == 2
+    assert "no run 'nope'" in capsys.readouterr().err
+
+
+def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(tmp_path):
+    runs = tmp_path / "runs"
+    proc = _cli("train", *TINY, "--epochs", "2", "--runs-dir", str(runs), "--name", "stop-me")
+    deadline = time.time() + 240
+    run_dir = None
+    while time.time() < deadline and proc.poll() is None:
+        found = [p for p in runs.glob("*/status.json")] if runs.exists() else []
+        if found:
+            run_dir = found[0].parent
+            if store.read_metrics(run_dir)["split"].eq("train").any():
+                break  # at least one train record, well before the end of epoch 2
+        time.sleep(0.1)
+    assert proc.poll() is None, "the run ended before it could be stopped"
+    proc.send_signal(signal.SIGTERM)
+    code, out, err = _finish(proc)
+    assert code == 130, err
+    assert out.strip().splitlines()[-1] == str(run_dir.resolve())
+    status = store.read_status(run_dir)
+    assert status["state"] == "stopped"
+    assert (run_dir / "checkpoints" / "last_state.pt").is_file()
+    assert store.read_summary(run_dir)["state"] == "stopped"
+    before = store.read_metrics(run_dir)
+    assert before["split"].eq("train").any()
+
+    code, out, err = _finish(_cli("resume", run_dir.name, "--runs-dir", str(runs)))
+    assert code == 0, err
+    assert store.read_status(run_dir)["state"] == "completed"
+    after = store.read_metrics(run_dir)
+    assert not after.duplicated(["split", "step"]).any()
+    assert after["step"].is_monotonic_increasing
+    assert after["split"].eq("val").sum() == 2
+    first = before.iloc[0]
+    assert after.iloc[0]["step"] == first["step"] and after.iloc[0]["loss"] == first["loss"]
+    raw = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
+    assert len(raw) == len(after)  # the file itself holds no duplicates either
