@@ -244,7 +244,7 @@ class Trainer:
         )
         self._head_input: torch.Tensor | None = None
         self.best_epoch: int | None = None
-        self.callbacks.insert(0, FollowPlan())
+        self.callbacks.append(FollowPlan())  # last, so other callbacks see the epoch's own phase
 
     # --- small helpers -------------------------------------------------------------------
     def _capture_head_input(self, module, inputs):
@@ -496,6 +496,7 @@ class Trainer:
         if self.use_feature_cache():
             self._build_feature_cache()
         state = "completed"
+        self.enter_phase(self.epoch)
         for cb in self.callbacks:
             cb.on_fit_start(self)
         try:
@@ -598,10 +599,7 @@ class Trainer:
 
 
 class FollowPlan(Callback):
-    """Gradual unfreezing and LP-FT as a callback: before each epoch, enter its phase."""
-
-    def on_fit_start(self, trainer: Trainer) -> None:
-        trainer.enter_phase(trainer.epoch)
+    """Gradual unfreezing and LP-FT as a callback: after each epoch, enter the next one's phase."""
 
     def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
         if record["split"] == "val" and trainer.epoch < trainer.cfg.epochs:

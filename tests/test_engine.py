@@ -170,7 +170,9 @@ def test_stop_saves_a_checkpoint_and_resume_finishes_the_run(tmp_path):
     assert (state["epoch"], state["step"], state["epoch_done"]) == (2, 4, False)
 
     second = Log()
-    resumed = engine.fit(experiment(strategy="full", epochs=2), [second], checkpoint_dir=tmp_path)
+    resumed = engine.fit(
+        experiment(strategy="full", epochs=2), [second], checkpoint_dir=tmp_path, resume=True
+    )
     assert resumed["state"] == "completed"
     assert [r["step"] for r in second.val] == [6]
     assert second.train[-1]["step"] == 6
