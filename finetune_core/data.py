@@ -278,6 +278,8 @@ def _tv_open(entry: _TorchvisionSet, split: str, *, download: bool):
 
 
 def _tv_downloaded(entry: _TorchvisionSet) -> bool:
+    if not (_tv_root() / entry.folder).exists():  # cheap: no torchvision import
+        return False
     try:
         for split in entry.splits:
             _tv_open(entry, split, download=False)
@@ -839,6 +841,13 @@ def _decode_folder(index: _FolderIndex, size: int, interpolation: str, progress)
     return blob["images"], labels, tags, keep, skipped
 
 
+def _relative(path: Path, root: Path) -> str:
+    try:
+        return Path(path).relative_to(root).as_posix()
+    except ValueError:
+        return str(path)
+
+
 def _decode_torchvision(entry: _TorchvisionSet, name: str, size, interpolation, progress):
     root = _tv_root()
     if not _tv_downloaded(entry):
@@ -850,7 +859,7 @@ def _decode_torchvision(entry: _TorchvisionSet, name: str, size, interpolation, 
                 _tv_open(entry, split, download=True)
         except Exception as e:  # URLError, HTTPError, checksum mismatch, ...
             raise _tv_download_error(entry, name, e) from e
-    all_images, all_labels, tags, classes = [], [], [], None
+    all_images, all_labels, tags, classes, skipped = [], [], [], None, []
     for split in entry.splits:
         ds = _tv_open(entry, split, download=False)
         classes = list(getattr(ds, "classes", None) or _tv_classes(entry))
@@ -875,12 +884,14 @@ def _decode_torchvision(entry: _TorchvisionSet, name: str, size, interpolation, 
             _cache_store(cache, blob)
         bad_set = set(blob["bad"].tolist())
         keep = torch.tensor([i not in bad_set for i in range(len(labels))], dtype=torch.bool)
+        if files is not None:
+            skipped += [_relative(files[i], root) for i in sorted(bad_set)]
         all_images.append(blob["images"][keep])
         all_labels.append(torch.tensor(labels, dtype=torch.int64)[keep])
         tags += [split] * int(keep.sum())
     images = torch.cat(all_images)
     labels = torch.cat(all_labels)
-    return classes, images, labels, tags, torch.ones(len(labels), dtype=torch.bool), []
+    return classes, images, labels, tags, torch.ones(len(labels), dtype=torch.bool), skipped
 
 
 def load_data(
