@@ -4,12 +4,12 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard.common import LIVE_REFRESH_S, PAGES, device_text, setup_page, state_text
+from dashboard.common import LIVE_REFRESH_S, PAGES, device_text, setup_page
 from finetune_core import plots, store
 
 root = setup_page("Home")
 
-st.title("🧪 Fine-tuning dashboard")
+st.title("Fine-tuning dashboard")
 st.markdown(
     "Fine-tune a pretrained torchvision model on your own images and watch it train, live. "
     "Compare **full** fine-tuning with **partial** strategies (a frozen backbone, only the "
@@ -17,7 +17,12 @@ st.markdown(
 )
 st.caption(f"**Device:** {device_text()} · **Runs folder:** `{root}`")
 
-if st.button("🚀 Start here: set up a run or a comparison", type="primary", key="start_here"):
+if st.button(
+    "Start here: set up a run or a comparison",
+    type="primary",
+    icon=":material/rocket_launch:",
+    key="start_here",
+):
     st.switch_page(PAGES["new"])
 
 
@@ -36,7 +41,7 @@ def _runs_table(was_live: bool) -> None:
     table = runs.assign(
         open=[f"Training?run={r}" for r in runs["run_id"]],
         compare=[f"Compare?group={g}" if g else None for g in runs["group"]],
-        state=[state_text(s) for s in runs["state"]],
+        state=list(runs["state"]),
         best_val_acc=100 * runs["best_val_acc"],
         time=[plots.fmt_duration(t) if t == t else "–" for t in runs["train_time_s"]],
         disk=[plots.fmt_bytes(b) for b in runs["disk_bytes"]],
@@ -88,9 +93,10 @@ if not runs.empty:
                 "New name",
                 value=row["name"],
                 max_chars=100,
+                key=f"rename_{run_id}",
                 help="A label for people; the id stays.",
             )
-            if st.form_submit_button("Rename"):
+            if st.form_submit_button("Rename", key="rename"):
                 try:
                     store.rename_run(run_dir, new_name)
                     st.toast(f"Renamed {run_id} to {new_name!r}")

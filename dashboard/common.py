@@ -17,12 +17,12 @@ PAGES = {
 }
 
 STATE_ICONS = {
-    "queued": "⏳",
-    "running": "▶️",
-    "completed": "✅",
-    "stopped": "⏹️",
-    "failed": "❌",
-    "crashed": "💥",
+    "queued": ":material/hourglass_empty:",
+    "running": ":material/play_circle:",
+    "completed": ":material/check_circle:",
+    "stopped": ":material/stop_circle:",
+    "failed": ":material/error:",
+    "crashed": ":material/heart_broken:",
 }
 
 # Seconds between refreshes of the live parts of a page.
@@ -31,7 +31,9 @@ LIVE_REFRESH_S = float(os.environ.get("FINETUNE_REFRESH_S", "1.5"))
 
 def setup_page(title: str) -> Path:
     """Configures the page, makes sure the queue is served, and returns the runs folder."""
-    st.set_page_config(page_title=f"{title} · Fine-tuning", page_icon="🧪", layout="wide")
+    st.set_page_config(
+        page_title=f"{title} · Fine-tuning", page_icon=":material/model_training:", layout="wide"
+    )
     root = store.runs_dir()
     _ensure_supervisor(str(root))
     return root
@@ -84,8 +86,8 @@ def _memory_gib() -> float | None:
 
 
 def state_text(state: str | None) -> str:
-    """Returns the state with its icon: '▶️ running'."""
-    return f"{STATE_ICONS.get(state or '', '❔')} {state or 'unknown'}"
+    """Returns the state with its icon, for markdown: ':material/play_circle: running'."""
+    return f"{STATE_ICONS.get(state or '', ':material/help:')} {state or 'unknown'}"
 
 
 def training_url(run_id: str) -> str:
@@ -96,4 +98,4 @@ def training_url(run_id: str) -> str:
 def show_errors(errors: dict[str, str], field: str) -> None:
     """Shows the validation message for one field right under it, if there is one."""
     if field in errors:
-        st.error(f"**{field.replace('_', ' ')}**: {errors[field]}", icon="⚠️")
+        st.error(f"**{field.replace('_', ' ')}**: {errors[field]}", icon=":material/error:")

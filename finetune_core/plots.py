@@ -352,7 +352,7 @@ def _phase_title(rows: pd.DataFrame, phase: Any) -> str:
     trainable = int(rows["trainable_params"].sum())
     total = int(rows["params"].sum())
     share = trainable / total if total else 0.0
-    return f"{phase}: {fmt_count(trainable)} of {fmt_count(total)} train ({fmt_pct(share)})"
+    return f"{phase}: {fmt_count(trainable)} of {fmt_count(total)} train ({_share(share)})"
 
 
 # ---------------------------------------------------------------- data

@@ -157,7 +157,7 @@ with st.container(border=True):
                 f"**Offline:** {offline}, so ImageNet weights that are not cached cannot be had "
                 "here. The default is therefore **builtin**: a backbone pretrained on the "
                 "built-in source task, trained once on this machine and cached.",
-                icon="📴",
+                icon=":material/wifi_off:",
             )
         st.radio(
             "Weights",
@@ -197,12 +197,12 @@ with st.container(border=True):
                 st.error(
                     f"{sentence[0].upper()}{sentence[1:]}, but {offline}. Choose **builtin**, or "
                     f"download the file elsewhere and put it at `{target}`.",
-                    icon="📴",
+                    icon=":material/wifi_off:",
                 )
             elif kind == "unavailable":
                 st.error(sentence)
             elif kind == "train":
-                st.info(sentence[0].upper() + sentence[1:], icon="🏋️")
+                st.info(sentence[0].upper() + sentence[1:], icon=":material/model_training:")
             else:
                 st.success(sentence[0].upper() + sentence[1:])
         elif weights_problem:
@@ -256,7 +256,7 @@ with st.container(border=True):
         except data_mod.DataError as e:
             data_problem = str(e)
     if data_problem:
-        st.error(f"**data**: {data_problem}", icon="⚠️")
+        st.error(f"**data**: {data_problem}", icon=":material/error:")
     if data_info is not None:
         total = sum(sum(c.values()) for c in data_info.counts.values())
         st.markdown(
@@ -427,7 +427,7 @@ with st.container(border=True):
         show_errors(errors, field)
     for field, message in errors.items():
         if field not in known:
-            st.error(f"**{field}**: {message}", icon="⚠️")
+            st.error(f"**{field}**: {message}", icon=":material/error:")
 
     if cfgs and data_info is not None and not errors:
         first = cfgs[0][1]
@@ -441,7 +441,7 @@ with st.container(border=True):
             f"{math.ceil(train_images / max(1, first.batch_size))} steps per epoch. "
             "A short measured step on this machine gives the time per epoch and the memory."
         )
-        if st.button("⏱ Estimate time per epoch and memory", key="estimate"):
+        if st.button("Estimate time per epoch and memory", icon=":material/timer:", key="estimate"):
             st.session_state["_estimate_for"] = [form.to_json(c) for _, c in cfgs]
         if st.session_state.get("_estimate_for") == [form.to_json(c) for _, c in cfgs]:
             lines = []
@@ -490,7 +490,13 @@ with st.container(border=True):
         )
     if errors:
         st.caption(f"Launch is disabled until {len(errors)} problem(s) above are fixed.")
-    if st.button("🚀 Launch", type="primary", key="launch", disabled=bool(errors) or not cfgs):
+    if st.button(
+        "Launch",
+        type="primary",
+        icon=":material/rocket_launch:",
+        key="launch",
+        disabled=bool(errors) or not cfgs,
+    ):
         try:
             with st.status("Queueing…") as status_box:
                 dirs = runner.enqueue([c for _, c in cfgs], root, group=len(cfgs) > 1)

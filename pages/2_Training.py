@@ -17,7 +17,7 @@ st.title("Training")
 runs = store.list_runs(root)
 if runs.empty:
     st.info("No runs yet. Set one up on **New run**; it will show here while it trains.")
-    st.page_link(PAGES["new"], label="New run", icon="🚀")
+    st.page_link(PAGES["new"], label="New run", icon=":material/rocket_launch:")
     st.stop()
 
 
@@ -73,43 +73,53 @@ st.caption(
 )
 
 
+def _stop() -> None:
+    st.session_state["_training_note"] = f"Stop: {runner.stop_run(run_dir)}"
+
+
+def _cancel() -> None:
+    done = runner.cancel_run(run_dir)
+    st.session_state["_training_note"] = (
+        "Cancelled: the run will not start" if done else "It had already started; use Stop"
+    )
+
+
+def _resume() -> None:
+    try:
+        runner.resume_run(run_dir)
+        st.session_state["_training_note"] = "Queued to resume"
+    except store.RunError as e:
+        st.session_state["_training_note"] = f"Could not resume: {e}"
+
+
 def _actions(status: dict) -> None:
+    """Stop / Cancel / Resume as callbacks, so the state drawn after a click is the new one."""
     state = status.get("state")
     c1, c2, c3, _ = st.columns([1, 1, 1, 3])
     if state == "running":
-        stopping = bool(status.get("stop_requested_at"))
-        if c1.button("⏹ Stop", key="stop", disabled=stopping,
-                     help="The worker finishes the current step, saves a checkpoint and ends as "
-                     "stopped; Resume continues from there."):  # fmt: skip
-            result = runner.stop_run(run_dir)
-            st.toast(f"Stop: {result}")
-            st.rerun(scope="fragment")
+        c1.button("Stop", icon=":material/stop:", key="stop", on_click=_stop,
+                  disabled=bool(status.get("stop_requested_at")),
+                  help="The worker finishes the current step, saves a checkpoint and ends as "
+                  "stopped; Resume continues from there.")  # fmt: skip
     if state == "queued":
-        if c2.button("✖ Cancel", key="cancel", help="Takes the run out of the queue."):
-            if runner.cancel_run(run_dir):
-                st.toast("Cancelled: the run will not start")
-            else:
-                st.toast("It had already started; use Stop")
-            st.rerun()
+        c2.button("Cancel", icon=":material/close:", key="cancel", on_click=_cancel,
+                  help="Takes the run out of the queue.")  # fmt: skip
     if state in store.RESUMABLE_STATES:
         has_ckpt = (run_dir / "checkpoints" / "last_state.pt").exists()
-        if c3.button("▶ Resume", key="resume",
-                     help="Continues from the last checkpoint" if has_ckpt
-                     else "No checkpoint yet: the run starts over"):  # fmt: skip
-            try:
-                runner.resume_run(run_dir)
-                st.toast("Queued to resume")
-            except store.RunError as e:
-                st.error(str(e))
-            st.rerun()
+        c3.button("Resume", icon=":material/play_arrow:", key="resume", on_click=_resume,
+                  help="Continues from the last checkpoint" if has_ckpt
+                  else "No checkpoint yet: the run starts over")  # fmt: skip
+    note = st.session_state.pop("_training_note", None)
+    if note:
+        st.toast(note)
 
 
 def live_view(was_live: bool) -> None:
     status = store.read_status(run_dir)
     state = status.get("state")
     live = state in store.LIVE_STATES
-    if was_live and not live:
-        st.rerun()  # it just ended: redraw the whole page once, then stop refreshing
+    if live != was_live:
+        st.rerun()  # it ended or (re)started: redraw the page so refreshing stops or starts
     metrics = store.read_metrics(run_dir)
     fraction, text = plots.run_progress(status, metrics)
     head = st.columns([1, 3])
@@ -154,7 +164,7 @@ def live_view(was_live: bool) -> None:
                 query_params={"run": m.run_id},
                 disabled=m.run_id == run_id,
             )
-        cols[-1].page_link(PAGES["compare"], label="Compare this group", icon="📊",
+        cols[-1].page_link(PAGES["compare"], label="Compare this group", icon=":material/compare:",
                            query_params={"group": group})  # fmt: skip
     with st.expander("worker.log (last 40 lines)", expanded=state == "failed"):
         st.code(store.read_log_tail(run_dir, 40) or "(empty)", language=None)

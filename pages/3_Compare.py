@@ -21,7 +21,7 @@ if runs.empty:
         "Nothing to compare yet. On **New run**, turn on *Compare strategies* to launch full "
         "and partial fine-tuning as one group; the comparison appears here."
     )
-    st.page_link(PAGES["new"], label="New run", icon="🚀")
+    st.page_link(PAGES["new"], label="New run", icon=":material/rocket_launch:")
     st.stop()
 
 ids = list(runs["run_id"])

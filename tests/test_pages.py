@@ -1,0 +1,440 @@
+"""Every dashboard page under Streamlit's AppTest: with no runs, with finished runs and with a
+live run, asserting what the user sees (texts, buttons, and the Plotly figures' data).
+
+Runs are hand-written folders (tests/dashboard_fixtures.py). The test holds the runs
+folder's supervisor lock, so the pages' ensure_supervisor finds "one is running" and no
+queued fixture ever starts training (one test checks that a page does start one).
+"""
+
+from __future__ import annotations
+
+import fcntl
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+from dashboard_fixtures import (
+    figure_titled,
+    make_live,
+    plotly_figures,
+    write_group,
+    write_run,
+)
+from streamlit.testing.v1 import AppTest
+
+from finetune_core import plots, runner, store, weights
+
+REPO = Path(__file__).resolve().parent.parent
+TIMEOUT = 120
+
+
+@pytest.fixture
+def runs(tmp_path, monkeypatch):
+    """An empty runs folder the pages use, with the supervisor lock held by this test."""
+    root = tmp_path / "runs"
+    root.mkdir()
+    monkeypatch.setenv("FINETUNE_RUNS_DIR", str(root))
+    monkeypatch.delenv("FINETUNE_DATA_ROOTS", raising=False)
+    fd = os.open(root / runner.SUPERVISOR_LOCK, os.O_RDWR | os.O_CREAT)
+    fcntl.flock(fd, fcntl.LOCK_EX)
+    yield root
+    os.close(fd)
+
+
+@pytest.fixture
+def worker():
+    """A stand-in worker process (alive until stopped): what a live run's pid points to."""
+    proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(120)"])
+    yield proc
+    proc.kill()
+    proc.wait()
+
+
+def page(name: str, **query) -> AppTest:
+    """Runs one page of the multipage app (entry app.py, as `streamlit run app.py` does)."""
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
+    if name != "app.py":
+        at.switch_page(name)
+    at.query_params.update(query)
+    return at.run()
+
+
+def texts(elements) -> list[str]:
+    return [e.value for e in elements]
+
+
+def all_text(at) -> str:
+    parts = []
+    for kind in ("markdown", "caption", "info", "warning", "error", "success", "subheader"):
+        parts += [str(e.value) for e in getattr(at, kind)]
+    return "\n".join(parts)
+
+
+def traces(fig: dict) -> dict[str, dict]:
+    return {t.get("name"): t for t in fig["data"]}
+
+
+# ---------------------------------------------------------------- Home
+
+
+def test_home_with_no_runs_explains_itself_and_offers_start_here(runs):
+    at = page("app.py")
+    assert not at.exception
+    assert "Fine-tune a pretrained torchvision model" in at.markdown[0].value
+    assert "Device:" in at.caption[0].value and (
+        "CPU" in at.caption[0].value or "GPU" in at.caption[0].value
+    )
+    assert "No runs yet" in texts(at.info)[0]
+    assert at.button(key="start_here").label.startswith("Start here")
+    assert not at.dataframe
+
+
+def test_home_lists_every_run_with_a_link_to_its_training_view(runs, worker):
+    ids = write_group(runs)
+    live = write_run(runs, "20250102-000000-aaaaaa", strategy="bitfit", accs=(0.3,))
+    make_live(live, worker.pid)
+    at = page("app.py")
+    assert not at.exception
+    assert "Runs (4) · 1 live" in texts(at.subheader)
+    table = at.dataframe[0].value
+    assert list(table["open"]) == [f"Training?run={r}" for r in [live.name, *ids[::-1]]]
+    assert list(table["state"]) == ["running", "completed", "completed", "completed"]
+    assert list(table["best_val_acc"])[1:] == pytest.approx([50.0, 83.0, 80.0])
+    assert list(table["compare"])[1] == "Compare?group=20250101-120000-abcdef"
+
+
+def test_home_renames_and_deletes_only_after_confirmation(runs):
+    ids = write_group(runs)
+    at = page("app.py")
+    at.selectbox(key="manage_run").set_value(ids[0]).run()
+    at.text_input(key=f"rename_{ids[0]}").set_value("baseline")
+    at.button(key="rename").click().run()
+    assert store.read_config(runs / ids[0])["name"] == "baseline"
+    assert not at.exception
+
+    at.button(key="delete").click().run()
+    assert (runs / ids[0]).exists(), "one click must not delete"
+    assert "cannot be undone" in texts(at.warning)[0]
+    at.button(key="delete_yes").click().run()
+    assert not (runs / ids[0]).exists()
+    assert set(store.list_runs(runs)["run_id"]) == set(ids[1:])
+
+
+def test_home_works_with_a_hundred_runs(runs):
+    for i in range(100):
+        write_run(runs, f"20250103-{i // 60:02d}{i % 60:02d}00-{i:06x}", accs=(0.5,))
+    at = page("app.py")
+    assert not at.exception
+    assert len(at.dataframe[0].value) == 100
+    assert len(at.selectbox(key="manage_run").options) == 100
+
+
+def test_a_page_starts_the_queue_supervisor_when_none_runs(tmp_path, monkeypatch):
+    root = tmp_path / "runs"
+    monkeypatch.setenv("FINETUNE_RUNS_DIR", str(root))
+    at = page("app.py")
+    assert not at.exception
+    try:
+        deadline = time.time() + 30
+        while not runner.supervisor_running(root) and time.time() < deadline:
+            time.sleep(0.2)
+        assert runner.supervisor_running(root)
+    finally:
+        pid = (root / runner.SUPERVISOR_LOCK).read_text().strip()
+        if pid:
+            os.kill(int(pid), signal.SIGTERM)
+
+
+# ---------------------------------------------------------------- Training
+
+
+def test_training_with_no_runs_points_to_new_run(runs):
+    at = page("pages/2_Training.py")
+    assert not at.exception
+    assert "No runs yet" in texts(at.info)[0]
+    assert not plotly_figures(at)
+
+
+def test_training_shows_a_finished_run_with_its_charts_and_result(runs):
+    ids = write_group(runs)
+    at = page("pages/2_Training.py", run=ids[1])
+    assert not at.exception
+    assert at.selectbox(key="training_run").value == ids[1]
+    loss = traces(figure_titled(at, "Loss"))
+    assert loss["train loss"]["x"] == [5, 10, 15, 20]
+    assert loss["val loss"]["y"] == [1.0, 0.5]
+    acc = traces(figure_titled(at, "Accuracy"))
+    assert acc["val acc"]["y"] == pytest.approx([55.0, 83.0])
+    assert traces(figure_titled(at, "Throughput"))["images/s"]["y"] == [128.0] * 4
+    assert traces(figure_titled(at, "Learning rate"))["lr (head)"]["y"] == [0.01] * 4
+    assert "best val acc 83.0 %" in all_text(at)
+    assert at.progress[0].value == 100
+    keys = {b.key for b in at.button}
+    assert not keys & {"stop", "cancel", "resume"}
+    assert "Compare this group" in str([p.proto for p in at.get("page_link")])
+
+
+def test_training_defaults_to_the_live_run_and_stop_signals_its_worker(runs, worker):
+    write_group(runs)
+    live = write_run(runs, "20250101-000000-bbbbbb", accs=(0.4, 0.6), total_epochs=4)
+    make_live(live, worker.pid)
+    at = page("pages/2_Training.py")
+    assert not at.exception
+    assert at.selectbox(key="training_run").value == live.name  # the live one, not the newest
+    assert "running" in at.markdown[0].value
+    assert at.progress[0].value == 50  # step 20 of 40
+    assert "epoch 2" in at.progress[0].proto.text and "step 20 of 40" in at.progress[0].proto.text
+    assert traces(figure_titled(at, "Accuracy"))["val acc"]["y"] == pytest.approx([40.0, 60.0])
+    at.button(key="stop").click().run()
+    assert worker.wait(timeout=10) == -signal.SIGTERM
+    assert store.read_status(live).get("stop_requested_at")
+
+
+def test_training_cancels_a_queued_run_and_resumes_a_stopped_one(runs):
+    queued = write_run(runs, "20250101-000000-cccccc", accs=(), state="queued", total_epochs=2)
+    at = page("pages/2_Training.py", run=queued.name)
+    assert not at.exception
+    assert "No loss recorded yet" in str(figure_titled(at, "Loss"))
+    at.button(key="cancel").click().run()
+    assert store.read_status(queued)["state"] == "stopped"
+    at = page("pages/2_Training.py", run=queued.name)
+    at.button(key="resume").click().run()
+    assert store.read_status(queued)["state"] == "queued"
+
+
+def test_training_with_an_unknown_run_says_so_and_shows_another(runs):
+    ids = write_group(runs)
+    at = page("pages/2_Training.py", run="nope")
+    assert not at.exception
+    assert "no run 'nope'" in texts(at.error)[0]
+    assert at.selectbox(key="training_run").value == ids[-1]
+
+
+def test_training_shows_the_worker_log_and_config(runs):
+    ids = write_group(runs)
+    at = page("pages/2_Training.py", run=ids[0])
+    assert f"worker for {ids[0]}" in at.code[0].value
+    assert json.loads(at.json[0].value)["strategy"] == "full"
+
+
+# ---------------------------------------------------------------- Compare
+
+
+def test_compare_with_no_runs_explains_how_to_get_a_comparison(runs):
+    at = page("pages/3_Compare.py")
+    assert not at.exception
+    assert "Compare strategies" in texts(at.info)[0]
+
+
+def test_compare_defaults_to_the_newest_group_and_answers_which_strategy_at_what_cost(runs):
+    ids = write_group(runs)
+    write_run(runs, "20240101-000000-dddddd", accs=(0.9,))  # older, not in the group
+    at = page("pages/3_Compare.py")
+    assert not at.exception
+    assert at.multiselect(key="compare_runs").value == ids
+    assert texts(at.subheader)[0] == (
+        "last_n 1 is best with 83.0 % val accuracy, 3.0 points above full fine-tuning "
+        "(80.0 %), using 0.7× the training time and 76 % of the trainable parameters."
+    )
+    labels = ["full", "last_n 1", "linear_probe"]
+    cost = figure_titled(at, "Accuracy vs trainable parameters")
+    assert [(t["name"], t["x"], t["y"]) for t in cost["data"]] == [
+        ("full", [11_000_000], [pytest.approx(80.0)]),
+        ("last_n 1", [8_400_000], [pytest.approx(83.0)]),
+        ("linear_probe", [1_539], [pytest.approx(50.0)]),
+    ]
+    time_fig = figure_titled(at, "Accuracy vs train time")
+    assert [t["x"] for t in time_fig["data"]] == [[100.0], [70.0], [20.0]]
+    curves = figure_titled(at, "Val accuracy (%) by epoch")
+    assert [t["name"] for t in curves["data"]] == labels
+    assert [t["y"] for t in curves["data"]] == [
+        pytest.approx([60.0, 80.0]), pytest.approx([55.0, 83.0]), pytest.approx([40.0, 50.0])
+    ]  # fmt: skip
+    assert [t["name"] for t in figure_titled(at, "Val loss by epoch")["data"]] == labels
+    per_class = figure_titled(at, "Per-class accuracy")
+    assert [t["name"] for t in per_class["data"]] == labels
+    assert per_class["data"][0]["y"] == pytest.approx([80.0, 70.0, 100.0])
+    confusion = figure_titled(at, "Confusion matrices")
+    assert [t["type"] for t in confusion["data"]] == ["heatmap"] * 3
+    table = at.dataframe[0].value
+    assert list(table["run"]) == labels
+    assert list(table["best_val_acc"]) == pytest.approx([80.0, 83.0, 50.0])
+    diff = at.dataframe[1].value
+    assert set(diff.index) == {"strategy"}  # unfreeze_last is 1 everywhere by default
+    assert at.get("download_button")
+
+
+def test_compare_by_query_selects_runs_or_a_group(runs):
+    ids = write_group(runs)
+    at = page("pages/3_Compare.py", runs=f"{ids[0]},{ids[2]}")
+    assert at.multiselect(key="compare_runs").value == [ids[0], ids[2]]
+    assert [t["name"] for t in figure_titled(at, "Val loss")["data"]] == ["full", "linear_probe"]
+    at = page("pages/3_Compare.py", group="no-such-group")
+    assert "no runs of group 'no-such-group'" in texts(at.warning)[0]
+
+
+def test_compare_with_a_live_run_updates_and_says_the_result_is_provisional(runs, worker):
+    ids = write_group(runs)
+    make_live(runs / ids[2], worker.pid)
+    at = page("pages/3_Compare.py")
+    assert not at.exception
+    assert "1 of 3 runs are still training" in texts(at.info)[0]
+    curves = figure_titled(at, "Val accuracy (%) by epoch")
+    assert len(curves["data"]) == 3  # the live run's curve from its metrics so far
+    assert [t["name"] for t in figure_titled(at, "Per-class accuracy")["data"]] == [
+        "full",
+        "last_n 1",
+    ]
+
+
+# ---------------------------------------------------------------- New run
+
+
+@pytest.fixture
+def new_run(runs):
+    """The New run page with the default form (builtin data, compare mode)."""
+    return page("pages/1_New_run.py")
+
+
+def test_new_run_defaults_show_data_trainable_maps_and_allow_launch(new_run):
+    at = new_run
+    assert not at.exception, at.exception
+    assert at.selectbox(key="f_model").value == "resnet18"
+    assert at.multiselect(key="f_compare_set").value == ["full", "last_n 1", "linear_probe"]
+    assert "6 classes" in all_text(at)
+    counts = figure_titled(at, "Images per class")
+    assert sum(sum(t["y"]) for t in counts["data"]) == 1500
+    grid = at.get("image")[0]
+    assert len(grid.value) == 24 and grid.captions[:5] == ["circle"] * 4 + ["cross"]
+    full_map = figure_titled(at, "Trainable map · full")
+    assert [t["name"] for t in full_map["data"]] == ["trains"]
+    assert full_map["data"][0]["y"] == ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+    probe_map = figure_titled(at, "Trainable map · linear probe: 3.08k of 11.2M train (0.028 %)")
+    frozen = traces(probe_map)["frozen"]
+    assert frozen["y"] == ["stem", "layer1", "layer2", "layer3", "layer4"]
+    assert traces(probe_map)["trains"]["y"] == ["head"]
+    assert not at.button(key="launch").disabled
+    for w in [*at.number_input, *at.selectbox, *at.text_input]:
+        assert w.help, f"{w.label} has no help text"
+
+
+def test_new_run_shows_validation_next_to_the_field_and_disables_launch(new_run):
+    at = new_run
+    at.number_input(key="f_lr").set_value(-1.0).run()
+    assert any("learning rate must be a positive" in e for e in texts(at.error))
+    assert at.button(key="launch").disabled
+    at.number_input(key="f_lr").set_value(0.01).run()
+    at.number_input(key="f_image_size").set_value(8).run()
+    assert any("image size" in e and "16" in e for e in texts(at.error))
+    assert at.button(key="launch").disabled
+
+
+def test_new_run_trainable_map_follows_the_strategy_choice(new_run):
+    at = new_run
+    at.toggle(key="f_compare").set_value(False).run()
+    at.selectbox(key="f_strategy").set_value("last_n").run()
+    at.number_input(key="f_unfreeze_last").set_value(2).run()
+    m = traces(figure_titled(at, "Trainable map"))
+    assert m["trains"]["y"] == ["layer3", "layer4", "head"]
+    at.selectbox(key="f_strategy").set_value("lp_ft").run()
+    at.number_input(key="f_epochs").set_value(3).run()
+    fig = figure_titled(at, "Trainable map")
+    panels = {t["xaxis"] for t in fig["data"]}
+    assert panels == {"x", "x2"}, "lp_ft has a probe and a fine-tuning phase"
+    at.selectbox(key="f_strategy").set_value("last_n").run()
+    at.number_input(key="f_unfreeze_last").set_value(9).run()
+    assert any("unfreeze last" in e and "backbone groups" in e for e in texts(at.error))
+    assert at.button(key="launch").disabled
+
+
+def test_new_run_form_survives_a_refresh(new_run, runs):
+    at = new_run
+    at.number_input(key="f_epochs").set_value(5).run()
+    at.multiselect(key="f_compare_set").set_value(["full", "bitfit"]).run()
+    at.text_input(key="f_name").set_value("my try").run()
+    fresh = page("pages/1_New_run.py")  # a new browser session: nothing in memory
+    assert fresh.number_input(key="f_epochs").value == 5
+    assert fresh.multiselect(key="f_compare_set").value == ["full", "bitfit"]
+    assert fresh.text_input(key="f_name").value == "my try"
+
+
+def test_new_run_launches_a_group_sharing_seed_split_and_epochs(new_run, runs):
+    at = new_run
+    at.radio(key="f_weights_choice").set_value("none").run()
+    at.number_input(key="f_epochs").set_value(2).run()
+    at.number_input(key="f_seed").set_value(7).run()
+    at.button(key="launch").click().run()
+    assert not at.exception
+    made = store.list_runs(runs)
+    assert len(made) == 3
+    assert made["group"].nunique() == 1 and made["group"].iloc[0]
+    configs = [store.read_config(Path(p)) for p in made["path"]]
+    assert sorted((c["strategy"], c["unfreeze_last"]) for c in configs) == [
+        ("full", 1), ("last_n", 1), ("linear_probe", 1)
+    ]  # fmt: skip
+    assert {
+        (c["seed"], c["epochs"], c["augment"], c["val_fraction"], c["weights"]) for c in configs
+    } == {(7, 2, "flip", 0.2, "none")}
+    assert set(made["state"]) == {"queued"}
+    # and the user lands on the Training view of the first run
+    assert at.selectbox(key="training_run").value in set(made["run_id"])
+
+
+def test_new_run_clone_loads_a_runs_settings(runs):
+    write_run(runs, "20250101-000000-eeeeee", strategy="last_n", unfreeze_last=2)
+    at = page("pages/1_New_run.py", clone="20250101-000000-eeeeee")
+    assert not at.exception
+    assert at.toggle(key="f_compare").value is False
+    assert at.selectbox(key="f_strategy").value == "last_n"
+    assert at.number_input(key="f_unfreeze_last").value == 2
+
+
+def test_new_run_server_folders_only_below_configured_roots(runs, tmp_path, monkeypatch):
+    at = page("pages/1_New_run.py")
+    assert "folder" not in at.radio(key="f_data_choice").options
+    assert "FINETUNE_DATA_ROOTS" in all_text(at)
+    data_root = tmp_path / "images"
+    for cls in ("cats", "dogs"):
+        (data_root / "set" / cls).mkdir(parents=True)
+    monkeypatch.setenv("FINETUNE_DATA_ROOTS", str(data_root))
+    at = page("pages/1_New_run.py")
+    at.radio(key="f_data_choice").set_value("folder").run()
+    at.text_input(key="f_data_sub").set_value("../../..").run()
+    assert any("leads outside" in e for e in texts(at.error))
+    assert at.button(key="launch").disabled
+
+
+def test_new_run_weights_choice_says_where_imagenet_weights_come_from(new_run):
+    at = new_run
+    at.radio(key="f_weights_choice").set_value("default").run()
+    target = str(weights.cache_file("default", "resnet18"))
+    shown = "\n".join(texts(at.error) + texts(at.success) + texts(at.info) + texts(at.warning))
+    assert target in shown
+
+
+def test_new_run_estimates_time_per_epoch_and_memory(new_run):
+    at = new_run
+    at.toggle(key="f_compare").set_value(False).run()
+    at.selectbox(key="f_strategy").set_value("linear_probe").run()
+    at.number_input(key="f_image_size").set_value(32).run()
+    at.number_input(key="f_batch_size").set_value(16).run()
+    at.radio(key="f_weights_choice").set_value("none").run()
+    at.button(key="estimate").click().run()
+    assert not at.exception
+    result = all_text(at)
+    assert "per epoch" in result and "steps ×" in result and "memory about" in result
+
+
+def test_headline_on_the_page_is_the_plots_headline(runs):
+    """The page shows exactly what plots.headline computes from the same table."""
+    ids = write_group(runs)
+    configs = {r: store.read_config(runs / r) for r in ids}
+    summaries = {r: store.read_summary(runs / r) for r in ids}
+    metrics = {r: store.read_metrics(runs / r) for r in ids}
+    expected = plots.headline(plots.summary_table(configs, summaries, metrics))
+    assert texts(page("pages/3_Compare.py").subheader)[0] == expected
