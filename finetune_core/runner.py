@@ -348,7 +348,7 @@ def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bo
     store.write_status(
         run_dir, state=state, message=message, finished_at=time.time(), exit_code=code, eta_s=None
     )
-    log(f"{state}: {message}")
+    log(message if message.startswith(state) else f"{state}: {message}")
     return code
 
 

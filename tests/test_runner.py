@@ -22,7 +22,7 @@ TINY = dict(
 )
 
 
-def _wait(run_dir, predicate, timeout=240, what="the run"):
+def _wait(run_dir, predicate, timeout=600, what="the run"):
     deadline = time.time() + timeout
     while time.time() < deadline:
         status = store.read_status(run_dir)
@@ -37,14 +37,15 @@ def test_queue_runs_queued_runs_one_after_the_other_with_no_browser(tmp_path):
     root = tmp_path / "runs"
     runs = runner.enqueue(
         [
-            RunConfig(**TINY, name="first"),
-            RunConfig(**TINY, strategy="linear_probe", name="second"),
+            RunConfig(**TINY, strategy="linear_probe", name="first"),
+            RunConfig(**TINY, strategy="linear_probe", lr=0.05, name="second"),
         ],
         root,
     )
-    assert runner.supervisor_running(root) or any(
-        store.read_status(r)["state"] != "queued" for r in runs
-    )
+    deadline = time.time() + 60
+    while not runner.supervisor_running(root) and time.time() < deadline:
+        time.sleep(0.1)  # the detached supervisor is still importing
+    assert runner.supervisor_running(root)
     # a second supervisor for the same folder exits at once: the lock is taken
     started = time.time()
     assert runner.supervise(root, idle_exit_s=30) == 0
@@ -64,7 +65,7 @@ def test_queue_runs_queued_runs_one_after_the_other_with_no_browser(tmp_path):
 
 
 def test_a_killed_worker_is_marked_crashed_by_the_reader(tmp_path):
-    run_dir = store.create_run(RunConfig(**TINY, epochs=3), tmp_path / "runs")
+    run_dir = store.create_run(RunConfig(**{**TINY, "epochs": 3}), tmp_path / "runs")
     pid = runner.start_worker(run_dir)
     status = _wait(run_dir, lambda s: s.get("step", 0) >= 1, what="training")
     assert status["state"] == "running" and status["pid"] == pid
