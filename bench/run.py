@@ -78,6 +78,7 @@ class StepClock(engine.Callback):
         self.cache_start = None  # trainer.start_time: set before the feature cache is built
         self.epoch_ends: list[float] = []
         self.settings: dict = {}
+        self.steps = 0
 
     def on_fit_start(self, trainer):
         self.cache_start = trainer.start_time
@@ -96,6 +97,9 @@ class StepClock(engine.Callback):
             now = time.perf_counter()
             for name in names:
                 setattr(self, name, now)
+
+    def on_fit_end(self, trainer, summary):
+        self.steps = trainer.step
 
     def on_epoch_end(self, trainer, record):
         if record.get("split") == "val":
@@ -171,6 +175,7 @@ def run_engine(parts, imgdata, cfg, device, spec, warmup, callbacks=()) -> dict:
         "rate_all": rate_between(clock.cache_start, clock.end, steps * bs * cfg.epochs),
         "first_step_s": clock.first - clock.fit_start,
         "wall": wall,
+        "steps_run": clock.steps,
         "settings": clock.settings,
     }
     if clock.epoch_ends:
@@ -314,10 +319,17 @@ def engine_cfg(args, model: str, bs: int, **kw) -> RunConfig:
     return RunConfig(**base)
 
 
+def batch_size(args, name: str, device: torch.device) -> int:
+    """Returns --batch-size, else 32 on CPU, 256 on GPU (128 for ViTs)."""
+    if args.batch_size:
+        return args.batch_size
+    if device.type == "cpu":
+        return 32
+    return 128 if name.startswith("vit") else 256
+
+
 def bench_model(args, name: str, device: torch.device, log) -> dict:
-    bs = args.batch_size or (
-        128 if name.startswith("vit") else 256 if device.type == "cuda" else 32
-    )
+    bs = batch_size(args, name, device)
     steps, warmup, size = args.steps, args.warmup, args.image_size
     spec = models.input_spec(name)
     torch.manual_seed(0)
@@ -455,7 +467,10 @@ def bench_model(args, name: str, device: torch.device, log) -> dict:
     pipe = {}
     for aug in ("flip", "crop"):
         pipe[aug] = median(
-            [pipeline_rate(train, bs, device, spec, aug, args.pipeline_seconds) for _ in range(3)]
+            [
+                pipeline_rate(train, bs, device, spec, aug, args.pipeline_seconds)
+                for _ in range(args.repeats)
+            ]
         )
     return {
         "model": name,
@@ -471,6 +486,9 @@ def bench_model(args, name: str, device: torch.device, log) -> dict:
         "compile": comp,
         "pipeline": pipe,
         "engine_full_img_s": rates["engine full"],
+        "engine_steps_run": sorted(
+            {o["steps_run"] for k, v in res.items() if k.startswith("engine") for o in v}
+        ),
     }
 
 
@@ -507,9 +525,7 @@ def bench_end_to_end(args, name: str, device: torch.device, log) -> dict:
     transforms in DataLoader workers vs the engine's decode-once tensors + tensor augment."""
     from finetune_core import shapes
 
-    bs = args.batch_size or (
-        128 if name.startswith("vit") else 256 if device.type == "cuda" else 32
-    )
+    bs = batch_size(args, name, device)
     cfg = RunConfig(
         data="builtin:shapes",
         model=name,
@@ -749,6 +765,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--no-end-to-end", action="store_true", help="skip builtin:shapes")
     p.add_argument("--end-to-end", action="store_true", help="run builtin:shapes on GPU too")
     p.add_argument("--plain-workers", type=int, help="plain loop DataLoader workers (override)")
+    p.add_argument("--threads", type=int, help="torch CPU threads (default: torch's; --quick: 1)")
     p.add_argument("--quick", action="store_true", help="tiny smoke settings (seconds)")
     p.add_argument("--markdown", action="store_true", help="print markdown tables (README)")
     p.add_argument("--json", help="also write the raw results to this file")
@@ -780,6 +797,8 @@ def parse_args(argv=None) -> argparse.Namespace:
     if args.compile_models is None:
         args.compile_models = "resnet50" if gpu and not q else ""
     args.compile_models = [m.strip() for m in args.compile_models.split(",") if m.strip()]
+    if args.threads is None and q:
+        args.threads = 1  # a smoke run on a busy machine: one thread does not fight the others
     args.pipeline_seconds = 0.05 if q else 0.3
     args.run_end_to_end = not args.no_end_to_end and (not gpu or args.end_to_end)
     return args
@@ -788,6 +807,8 @@ def parse_args(argv=None) -> argparse.Namespace:
 def main(argv=None) -> int:
     args = parse_args(argv)
     device = torch.device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
     log = (
         (lambda msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr, flush=True))
     )
