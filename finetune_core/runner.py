@@ -120,6 +120,8 @@ class StatusCallback(store._Callback):
         self._last_write = 0.0
         self._t0 = time.monotonic()
         self._step0 = 0
+        self.epoch = 0
+        self.step = 0
 
     def _progress(self, trainer) -> dict[str, Any]:
         step = int(getattr(trainer, "step", 0) or 0)
@@ -147,10 +149,15 @@ class StatusCallback(store._Callback):
         self._last_write = time.monotonic()
 
     def on_batch_end(self, trainer) -> None:
+        self.epoch, self.step = trainer.epoch, trainer.step
         now = time.monotonic()
         if now - self._last_write >= self.min_interval_s:
             store.write_status(self.run_dir, **self._progress(trainer))
             self._last_write = now
+
+    def on_fit_end(self, trainer, summary) -> None:
+        # the exact counters at the end (a stop lands between two throttled writes)
+        store.write_status(self.run_dir, **self._progress(trainer))
 
     def on_epoch_end(self, trainer, record) -> None:
         fields = self._progress(trainer)
@@ -302,11 +309,12 @@ def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bo
         if flag.requested:
             raise StopRequested
         store.write_status(run_dir, message="training")
+        status_callback = StatusCallback(run_dir)
         summary = engine.fit(
             exp,
             callbacks=[
                 metrics,
-                StatusCallback(run_dir),
+                status_callback,
                 StopCallback(flag),
                 _LogCallback(_Log(log.path, echo=False)),
                 *callbacks,
@@ -317,7 +325,7 @@ def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bo
         state = summary.get("state") or "completed"
         if state == "stopped":
             message = (
-                f"stopped at epoch {summary.get('epochs_run', '?')}; "
+                f"stopped at epoch {status_callback.epoch}, step {status_callback.step}; "
                 "resume to continue from the last checkpoint"
             )
         else:

@@ -209,7 +209,8 @@ def test_list_show_and_compare_read_the_store(two_runs, capsys):
 
 def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(tmp_path):
     runs = tmp_path / "runs"
-    proc = _cli("train", *TINY, "--epochs", "2", "--runs-dir", str(runs), "--name", "stop-me")
+    args = ["--epochs", "2", "--strategy", "last_n", "--unfreeze-last", "1", "--name", "stop-me"]
+    proc = _cli("train", *TINY, *args, "--runs-dir", str(runs))
     deadline = time.time() + 240
     run_dir = None
     while time.time() < deadline and proc.poll() is None:
@@ -226,6 +227,11 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(tmp_path):
     assert out.strip().splitlines()[-1] == str(run_dir.resolve())
     status = store.read_status(run_dir)
     assert status["state"] == "stopped"
+    assert f"step {status['step']};" in status["message"]
+    import torch
+
+    checkpoint = torch.load(run_dir / "checkpoints" / "last_state.pt", weights_only=True)
+    assert checkpoint["step"] == status["step"] > 0  # the status tells where resume starts
     assert (run_dir / "checkpoints" / "last_state.pt").is_file()
     assert store.read_summary(run_dir)["state"] == "stopped"
     before = store.read_metrics(run_dir)
