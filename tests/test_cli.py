@@ -4,7 +4,6 @@ with a checkpoint and `resume` finishes the run."""
 
 import json
 import os
-import signal
 import subprocess
 import sys
 import time
@@ -207,7 +206,13 @@ def test_list_show_and_compare_read_the_store(two_runs, capsys):
     assert "no run 'nope'" in capsys.readouterr().err
 
 
-def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(tmp_path):
+def test_models_lists_the_registry_with_parameter_counts(capsys):
+    assert cli.main(["models"]) == 0
+    line = next(x for x in capsys.readouterr().out.splitlines() if x.startswith("resnet18 "))
+    assert "11.7M" in line
+
+
+def test_stop_sends_sigterm_the_run_saves_a_checkpoint_and_resume_finishes(tmp_path):
     runs = tmp_path / "runs"
     args = ["--epochs", "2", "--strategy", "last_n", "--unfreeze-last", "1", "--name", "stop-me"]
     proc = _cli("train", *TINY, *args, "--runs-dir", str(runs))
@@ -221,7 +226,8 @@ def test_sigterm_stops_with_a_checkpoint_and_resume_finishes(tmp_path):
                 break  # at least one train record, well before the end of epoch 2
         time.sleep(0.1)
     assert proc.poll() is None, "the run ended before it could be stopped"
-    proc.send_signal(signal.SIGTERM)
+    stop = _cli("stop", run_dir.name, "--runs-dir", str(runs))
+    assert _finish(stop)[0] == 0  # `stop` sends SIGTERM to the worker: here, the train process
     code, out, err = _finish(proc)
     assert code == 130, err
     assert out.strip().splitlines()[-1] == str(run_dir.resolve())

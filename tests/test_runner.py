@@ -4,7 +4,10 @@ a killed worker is found crashed, queued runs can be cancelled and stopped runs 
 import fcntl
 import os
 import signal
+import subprocess
+import sys
 import time
+from pathlib import Path
 
 import pytest
 
@@ -33,18 +36,33 @@ def _wait(run_dir, predicate, timeout=600, what="the run"):
     raise AssertionError(f"{what} did not get there in {timeout} s: {status}\n{log}")
 
 
-def test_queue_runs_queued_runs_one_after_the_other_with_no_browser(tmp_path):
+LAUNCHER = """
+import sys, time
+from finetune_core import runner
+from finetune_core.config import RunConfig
+tiny = dict(data="builtin:shapes", model="resnet18", weights="none", image_size=32, epochs=1,
+            batch_size=64, augment="none", strategy="linear_probe")
+runs = runner.enqueue([RunConfig(**tiny, name="first"), RunConfig(**tiny, lr=0.05, name="second")],
+                      sys.argv[1])
+print("\\n".join(map(str, runs)), flush=True)
+time.sleep(600)
+"""
+
+
+def test_queue_runs_queued_runs_one_after_the_other_after_the_launcher_is_killed(tmp_path):
+    """Like a dashboard server killed mid-run: the supervisor and workers carry on alone."""
     root = tmp_path / "runs"
-    runs = runner.enqueue(
-        [
-            RunConfig(**TINY, strategy="linear_probe", name="first"),
-            RunConfig(**TINY, strategy="linear_probe", lr=0.05, name="second"),
-        ],
-        root,
+    launcher = subprocess.Popen(
+        [sys.executable, "-c", LAUNCHER, str(root)],
+        stdout=subprocess.PIPE,
+        text=True,
+        start_new_session=True,
+        env={**os.environ, "PYTHONPATH": str(Path(runner.__file__).parent.parent)},
     )
-    deadline = time.time() + 60
-    while not runner.supervisor_running(root) and time.time() < deadline:
-        time.sleep(0.1)  # the detached supervisor is still importing
+    runs = [Path(launcher.stdout.readline().strip()) for _ in range(2)]
+    _wait(runs[0], lambda s: s["state"] == "running", what="the first run")
+    os.killpg(launcher.pid, signal.SIGKILL)  # the launcher and everything in its session
+    launcher.wait()
     assert runner.supervisor_running(root)
     # a second supervisor for the same folder exits at once: the lock is taken
     started = time.time()
