@@ -16,6 +16,7 @@ os.environ.setdefault("TORCH_HOME", str(_SESSION_DIR / "torch"))
 os.environ["FINETUNE_RUNS_DIR"] = str(_SESSION_DIR / "runs")
 os.environ.setdefault("FINETUNE_BUILTIN_EPOCHS", "1")
 os.environ.setdefault("PYTHONHASHSEED", "0")
+os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see finetune_core/__init__.py
 
 
 @pytest.fixture(scope="session")
