@@ -260,6 +260,7 @@ def _claim(run_dir: Path) -> dict[str, Any]:
             "epoch": status.get("epoch", 0) if status.get("resume") else 0,
             "step": status.get("step", 0) if status.get("resume") else 0,
             "eta_s": None,
+            "stop_requested_at": None,
             "message": "preparing data and model",
         }
 
@@ -695,6 +696,7 @@ def resume_run(
             "state": "queued",
             "resume": has_checkpoint,
             "cancelled": False,
+            "stop_requested_at": None,
             "pid": None,
             "pid_started_at": None,
             "finished_at": None,

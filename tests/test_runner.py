@@ -108,10 +108,12 @@ def test_cancel_takes_a_queued_run_out_of_the_queue(tmp_path):
 def test_resume_requeues_a_stopped_run_and_refuses_a_completed_one(tmp_path):
     run_dir = store.create_run(RunConfig(**TINY), tmp_path / "runs")
     runner.cancel_run(run_dir)
+    store.write_status(run_dir, stop_requested_at=time.time())
     runner.resume_run(run_dir, start=False)
     status = store.read_status(run_dir)
     assert status["state"] == "queued"
     assert status["resume"] is False  # no checkpoint: it starts over
+    assert status["stop_requested_at"] is None  # the dashboard's Stop button works again
     store.write_status(run_dir, state="completed")
     with pytest.raises(store.RunError, match="only a stopped, crashed or failed"):
         runner.resume_run(run_dir, start=False)
