@@ -185,8 +185,19 @@ def test_two_processes_with_one_seed_write_identical_metrics(two_runs):
         run_dir = Path(out.strip().splitlines()[-1])
         frames.append(store.read_metrics(run_dir).drop(columns=["time_s", "images_per_s"]))
     a, b = frames
-    assert len(a[a["split"] == "val"]) == 1
-    assert a.equals(b), f"\n{a}\n{b}"
+    evals = [f[f["split"] != "train"].reset_index(drop=True) for f in frames]
+    assert len(evals[0]) == 1 and evals[0].equals(evals[1]), f"\n{evals[0]}\n{evals[1]}"
+    # Train records are batched every 10 steps *and* at least 0.5 s, so on a very fast
+    # machine their steps may differ; records over the same steps must be identical.
+    windows = []
+    for frame in frames:
+        train = frame[frame["split"] == "train"].copy()
+        train["since"] = train["step"].shift(fill_value=0)
+        windows.append(train.set_index(["since", "step"]))
+    common = windows[0].index.intersection(windows[1].index)
+    assert windows[0].loc[common].equals(windows[1].loc[common])
+    if len(common) == len(windows[0]) == len(windows[1]):
+        assert a.equals(b), f"\n{a}\n{b}"
 
 
 def test_list_show_and_compare_read_the_store(two_runs, capsys):
