@@ -344,8 +344,21 @@ def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bo
         log.traceback()
     finally:
         metrics.close()
-        flag.restore()
 
+    try:
+        _finish_run(run_dir, exp, summary, state, message)
+    finally:
+        flag.restore()  # only now: a SIGTERM while the final state is written must not kill it
+    return exit_code(state)
+
+
+def exit_code(state: str) -> int:
+    """Returns the process exit code of a final state: 0 completed, 130 stopped, else 1."""
+    return {"completed": EXIT_COMPLETED, "stopped": EXIT_STOPPED}.get(state, EXIT_FAILED)
+
+
+def _finish_run(run_dir: Path, exp, summary: dict[str, Any], state: str, message: str) -> None:
+    """Writes summary.json, then the final status (readers that see it find the summary)."""
     summary = dict(summary)
     summary["state"] = state
     summary["message"] = message
@@ -353,12 +366,17 @@ def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bo
     if summary.get("best_val_acc") is None:
         summary["best_val_acc"] = store._best_val_from_metrics(run_dir)
     store.write_summary(run_dir, summary)
-    code = {"completed": EXIT_COMPLETED, "stopped": EXIT_STOPPED}.get(state, EXIT_FAILED)
     store.write_status(
-        run_dir, state=state, message=message, finished_at=time.time(), exit_code=code, eta_s=None
+        run_dir,
+        state=state,
+        message=message,
+        finished_at=time.time(),
+        exit_code=exit_code(state),
+        eta_s=None,
     )
-    log(message if message.startswith(state) else f"{state}: {message}")
-    return code
+    _Log(run_dir / "worker.log", echo=False)(
+        message if message.startswith(state) else f"{state}: {message}"
+    )
 
 
 def _completed_message(summary: dict[str, Any]) -> str:

@@ -265,3 +265,28 @@ def test_stop_sends_sigterm_the_run_saves_a_checkpoint_and_resume_finishes(tmp_p
     assert after.iloc[0]["step"] == first["step"] and after.iloc[0]["loss"] == first["loss"]
     raw = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
     assert len(raw) == len(after)  # the file itself holds no duplicates either
+
+
+def test_a_run_that_fails_exits_1_with_the_message_in_status_summary_and_log(tmp_path, capsys):
+    from PIL import Image
+
+    data = tmp_path / "data"
+    for cls in ("cat", "dog"):
+        (data / cls).mkdir(parents=True)
+        for i in range(10):
+            if cls == "cat":
+                Image.new("RGB", (8, 8), (i * 20, 0, 0)).save(data / cls / f"{i}.png")
+            else:
+                (data / cls / f"{i}.png").write_bytes(b"not an image")  # all unreadable
+    runs = tmp_path / "runs"
+    args = ["train", "--data", str(data), "--weights", "none", "--image-size", "32"]
+    code = cli.main([*args, "--runs-dir", str(runs)])
+    out, err = capsys.readouterr()
+    assert code == 1, err
+    run_dir = Path(out.strip().splitlines()[-1])
+    status = store.read_status(run_dir)
+    assert status["state"] == "failed" and "dog" in status["message"]
+    assert f"error: run failed: {status['message']}" in err
+    summary = store.read_summary(run_dir)
+    assert summary["state"] == "failed" and summary["message"] == status["message"]
+    assert "Traceback" in (run_dir / "worker.log").read_text()
