@@ -45,10 +45,7 @@ if run_id not in ids:  # created between list_runs and now
 if st.session_state.get("_training_shown") != run_id:
     st.session_state["training_run"] = run_id
     st.session_state["_training_shown"] = run_id
-labels = {
-    r.run_id: f"{r.name or r.strategy} · {r.model} · {r.state} · {r.run_id}"
-    for r in runs.itertuples()
-}
+labels = {r.run_id: f"{r.name or r.strategy} · {r.model} · {r.run_id}" for r in runs.itertuples()}
 
 
 def _pick() -> None:

@@ -56,10 +56,7 @@ if st.session_state.get("_compare_query") != query_key or "compare_runs" not in 
 for p in problems:
     st.warning(f"{p}. Pick runs below.")
 
-labels = {
-    r.run_id: f"{r.name or r.strategy} · {r.model} · {r.state} · {r.run_id}"
-    for r in runs.itertuples()
-}
+labels = {r.run_id: f"{r.name or r.strategy} · {r.model} · {r.run_id}" for r in runs.itertuples()}
 
 
 def _pick() -> None:

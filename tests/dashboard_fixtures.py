@@ -143,3 +143,109 @@ def make_live(run_dir: Path, pid: int) -> None:
     status.update(state="running", pid=pid, pid_started_at=store.process_start_time(pid))
     (run_dir / "status.json").write_text(json.dumps(status))
     (run_dir / "summary.json").unlink(missing_ok=True)
+
+
+# ---------------------------------------------------------------- a real Streamlit server
+
+REPO = Path(__file__).resolve().parent.parent
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
+
+
+def free_port() -> int:
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(env: dict, port: int, log_path: Path):
+    """Starts `streamlit run app.py` on 127.0.0.1:port in its own process group; returns the
+    Popen once /_stcore/health answers."""
+    import subprocess
+    import sys
+    import urllib.request
+
+    log = open(log_path, "ab")  # noqa: SIM115 - closed with the process
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true",
+         "--server.fileWatcherType", "none"],
+        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    deadline = time.time() + 60
+    while time.time() < deadline:
+        if proc.poll() is not None:
+            raise RuntimeError(f"streamlit exited with {proc.returncode}: {log_path.read_text()}")
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2):
+                return proc
+        except OSError:
+            time.sleep(0.3)
+    proc.kill()
+    raise RuntimeError(f"streamlit did not answer within 60 s: {log_path.read_text()}")
+
+
+def kill_server(proc, sig=None) -> None:
+    """Kills the server's whole process group (never the workers: they have their own)."""
+    import signal
+
+    try:
+        os.killpg(proc.pid, sig or signal.SIGKILL)
+    except ProcessLookupError:
+        pass
+    proc.wait(timeout=30)
+
+
+def wait_idle(page, timeout: float = 60) -> None:
+    """Waits until Streamlit has drawn the page and no script run is going on (the status
+    widget that says "Running" is gone for a moment)."""
+    page.wait_for_selector("h1", timeout=timeout * 1000)
+    deadline = time.time() + timeout
+    quiet_since = None
+    while time.time() < deadline:
+        running = page.locator('[data-testid="stStatusWidget"]').count() > 0
+        if running:
+            quiet_since = None
+        elif quiet_since is None:
+            quiet_since = time.time()
+        elif time.time() - quiet_since > 0.8:
+            return
+        time.sleep(0.1)
+    raise TimeoutError("the page kept running")
+
+
+def plot_points(page, title: str) -> int:
+    """Returns how many data points the rendered Plotly chart titled `title` holds."""
+    return page.evaluate(
+        """(title) => {
+            for (const el of document.querySelectorAll('.js-plotly-plot')) {
+                const raw = (el.layout && el.layout.title && el.layout.title.text) || '';
+                const t = raw.replace(/<[^>]*>/g, '');  // Streamlit's theme bolds titles
+                if (t.startsWith(title)) {
+                    // _fullData holds the decoded arrays (data may hold base64 typed arrays)
+                    return (el._fullData || []).reduce(
+                        (n, tr) => n + (tr.x && tr.x.length ? tr.x.length : 0), 0);
+                }
+            }
+            return -1;
+        }""",
+        title,
+    )
+
+
+def plot_titles(page) -> list[str]:
+    """Returns the titles of every rendered Plotly chart on the page."""
+    return page.evaluate(
+        """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(
+            el => ((el.layout && el.layout.title && el.layout.title.text) || '')
+                .replace(/<[^>]*>/g, ''))"""
+    )
