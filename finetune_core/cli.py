@@ -63,6 +63,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         if f.name in _CHOICES:
             text = "one of " + ", ".join(_CHOICES[f.name])
         text = f"{text} (default: {default!r})" if text else f"default: {default!r}"
+        text = text.replace("%", "%%")  # argparse formats help with %
         if f.type in ("bool", bool):
             parser.add_argument(
                 flag(f.name),
