@@ -1,14 +1,29 @@
 """torchvision's classification registry, model building, head swap and ordered layer groups.
 
-STUB: signatures are the contract other modules code against; the models helper fills them in.
+Every model is the torchvision model itself (so torchvision's own weight files load
+key by key), with the final classification layer (the **head**) replaced for K classes
+and the rest split into ordered backbone **groups** (stem -> top) that follow the
+architecture's stages. Groups are data: each family has a small function that lists the
+module paths (or parameter names) of each group; `create_model` checks that the groups
+and the head cover every parameter exactly once.
 """
 
 from __future__ import annotations
 
+import difflib
+import os
+import re
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
+from functools import cache, lru_cache
 
 import torch
+import torchvision
 from torch import nn
+from torch.overrides import TorchFunctionMode
+
+# Keys of auxiliary heads in torchvision's weight files; aux heads are dropped, so ignored.
+AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
 
 
 @dataclass(frozen=True)
@@ -30,11 +45,29 @@ class ModelParts:
 
     def head_forward(self, features: torch.Tensor) -> torch.Tensor:
         """Returns logits from the head's input (what a forward pre-hook on the head sees)."""
-        raise NotImplementedError
+        out = self.model.get_submodule(self.head)(features)
+        # SqueezeNet's head is a conv followed by ReLU and pooling in the same Sequential;
+        # for Linear heads nothing follows them.
+        parent_path, _, child = self.head.rpartition(".")
+        parent = self.model.get_submodule(parent_path) if parent_path else self.model
+        if isinstance(parent, nn.Sequential):
+            names = list(parent._modules)
+            for later in names[names.index(child) + 1 :]:
+                out = parent._modules[later](out)
+        return torch.flatten(out, 1) if out.ndim > 2 else out
 
     def group_of(self) -> dict[str, str]:
         """Returns {parameter name: group name or "head"} for every parameter."""
-        raise NotImplementedError
+        owners = [(p, g.name) for g in self.groups for p in g.prefixes] + [(self.head, "head")]
+        result = {}
+        for pname, _ in self.model.named_parameters():
+            found = [g for p, g in owners if _under(pname, p)]
+            if len(found) != 1:
+                raise RuntimeError(
+                    f"{self.name}: parameter {pname} is in {len(found)} groups {found}, expected 1"
+                )
+            result[pname] = found[0]
+        return result
 
 
 @dataclass(frozen=True)
@@ -43,13 +76,126 @@ class InputSpec:
     std: tuple[float, float, float]
     interpolation: str  # "bilinear" | "bicubic" | "nearest"
     min_size: int  # smallest side the architecture takes
-    pretrained_size: int | None  # exact size the pretrained weights need (ViT, MaxViT), else None
+    pretrained_size: int | None  # exact size the pretrained weights need (ViT), else None
     default_size: int  # the size the weights were evaluated at (224, 299, ...)
+    resize_size: int | None = None  # torchvision's eval resize before the centre crop
+
+
+def _under(name: str, prefix: str) -> bool:
+    return name == prefix or name.startswith(prefix + ".")
+
+
+# ---------------------------------------------------------------------------------------
+# Registry and building
+
+
+@lru_cache(maxsize=1)
+def _registry() -> tuple[str, ...]:
+    return tuple(sorted(torchvision.models.list_models(module=torchvision.models)))
 
 
 def classification_models() -> list[str]:
     """Returns the sorted names of torchvision's classification models."""
-    raise NotImplementedError
+    return list(_registry())
+
+
+def _check_name(name: str) -> None:
+    if name not in _registry():
+        close = difflib.get_close_matches(str(name), _registry(), n=3, cutoff=0.5)
+        hint = f" Did you mean {', '.join(close)}?" if close else ""
+        raise ValueError(
+            f"Unknown model {name!r}: not a torchvision classification model.{hint} "
+            f"The {len(_registry())} names are listed by classification_models()."
+        )
+
+
+class _MetaInit(TorchFunctionMode):
+    """Allocates new tensors on the meta device, except the few that builders compute with.
+
+    `with torch.device("meta")` breaks builders that turn tensors into Python numbers
+    (RegNet's width rules use arange/tensor then .tolist()); those stay on the CPU and are
+    moved afterwards, while everything parameter-sized is never allocated.
+    """
+
+    _ALLOCATORS = frozenset(
+        {torch.empty, torch.empty_strided, torch.zeros, torch.ones, torch.full}
+        | {torch.rand, torch.randn}
+    )
+
+    def __torch_function__(self, func, types, args=(), kwargs=None):
+        kwargs = dict(kwargs or {})
+        if func in self._ALLOCATORS and kwargs.get("device") is None:
+            kwargs["device"] = "meta"
+        return func(*args, **kwargs)
+
+
+def _build_kwargs(name: str, image_size: int) -> dict:
+    if name in ("googlenet", "inception_v3"):
+        return {"aux_logits": False, "init_weights": True}
+    if name.startswith("vit_"):
+        return {"image_size": image_size}
+    if name.startswith("maxvit"):
+        return {"input_size": (image_size, image_size)}
+    return {}
+
+
+def _build(name: str, image_size: int, device: str | torch.device | None) -> nn.Module:
+    kwargs = _build_kwargs(name, image_size)
+    if device is not None and torch.device(device).type == "meta":
+        with _MetaInit():
+            model = torchvision.models.get_model(name, weights=None, **kwargs)
+        return model.to("meta")
+    if device is None:
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+    with torch.device(device):
+        return torchvision.models.get_model(name, weights=None, **kwargs)
+
+
+def _find_head(model: nn.Module) -> str:
+    """Returns the module path of the final classification layer."""
+    if isinstance(model, torchvision.models.SqueezeNet):
+        return "classifier.1"
+    linears = [n for n, m in model.named_modules() if isinstance(m, nn.Linear)]
+    if not linears:
+        raise RuntimeError(f"{type(model).__name__} has no Linear layer to use as the head")
+    return linears[-1]
+
+
+def _new_head(old: nn.Module, num_classes: int) -> nn.Module:
+    device = old.weight.device
+    if isinstance(old, nn.Conv2d):  # SqueezeNet: 1x1 conv to class maps, init as torchvision
+        new = nn.Conv2d(old.in_channels, num_classes, kernel_size=old.kernel_size, device=device)
+        if device.type != "meta":
+            nn.init.normal_(new.weight, mean=0.0, std=0.01)
+            nn.init.zeros_(new.bias)
+        return new
+    return nn.Linear(old.in_features, num_classes, bias=old.bias is not None, device=device)
+
+
+def _load_backbone(model: nn.Module, head: str, state: dict[str, torch.Tensor], name: str) -> None:
+    """Loads `state` (torchvision's key layout) into everything but the head and aux heads."""
+
+    def ignored(k: str) -> bool:
+        return _under(k, head) or k.startswith(AUX_PREFIXES)
+
+    expected = {k: v for k, v in model.state_dict().items() if not ignored(k)}
+    given = {k: v for k, v in state.items() if not ignored(k)}
+    problems = [f"missing {k}" for k in expected if k not in given]
+    problems += [f"unexpected {k}" for k in given if k not in expected]
+    problems += [
+        f"{k} has shape {tuple(given[k].shape)}, the model needs {tuple(v.shape)}"
+        for k, v in expected.items()
+        if k in given and tuple(given[k].shape) != tuple(v.shape)
+    ]
+    if problems:
+        shown = "; ".join(problems[:4]) + (
+            f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
+        )
+        raise ValueError(
+            f"These weights do not fit {name} ({len(problems)} mismatched keys: {shown}). "
+            f"Use weights saved from {name} itself, or --weights none."
+        )
+    model.load_state_dict(given, strict=False)
 
 
 def create_model(
@@ -60,24 +206,387 @@ def create_model(
     backbone_state: dict[str, torch.Tensor] | None = None,
     device: str | torch.device | None = None,
 ) -> ModelParts:
-    """Returns the model with aux heads dropped, pretrained backbone loaded, head for K classes."""
-    raise NotImplementedError
+    """Returns the model with aux heads dropped, pretrained backbone loaded, head for K classes.
+
+    `device="meta"` builds without allocating anything (cheap planning of large models).
+    `backbone_state` is a state dict in torchvision's layout for the ImageNet model; its head
+    and aux-head keys are ignored, any other mismatch raises ValueError naming the keys.
+    """
+    _check_name(name)
+    if int(num_classes) < 1:
+        raise ValueError(f"num_classes must be at least 1, got {num_classes}")
+    model = _build(name, image_size, device)
+    head = _find_head(model)
+    if backbone_state is not None:
+        _load_backbone(model, head, backbone_state, name)
+    parent_path, _, child = head.rpartition(".")
+    parent = model.get_submodule(parent_path) if parent_path else model
+    setattr(parent, child, _new_head(parent.get_submodule(child), int(num_classes)))
+    parts = ModelParts(name=name, model=model, head=head, groups=_layout(model))
+    parts.group_of()  # every parameter in exactly one group or the head, else RuntimeError
+    return parts
+
+
+# ---------------------------------------------------------------------------------------
+# Backbone groups: per family, a function from the model to [(group name, [paths])].
+
+_Layout = list[tuple[str, Sequence[str]]]
+
+
+def _children(model: nn.Module, path: str) -> list[tuple[str, nn.Module]]:
+    module = model.get_submodule(path) if path else model
+    return [(f"{path}.{n}" if path else n, m) for n, m in module.named_children()]
+
+
+def _has_params(module: nn.Module) -> bool:
+    return any(True for _ in module.parameters())
+
+
+def _downsamples(module: nn.Module) -> bool:
+    """True when a conv or pooling layer inside `module` has a stride above 1."""
+    for m in module.modules():
+        if isinstance(m, (nn.Conv2d, nn.MaxPool2d, nn.AvgPool2d)):
+            stride = m.stride if isinstance(m.stride, tuple) else (m.stride,)
+            if max(stride) > 1:
+                return True
+    return False
+
+
+def _index(path: str) -> str:
+    return path.rsplit(".", 1)[-1]
+
+
+def _span(label: str, paths: Sequence[str]) -> str:
+    first, last = _index(paths[0]), _index(paths[-1])
+    return f"{label} {first}" if first == last else f"{label} {first}-{last}"
+
+
+def _split_at_downsampling(
+    kids: list[tuple[str, nn.Module]], label: str, first: str = "stem"
+) -> _Layout:
+    """Groups consecutive children by resolution: a downsampling child starts a new group.
+
+    The first group is named `first`; the others `label a-b` after the indices of their
+    children that hold parameters. Children without parameters (ReLU, pooling) stay in
+    the group they fall into, so a frozen group also puts its dropout in eval mode.
+    """
+    runs: list[list[tuple[str, nn.Module]]] = []
+    for path, m in kids:
+        if not runs or (_downsamples(m) and any(_has_params(x) for _, x in runs[-1])):
+            runs.append([])
+        runs[-1].append((path, m))
+    layout = []
+    for i, run in enumerate(runs):
+        with_params = [p for p, m in run if _has_params(m)]
+        if not with_params:  # a trailing pooling layer: keep it with the group before
+            layout[-1][1].extend(p for p, _ in run)
+            continue
+        layout.append((first if i == 0 else _span(label, with_params), [p for p, _ in run]))
+    return layout
+
+
+def _resnet(m: nn.Module) -> _Layout:
+    return [("stem", ["conv1", "bn1"])] + [(f"layer{i}", [f"layer{i}"]) for i in range(1, 5)]
+
+
+def _regnet(m: nn.Module) -> _Layout:
+    return [("stem", ["stem"])] + [(_index(p), [p]) for p, _ in _children(m, "trunk_output")]
+
+
+def _densenet(m: nn.Module) -> _Layout:
+    layout: _Layout = [("stem", ["features.conv0", "features.norm0", "features.pool0"])]
+    for path, _ in _children(m, "features"):
+        n = _index(path)
+        if n.startswith("denseblock"):
+            layout.append((f"block{n[len('denseblock') :]}", [path]))
+        elif n.startswith("transition") or n == "norm5":
+            layout[-1][1].append(path)
+    return layout
+
+
+def _mobilenet(m: nn.Module) -> _Layout:
+    kids = _children(m, "features")
+    layout = _split_at_downsampling(kids[:-1], "blocks")
+    layout.append(("last conv", [kids[-1][0]]))
+    if isinstance(m, torchvision.models.MobileNetV3):  # Linear + Hardswish + Dropout
+        layout.append(("pre-logits", ["classifier.0", "classifier.1", "classifier.2"]))
+    return layout
+
+
+def _efficientnet(m: nn.Module) -> _Layout:
+    kids = [p for p, _ in _children(m, "features")]
+    stages = [(f"stage{i}", [p]) for i, p in enumerate(kids[1:-1], start=1)]
+    return [("stem", [kids[0]]), *stages, ("last conv", [kids[-1]])]
+
+
+def _mnasnet(m: nn.Module) -> _Layout:
+    kids = _children(m, "layers")
+    stage_at = [i for i, (_, c) in enumerate(kids) if isinstance(c, nn.Sequential)]
+    first, last = stage_at[0], stage_at[-1]
+    return [
+        ("stem", [p for p, _ in kids[:first]]),
+        *[(f"stage{i - first + 1}", [kids[i][0]]) for i in stage_at],
+        ("last conv", [p for p, _ in kids[last + 1 :]]),
+    ]
+
+
+def _shufflenet(m: nn.Module) -> _Layout:
+    return [
+        ("stem", ["conv1", "maxpool"]),
+        *[(f"stage{i}", [f"stage{i}"]) for i in (2, 3, 4)],
+        ("last conv", ["conv5"]),
+    ]
+
+
+def _squeezenet(m: nn.Module) -> _Layout:
+    return _split_at_downsampling(_children(m, "features"), "fire")
+
+
+def _vgg_like(m: nn.Module, hidden: Iterable[str]) -> _Layout:
+    """VGG and AlexNet: conv blocks between poolings, then the hidden FC layers."""
+    kids = _children(m, "features")
+    if isinstance(m, torchvision.models.AlexNet):  # 5 convs, 3 poolings: one group per conv
+        blocks: list[list[str]] = []
+        for path, c in kids:
+            if isinstance(c, nn.Conv2d) or not blocks:
+                blocks.append([])
+            blocks[-1].append(path)
+    else:
+        blocks = [[]]
+        for path, c in kids:
+            blocks[-1].append(path)
+            if isinstance(c, nn.MaxPool2d):
+                blocks.append([])
+        blocks = [b for b in blocks if b]
+    return [(f"conv{i}", b) for i, b in enumerate(blocks, start=1)] + [("fc hidden", list(hidden))]
+
+
+def _vgg(m: nn.Module) -> _Layout:
+    return _vgg_like(m, [f"classifier.{i}" for i in range(6)])  # Linear ReLU Dropout x2
+
+
+def _alexnet(m: nn.Module) -> _Layout:
+    return _vgg_like(m, [f"classifier.{i}" for i in range(6)])  # Dropout Linear ReLU x2
+
+
+def _googlenet(m: nn.Module) -> _Layout:
+    return [
+        ("stem", ["conv1", "maxpool1", "conv2", "conv3", "maxpool2"]),
+        ("inception3", ["inception3a", "inception3b", "maxpool3"]),
+        ("inception4", [f"inception4{c}" for c in "abcde"] + ["maxpool4"]),
+        ("inception5", ["inception5a", "inception5b"]),
+    ]
+
+
+def _inception_v3(m: nn.Module) -> _Layout:
+    paths = [p for p, _ in _children(m, "")]
+    stem_end = paths.index("Mixed_5b")
+    return [
+        ("stem", paths[:stem_end]),
+        *[(f"mixed{s}", [p for p in paths if p.startswith(f"Mixed_{s}")]) for s in ("5", "6", "7")],
+    ]
+
+
+def _vit(m: nn.Module, n_block_groups: int = 4) -> _Layout:
+    blocks = [p for p, _ in _children(m, "encoder.layers")]
+    size = -(-len(blocks) // n_block_groups)
+    chunks = [blocks[i : i + size] for i in range(0, len(blocks), size)]
+    return [
+        ("patch embed", ["conv_proj", "class_token", "encoder.pos_embedding", "encoder.dropout"]),
+        *[(f"blocks {c[0].rsplit('_', 1)[-1]}-{c[-1].rsplit('_', 1)[-1]}", c) for c in chunks],
+        ("final norm", ["encoder.ln"]),
+    ]
+
+
+def _stages_after_stem(paths: list[str], first: str) -> _Layout:
+    """ConvNeXt and Swin: features = [stem, stage1, down, stage2, down, stage3, down, stage4]."""
+    layout: _Layout = [(first, [paths[0]]), ("stage1", [paths[1]])]
+    for i in range(2, len(paths), 2):
+        layout.append((f"stage{i // 2 + 1}", paths[i : i + 2]))
+    return layout
+
+
+def _convnext(m: nn.Module) -> _Layout:
+    paths = [p for p, _ in _children(m, "features")]
+    return [*_stages_after_stem(paths, "stem"), ("final norm", ["classifier.0"])]
+
+
+def _swin(m: nn.Module) -> _Layout:
+    paths = [p for p, _ in _children(m, "features")]
+    return [*_stages_after_stem(paths, "patch embed"), ("final norm", ["norm"])]
+
+
+def _maxvit(m: nn.Module) -> _Layout:
+    stages = [(f"stage{i + 1}", [p]) for i, (p, _) in enumerate(_children(m, "blocks"))]
+    # pool, flatten, LayerNorm, Linear, Tanh: the pre-logits before the final Linear
+    return [("stem", ["stem"]), *stages, ("pre-logits", [f"classifier.{i}" for i in range(5)])]
+
+
+_M = torchvision.models
+_LAYOUTS: dict[type, Callable[[nn.Module], _Layout]] = {
+    _M.ResNet: _resnet,
+    _M.RegNet: _regnet,
+    _M.MobileNetV2: _mobilenet,
+    _M.MobileNetV3: _mobilenet,
+    _M.EfficientNet: _efficientnet,
+    _M.ConvNeXt: _convnext,
+    _M.VisionTransformer: _vit,
+    _M.SwinTransformer: _swin,
+    _M.MaxVit: _maxvit,
+    _M.DenseNet: _densenet,
+    _M.ShuffleNetV2: _shufflenet,
+    _M.MNASNet: _mnasnet,
+    _M.SqueezeNet: _squeezenet,
+    _M.GoogLeNet: _googlenet,
+    _M.Inception3: _inception_v3,
+    _M.VGG: _vgg,
+    _M.AlexNet: _alexnet,
+}
+
+
+def _layout(model: nn.Module) -> list[Group]:
+    fn = _LAYOUTS.get(type(model))
+    if fn is None:
+        raise RuntimeError(f"No layer groups are defined for {type(model).__name__}")
+    return [Group(name, tuple(prefixes)) for name, prefixes in fn(model)]
+
+
+@cache
+def _group_names(name: str) -> tuple[str, ...]:
+    spec = input_spec(name)
+    size = spec.pretrained_size or max(spec.min_size, 224)
+    parts = create_model(name, 2, image_size=size, device="meta")
+    return tuple(g.name for g in parts.groups)
 
 
 def group_names(name: str) -> list[str]:
     """Returns the backbone group names of a model (cheap: built on the meta device)."""
-    raise NotImplementedError
+    _check_name(name)
+    return list(_group_names(name))
 
 
+# ---------------------------------------------------------------------------------------
+# Input sizes and weights metadata
+
+# Smallest square input each architecture takes (a training step with batch 2), found
+# empirically; pinned for every model by tests/test_models.py. Families not listed take 1.
+_MIN_SIZE = {
+    "alexnet": 63,
+    "convnext": 32,
+    "densenet": 29,
+    "googlenet": 15,
+    "inception": 75,
+    "squeezenet1_0": 21,
+    "squeezenet1_1": 17,
+    "swin": 4,
+    "vgg": 32,
+}
+
+
+def _patch_size(name: str) -> int | None:
+    match = re.match(r"vit_\w_(\d+)$", name)
+    return int(match.group(1)) if match else None
+
+
+def _min_size(name: str) -> int:
+    if name.startswith("maxvit"):
+        return 221  # see _size_problem: ceil(size / 32) must be a multiple of 7
+    patch = _patch_size(name)
+    if patch:
+        return patch
+    for prefix in sorted(_MIN_SIZE, key=len, reverse=True):
+        if name.startswith(prefix):
+            return _MIN_SIZE[prefix]
+    return 1
+
+
+@cache
 def input_spec(name: str) -> InputSpec:
-    raise NotImplementedError
+    """Returns mean/std/interpolation/sizes from torchvision's default weights and the model."""
+    _check_name(name)
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    t = weights.transforms()
+    return InputSpec(
+        mean=tuple(float(x) for x in t.mean),
+        std=tuple(float(x) for x in t.std),
+        interpolation=t.interpolation.value,
+        min_size=_min_size(name),
+        # ViT's position embeddings are fixed to the size its weights were trained at.
+        pretrained_size=int(t.crop_size[0]) if _patch_size(name) else None,
+        default_size=int(t.crop_size[0]),
+        resize_size=int(t.resize_size[0]),
+    )
+
+
+def _size_problem(name: str, size: int) -> str | None:
+    """Returns what is wrong with `size` for the architecture itself, or None."""
+    patch = _patch_size(name)
+    if patch and (size < patch or size % patch):
+        lower, upper = size - size % patch, size - size % patch + patch
+        choices = f"{lower} or {upper}" if lower >= patch else f"{upper}"
+        return (
+            f"{name} cuts images into {patch} px patches, so the image size must be a "
+            f"multiple of {patch}; {size} is not. Use --image-size {choices}."
+        )
+    if name.startswith("maxvit") and (size < 221 or -(-size // 32) % 7):
+        return (
+            f"{name} splits its feature maps into 7x7 windows, which needs an image size "
+            f"of 221-224, 445-448, ... (up to 3 px below a multiple of 224); {size} is not. "
+            "Use --image-size 224."
+        )
+    spec = input_spec(name)
+    if size < spec.min_size:
+        return (
+            f"{name} needs images of at least {spec.min_size} px, got {size}. "
+            f"Use --image-size {max(spec.min_size, 64)} or larger."
+        )
+    return None
 
 
 def check_image_size(name: str, size: int, *, pretrained: bool) -> str | None:
     """Returns None when `name` takes `size` px input, else a message with the valid sizes."""
-    raise NotImplementedError
+    if name not in _registry():
+        return None  # the model field reports unknown names
+    spec = input_spec(name)
+    if pretrained and spec.pretrained_size and size != spec.pretrained_size:
+        return (
+            f"{name} with pretrained weights needs --image-size {spec.pretrained_size} "
+            f"exactly (its position embeddings are fixed to that size), got {size}. "
+            f"Use --image-size {spec.pretrained_size}, or --weights none to train it from "
+            f"scratch at a multiple of {_patch_size(name)} px."
+        )
+    return _size_problem(name, int(size))
+
+
+@cache
+def _weights_meta(name: str) -> dict:
+    weights = torchvision.models.get_model_weights(name).DEFAULT
+    metrics = weights.meta.get("_metrics", {}).get("ImageNet-1K", {})
+    return {
+        "name": name,
+        "params": int(weights.meta["num_params"]),
+        "acc1": metrics.get("acc@1"),
+        "acc5": metrics.get("acc@5"),
+        "file_mb": weights.meta.get("_file_size"),
+        "gflops": weights.meta.get("_ops"),
+        "weights": f"{type(weights).__name__}.{weights.name}",
+        "url": weights.url,
+        "categories": len(weights.meta.get("categories") or []),
+    }
 
 
 def model_info(name: str) -> dict:
-    """Returns what torchvision's weights meta knows (params, acc1, acc5, file_mb, weights, url, cache_file)."""
-    raise NotImplementedError
+    """Returns what torchvision's weights meta knows (params, acc1, acc5, file_mb, weights, url, cache_file).
+
+    Also: gflops, categories (class count of the weights), min_size and default_size.
+    `cache_file` is where torchvision's download writes the weights under the current
+    torch hub directory ($TORCH_HOME), so it is computed on every call.
+    """
+    _check_name(name)
+    info = dict(_weights_meta(name))
+    filename = os.path.basename(info["url"])
+    info["cache_file"] = os.path.join(torch.hub.get_dir(), "checkpoints", filename)
+    spec = input_spec(name)
+    info["min_size"] = spec.min_size
+    info["default_size"] = spec.default_size
+    return info
