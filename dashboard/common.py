@@ -16,6 +16,13 @@ PAGES = {
     "compare": "pages/3_Compare.py",
 }
 
+NAV = [
+    ("home", "Home", ":material/home:"),
+    ("new", "New run", ":material/add_circle:"),
+    ("training", "Training", ":material/monitoring:"),
+    ("compare", "Compare", ":material/compare_arrows:"),
+]
+
 STATE_ICONS = {
     "queued": ":material/hourglass_empty:",
     "running": ":material/play_circle:",
@@ -34,6 +41,9 @@ def setup_page(title: str) -> Path:
     st.set_page_config(
         page_title=f"{title} · Fine-tuning", page_icon=":material/model_training:", layout="wide"
     )
+    with st.sidebar:  # our own navigation: the entry script would otherwise be called "app"
+        for key, label, icon in NAV:
+            st.page_link(PAGES[key], label=label, icon=icon)
     root = store.runs_dir()
     _ensure_supervisor(str(root))
     return root
@@ -99,3 +109,17 @@ def show_errors(errors: dict[str, str], field: str) -> None:
     """Shows the validation message for one field right under it, if there is one."""
     if field in errors:
         st.error(f"**{field.replace('_', ' ')}**: {errors[field]}", icon=":material/error:")
+
+
+def run_choice_labels(runs, root: Path) -> dict[str, str]:
+    """Returns {run_id: 'name or strategy (with its option) · model · run_id'} for pickers."""
+    from finetune_core import plots
+
+    labels = {}
+    for r in runs.itertuples():
+        try:
+            what = r.name or plots.strategy_label(store.read_config(root / r.run_id))
+        except store.RunError:
+            what = r.strategy
+        labels[r.run_id] = f"{what} · {r.model} · {r.run_id}"
+    return labels

@@ -536,15 +536,25 @@ def accuracy_vs_cost(table: pd.DataFrame, cost: str = "trainable_params") -> go.
     for i, (_, r) in enumerate(rows.iterrows()):
         fig.add_scatter(
             x=[r[cost]], y=[100 * r["best_val_acc"]], name=str(r["run"]), mode="markers+text",
-            text=[str(r["run"])], textposition="top center",
+            text=[str(r["run"])], textposition="top center", cliponaxis=False,
             marker=dict(size=14, color=PALETTE[i % len(PALETTE)]),
         )  # fmt: skip
     fig.update_layout(
         title=f"Accuracy vs {xname}", xaxis_title=xname, yaxis_title="best val accuracy (%)",
         showlegend=False, hovermode="closest",
     )  # fmt: skip
+    # Room around the markers so that their labels are never cut at the plot's edges.
+    acc = 100 * rows["best_val_acc"].astype(float)
+    pad = max(2.0, 0.15 * float(acc.max() - acc.min()))
+    fig.update_yaxes(range=[float(acc.min()) - pad, float(acc.max()) + 2 * pad])
+    x = rows[cost].astype(float)
     if cost == "trainable_params":
-        fig.update_xaxes(type="log")
+        lo, hi = math.log10(max(1.0, x.min())), math.log10(max(1.0, x.max()))
+        span = max(0.5, 0.15 * (hi - lo))
+        fig.update_xaxes(type="log", range=[lo - span, hi + span])
+    else:
+        span = max(1.0, 0.15 * float(x.max() - x.min()))
+        fig.update_xaxes(range=[max(0.0, float(x.min()) - span), float(x.max()) + span])
     return _style(fig)
 
 

@@ -147,9 +147,11 @@ with st.container(border=True):
     )
     info = model_info(model)
     if info:
+        acc1, file_mb = info.get("acc1"), info.get("file_mb")
         c1.caption(
             f"{plots.fmt_count(info.get('params'))} parameters · ImageNet top-1 "
-            f"{info.get('acc1', '–')} % · weights file {info.get('file_mb', '–')} MB"
+            + (f"{acc1:.1f} %" if acc1 else "–")
+            + (f" · weights file {file_mb:.1f} MB" if file_mb else "")
         )
     with c2:
         if offline:

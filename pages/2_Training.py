@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import streamlit as st
 
-from dashboard.common import LIVE_REFRESH_S, PAGES, setup_page, state_text
+from dashboard.common import LIVE_REFRESH_S, PAGES, run_choice_labels, setup_page, state_text
 from finetune_core import plots, runner, store
 
 root = setup_page("Training")
@@ -45,7 +45,7 @@ if run_id not in ids:  # created between list_runs and now
 if st.session_state.get("_training_shown") != run_id:
     st.session_state["training_run"] = run_id
     st.session_state["_training_shown"] = run_id
-labels = {r.run_id: f"{r.name or r.strategy} · {r.model} · {r.run_id}" for r in runs.itertuples()}
+labels = run_choice_labels(runs, root)
 
 
 def _pick() -> None:
@@ -153,11 +153,12 @@ def live_view(was_live: bool) -> None:
         members = runs[runs["group"] == group].iloc[::-1]  # oldest first: launch order
         st.markdown(f"**Group** `{group}`: {len(members)} runs launched together")
         cols = st.columns(min(len(members), 4) + 1)
+        names = plots.run_labels({m: store.read_config(root / m) for m in members["run_id"]})
         for i, m in enumerate(members.itertuples()):
             member_state = store.read_status(root / m.run_id).get("state")
             cols[i % 4].page_link(
                 PAGES["training"],
-                label=f"{m.name or m.strategy}: {state_text(member_state)}",
+                label=f"{names[m.run_id]}: {state_text(member_state)}",
                 query_params={"run": m.run_id},
                 disabled=m.run_id == run_id,
             )

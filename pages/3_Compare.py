@@ -9,7 +9,7 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard.common import LIVE_REFRESH_S, PAGES, setup_page
+from dashboard.common import LIVE_REFRESH_S, PAGES, run_choice_labels, setup_page
 from finetune_core import plots, store
 
 root = setup_page("Compare")
@@ -56,7 +56,7 @@ if st.session_state.get("_compare_query") != query_key or "compare_runs" not in 
 for p in problems:
     st.warning(f"{p}. Pick runs below.")
 
-labels = {r.run_id: f"{r.name or r.strategy} · {r.model} · {r.run_id}" for r in runs.itertuples()}
+labels = run_choice_labels(runs, root)
 
 
 def _pick() -> None:

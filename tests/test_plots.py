@@ -210,6 +210,9 @@ def test_accuracy_vs_cost_puts_one_marker_per_run():
         ("lp", 3_000, pytest.approx(70.0)),
     ]
     assert fig.layout.xaxis.type == "log"
+    lo, hi = fig.layout.xaxis.range  # log10 units, with room for the labels
+    assert lo < 3.48 and hi > 7.04
+    assert fig.layout.yaxis.range[0] < 70 and fig.layout.yaxis.range[1] > 80
     fig = plots.accuracy_vs_cost(table, "train_time_s")
     assert [t.x[0] for t in fig.data] == [100.0, 10.0]
 

@@ -1,0 +1,158 @@
+"""Takes a screenshot of each dashboard page for the README (docs/screenshots/*.png).
+
+Trains a small demo group (full, last_n 1, linear_probe on the built-in data; random init,
+32 px, a few epochs: a few minutes on a laptop CPU) in a temporary runs folder, starts
+`streamlit run app.py` on it, and photographs the pages with Debian's Chromium through
+Playwright: Training while a run is live, then Compare, Home and New run.
+
+    .venv/bin/python scripts/screenshots.py [--out docs/screenshots] [--runs-dir DIR]
+
+With --runs-dir pointing at a folder that already holds a finished group, nothing is
+trained. Needs /usr/bin/chromium (never `playwright install`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parent.parent
+sys.path.insert(0, str(REPO))
+
+from finetune_core import runner, store  # noqa: E402
+from finetune_core.config import RunConfig  # noqa: E402
+
+CHROMIUM = "/usr/bin/chromium"
+CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
+                 "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+VIEWPORT = {"width": 1280, "height": 860}
+DEMO = [("full", {}), ("last_n", {"unfreeze_last": 1}), ("linear_probe", {})]
+
+
+def log(message: str) -> None:
+    print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def start_server(env: dict, port: int, log_path: Path) -> subprocess.Popen:
+    """Starts the dashboard and returns once it answers its health check."""
+    out = open(log_path, "ab")  # noqa: SIM115 - lives as long as the server
+    proc = subprocess.Popen(
+        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
+         "--server.address", "127.0.0.1", "--server.headless", "true",
+         "--server.fileWatcherType", "none"],
+        cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
+    )  # fmt: skip
+    for _ in range(300):
+        try:
+            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2):
+                return proc
+        except OSError:
+            if proc.poll() is not None:
+                raise SystemExit(f"streamlit exited: see {log_path}") from None
+            time.sleep(0.2)
+    raise SystemExit(f"streamlit did not start: see {log_path}")
+
+
+def settle(page, seconds: float = 2.0) -> None:
+    """Waits until the page is drawn and no script run shows "Running" for a while."""
+    page.wait_for_selector("h1", timeout=120_000)
+    quiet = 0.0
+    while quiet < seconds:
+        busy = page.locator('[data-testid="stStatusWidget"]').count() > 0
+        quiet = 0.0 if busy else quiet + 0.2
+        time.sleep(0.2)
+
+
+def shoot(page, url: str, path: Path, wait_for: str | None = None) -> None:
+    page.goto(url)
+    settle(page)
+    if wait_for:
+        page.wait_for_selector(wait_for, timeout=60_000)
+        time.sleep(1.5)  # let Plotly finish drawing
+    page.screenshot(path=str(path))
+    log(f"saved {path} ({path.stat().st_size // 1024} kB)")
+
+
+def demo_group(runs: Path, epochs: int) -> list[Path]:
+    cfgs = [
+        RunConfig(strategy=s, weights="none", image_size=32, batch_size=32, epochs=epochs,
+                  augment="none", **extra)
+        for s, extra in DEMO
+    ]  # fmt: skip
+    return runner.enqueue(cfgs, runs, group=True)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--out", default=str(REPO / "docs" / "screenshots"))
+    ap.add_argument("--runs-dir", default=None, help="reuse this runs folder (else a temp one)")
+    ap.add_argument("--epochs", type=int, default=4)
+    args = ap.parse_args(argv)
+    out = Path(args.out)
+    out.mkdir(parents=True, exist_ok=True)
+    runs = Path(args.runs_dir or tempfile.mkdtemp(prefix="finetune-demo-")) / "runs"
+    if args.runs_dir:
+        runs = Path(args.runs_dir)
+    env = dict(os.environ, FINETUNE_RUNS_DIR=str(runs), OMP_WAIT_POLICY="PASSIVE",
+               FINETUNE_REFRESH_S="1")  # fmt: skip
+    os.environ.update(env)
+
+    from playwright.sync_api import sync_playwright
+
+    existing = store.list_runs(runs) if runs.exists() else None
+    dirs = []
+    if existing is None or existing.empty:
+        log(f"training a demo group in {runs}")
+        dirs = demo_group(runs, args.epochs)
+    port = free_port()
+    server = start_server(env, port, runs.parent / "screenshots-server.log")
+    url = f"http://127.0.0.1:{port}"
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            page = browser.new_page(viewport=VIEWPORT)
+            if dirs:
+                live = dirs[1]  # photograph the second run while it trains
+                metrics = live / "metrics.jsonl"
+                while store.read_status(live)["state"] not in store.FINAL_STATES:
+                    if metrics.exists() and '"val"' in metrics.read_text(errors="ignore"):
+                        break
+                    time.sleep(0.5)
+                shoot(page, f"{url}/Training?run={live.name}", out / "training.png",
+                      ".js-plotly-plot")  # fmt: skip
+                while any(s in store.LIVE_STATES for s in store.list_runs(runs)["state"]):
+                    time.sleep(1)
+                log("demo group finished")
+            else:
+                newest = store.list_runs(runs)["run_id"].iloc[0]
+                shoot(page, f"{url}/Training?run={newest}", out / "training.png",
+                      ".js-plotly-plot")  # fmt: skip
+            shoot(page, f"{url}/Compare", out / "compare.png", ".js-plotly-plot")
+            shoot(page, f"{url}/", out / "home.png")
+            shoot(page, f"{url}/New_run", out / "new_run.png", ".js-plotly-plot")
+            browser.close()
+    finally:
+        os.killpg(server.pid, signal.SIGTERM)
+        server.wait(timeout=30)
+        for run in store.list_runs(runs).itertuples():  # an interrupted script stops its demo
+            if run.state in store.LIVE_STATES:
+                runner.stop_run(Path(run.path))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
