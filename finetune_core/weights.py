@@ -533,14 +533,12 @@ def _cpu_gflops() -> float:
 
 
 def _source_train_images(recipe: dict) -> int:
+    """Returns how many training images the source task has (from its definition: cheap)."""
     try:
-        from finetune_core import data
+        from finetune_core import shapes
 
-        info = data.inspect_data(recipe["data"])
-        total = sum(info.counts.get("all", {}).values()) or sum(
-            sum(c.values()) for c in info.counts.values()
-        )
-        return max(1, int(total * (1 - recipe["val_fraction"])))
+        classes, per_class, _ = shapes.DATASETS[recipe["data"].partition(":")[2]]
+        return max(1, int(len(classes) * per_class * (1 - recipe["val_fraction"])))
     except Exception:
         return _SOURCE_IMAGES_GUESS
 
