@@ -49,16 +49,31 @@ def setup_page(title: str) -> Path:
     return root
 
 
-def _ensure_supervisor(root: str) -> None:
-    """Starts the queue's supervisor when none serves this runs folder (cheap when one does).
+def _has_queued(root: Path) -> bool:
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return False
+    for e in entries:
+        if e.is_dir() and not e.name.startswith("."):
+            status = store.read_json(Path(e.path) / "status.json")
+            if isinstance(status, dict) and status.get("state") == "queued":
+                return True
+    return False
 
-    Runs on every script run: a supervisor that died (or a server restart) is replaced on
-    the next page view, so queued runs always start.
+
+def _ensure_supervisor(root: str) -> None:
+    """Starts the queue's supervisor when runs wait and none serves this runs folder.
+
+    Runs on every full page run: a supervisor that died (a reboot, a killed process) is
+    replaced on the next page view, so queued runs always start. With nothing queued no
+    process is started (launching and resuming start one themselves).
     """
     try:
         from finetune_core import runner
 
-        runner.ensure_supervisor(root)
+        if _has_queued(Path(root)):
+            runner.ensure_supervisor(root)
     except Exception as e:  # the page still shows what exists; say why the queue may stall
         st.warning(
             f"Could not start the run queue's supervisor for {root}: {e}. Queued runs will "

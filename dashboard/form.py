@@ -170,7 +170,7 @@ def apply_config(config: dict[str, Any], data_roots: list[str]) -> None:
         st.session_state[PREFIX + "data_zip"] = d
     else:
         st.session_state[PREFIX + "data_choice"] = "folder"
-        root, sub = _split_under_roots(d, data_roots)
+        root, sub = _split_under_roots(d, data_roots)  # ("", d) when below no root
         st.session_state[PREFIX + "data_root"] = root
         st.session_state[PREFIX + "data_sub"] = sub
     st.session_state[PREFIX + "compare"] = False

@@ -126,7 +126,18 @@ if clone:
     del st.query_params["clone"]
 if st.session_state.get(F + "model") not in names:
     st.session_state[F + "model"] = default_model if default_model in names else names[0]
-if st.session_state.get(F + "data_choice") == "folder" and not roots:
+_root, _sub = st.session_state.get(F + "data_root", ""), st.session_state.get(F + "data_sub", "")
+if st.session_state.get(F + "data_choice") == "folder" and (
+    not roots or (_root not in roots and (_root or _sub))  # a cloned or saved folder
+):
+    folder = st.session_state.get(F + "data_sub") or "a folder"
+    st.warning(
+        f"The data was `{folder}`, a folder this server may not read: only folders below "
+        f"the data roots ({', '.join(roots) or 'none set'}) can be used. Add its parent to "
+        "FINETUNE_DATA_ROOTS and restart the app, or choose other data below; the data is "
+        "set to the built-in shapes for now.",
+        icon=":material/folder_off:",
+    )
     st.session_state[F + "data_choice"] = "builtin"
 
 state = st.session_state

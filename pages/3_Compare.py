@@ -53,6 +53,7 @@ query_key = (st.query_params.get("runs"), st.query_params.get("group"))
 if st.session_state.get("_compare_query") != query_key or "compare_runs" not in st.session_state:
     st.session_state["compare_runs"] = [r for r in _from_query() if r in ids]
     st.session_state["_compare_query"] = query_key
+st.session_state["compare_runs"] = [r for r in st.session_state["compare_runs"] if r in ids]
 for p in problems:
     st.warning(f"{p}. Pick runs below.")
 

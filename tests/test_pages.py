@@ -9,12 +9,14 @@ queued fixture ever starts training (one test checks that a page does start one)
 from __future__ import annotations
 
 import fcntl
+import io
 import json
 import os
 import signal
 import subprocess
 import sys
 import time
+import zipfile
 from pathlib import Path
 
 import pytest
@@ -125,6 +127,17 @@ def test_home_renames_and_deletes_only_after_confirmation(runs):
     assert set(store.list_runs(runs)["run_id"]) == set(ids[1:])
 
 
+def test_home_clone_opens_new_run_with_that_runs_settings(runs):
+    write_run(runs, "20250101-000000-eeeeee", strategy="gradual", unfreeze_every=2, lr=0.05)
+    at = page("app.py")
+    at.button(key="clone").click().run()
+    assert not at.exception
+    assert at.toggle(key="f_compare").value is False
+    assert at.selectbox(key="f_strategy").value == "gradual"
+    assert at.number_input(key="f_unfreeze_every").value == 2
+    assert at.number_input(key="f_lr").value == 0.05
+
+
 def test_home_works_with_a_hundred_runs(runs):
     for i in range(100):
         write_run(runs, f"20250103-{i // 60:02d}{i % 60:02d}00-{i:06x}", accs=(0.5,))
@@ -134,20 +147,28 @@ def test_home_works_with_a_hundred_runs(runs):
     assert len(at.selectbox(key="manage_run").options) == 100
 
 
-def test_a_page_starts_the_queue_supervisor_when_none_runs(tmp_path, monkeypatch):
+def test_a_page_starts_the_queue_for_waiting_runs_when_no_supervisor_runs(tmp_path, monkeypatch):
     root = tmp_path / "runs"
+    root.mkdir()
     monkeypatch.setenv("FINETUNE_RUNS_DIR", str(root))
+    page("app.py")
+    assert not runner.supervisor_running(root), "nothing queued: no process to start"
+    # a queued run whose data does not exist: the worker fails fast, saying why
+    queued = write_run(root, "20250101-000000-ffffff", accs=(), state="queued", total_epochs=1,
+                       data=str(tmp_path / "missing"))  # fmt: skip
     at = page("app.py")
     assert not at.exception
     try:
-        deadline = time.time() + 30
-        while not runner.supervisor_running(root) and time.time() < deadline:
-            time.sleep(0.2)
-        assert runner.supervisor_running(root)
+        deadline = time.time() + 120
+        while store.read_status(queued)["state"] in store.LIVE_STATES and time.time() < deadline:
+            time.sleep(0.3)
+        status = store.read_status(queued)
+        assert status["state"] == "failed"
+        assert "missing" in status["message"]
     finally:
-        pid = (root / runner.SUPERVISOR_LOCK).read_text().strip()
-        if pid:
-            os.kill(int(pid), signal.SIGTERM)
+        lock = root / runner.SUPERVISOR_LOCK
+        if runner.supervisor_running(root) and lock.read_text().strip():
+            os.kill(int(lock.read_text().strip()), signal.SIGTERM)
 
 
 # ---------------------------------------------------------------- Training
@@ -398,15 +419,58 @@ def test_new_run_server_folders_only_below_configured_roots(runs, tmp_path, monk
     at = page("pages/1_New_run.py")
     assert "folder" not in at.radio(key="f_data_choice").options
     assert "FINETUNE_DATA_ROOTS" in all_text(at)
+    from PIL import Image
+
     data_root = tmp_path / "images"
     for cls in ("cats", "dogs"):
         (data_root / "set" / cls).mkdir(parents=True)
+        for i in range(5):
+            Image.new("RGB", (16, 16), "red").save(data_root / "set" / cls / f"{i}.png")
     monkeypatch.setenv("FINETUNE_DATA_ROOTS", str(data_root))
     at = page("pages/1_New_run.py")
     at.radio(key="f_data_choice").set_value("folder").run()
+    assert at.selectbox(key="f_data_root").value == str(data_root)
     at.text_input(key="f_data_sub").set_value("../../..").run()
     assert any("leads outside" in e for e in texts(at.error))
     assert at.button(key="launch").disabled
+    at.text_input(key="f_data_sub").set_value("set").run()
+    assert "**2 classes**" in all_text(at)
+
+
+def test_new_run_clone_of_a_folder_outside_the_roots_says_so_and_uses_builtin(runs, tmp_path):
+    outside = tmp_path / "elsewhere"
+    for cls in ("a", "b"):
+        (outside / cls).mkdir(parents=True)
+    write_run(runs, "20250101-000000-eeeeee", data=str(outside))
+    at = page("pages/1_New_run.py", clone="20250101-000000-eeeeee")
+    assert not at.exception
+    assert any(str(outside) in w and "FINETUNE_DATA_ROOTS" in w for w in texts(at.warning))
+    assert at.radio(key="f_data_choice").value == "builtin"
+
+
+def test_new_run_reads_an_uploaded_zip_and_a_torchvision_dataset(runs, tmp_path):
+    from PIL import Image
+
+    archive = tmp_path / "pets.zip"
+    with zipfile.ZipFile(archive, "w") as z:
+        for cls, colour in (("cat", "red"), ("dog", "blue")):
+            for i in range(6):
+                buf = io.BytesIO()
+                Image.new("RGB", (20, 20), colour).save(buf, "PNG")
+                z.writestr(f"pets/{cls}/{i}.png", buf.getvalue())
+    # what the upload widget leaves behind: the saved file's path in the form state
+    (runs / ".form_state.json").write_text(
+        json.dumps({"f_data_choice": "zip", "f_data_zip": str(archive)})
+    )
+    at = page("pages/1_New_run.py")
+    assert not at.exception
+    assert "**2 classes**, 12 images: cat, dog" in all_text(at)
+    counts = figure_titled(at, "Images per class")
+    assert [list(t["x"]) for t in counts["data"]] == [["cat", "dog"]]
+    at.radio(key="f_data_choice").set_value("torchvision").run()
+    at.selectbox(key="f_data_tv").set_value("CIFAR10").run()
+    assert "**10 classes**" in all_text(at)
+    assert any("Not downloaded yet" in i for i in texts(at.info))
 
 
 def test_new_run_weights_choice_says_where_imagenet_weights_come_from(new_run):
