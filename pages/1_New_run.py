@@ -156,6 +156,7 @@ with st.container(border=True):
         format_func=model_line,
         help="Every classification model in torchvision's registry; type to search.",
     )
+    model_slot = c1.empty()  # filled with the model's validation message further down
     info = model_info(model)
     if info:
         acc1, file_mb = info.get("acc1"), info.get("file_mb")
@@ -220,6 +221,7 @@ with st.container(border=True):
                 st.success(sentence[0].upper() + sentence[1:])
         elif weights_problem:
             st.warning(weights_problem)
+        weights_slot = st.empty()  # filled with the weights' validation message further down
 
 # ---------------------------------------------------------------- 2. data
 
@@ -428,6 +430,11 @@ with st.container(border=True):
                 show_errors(errors, name)
 
 form.save(root)
+with model_slot.container():
+    show_errors(errors, "model")
+if errors.get("weights") and errors["weights"] != weights_problem:
+    with weights_slot.container():
+        show_errors(errors, "weights")
 
 # ---------------------------------------------------------------- 5. estimate and launch
 
@@ -436,8 +443,6 @@ with st.container(border=True):
     known = {"data", "weights", "model", "strategy", "unfreeze_last", "unfreeze_every",
              "probe_epochs", "layer_decay", "l2sp", *NUMBER_FIELDS, *CHOICE_FIELDS, "name",
              "compile", "freeze_bn"}  # fmt: skip
-    for field in ("model", "weights", "data"):
-        show_errors(errors, field)
     for field, message in errors.items():
         if field not in known:
             st.error(f"**{field}**: {message}", icon=":material/error:")
@@ -502,7 +507,8 @@ with st.container(border=True):
             f"{c0.epochs} epochs at {c0.image_size} px."
         )
     if errors:
-        st.caption(f"Launch is disabled until {len(errors)} problem(s) above are fixed.")
+        fields = ", ".join(f.replace("_", " ") for f in errors)
+        st.caption(f"Launch is disabled until the problems above are fixed: {fields}.")
     if st.button(
         "Launch",
         type="primary",

@@ -68,12 +68,16 @@ def start_server(env: dict, port: int, log_path: Path) -> subprocess.Popen:
 
 
 def settle(page, seconds: float = 2.0) -> None:
-    """Waits until the page is drawn and no script run shows "Running" for a while."""
+    """Waits until the page is drawn: no script run shows "Running" and the page's height
+    has not changed for `seconds`."""
     page.wait_for_selector("h1", timeout=120_000)
-    quiet = 0.0
+    height = "() => document.querySelector('[data-testid=\"stMain\"]').scrollHeight"
+    quiet, last = 0.0, None
     while quiet < seconds:
         busy = page.locator('[data-testid="stStatusWidget"]').count() > 0
-        quiet = 0.0 if busy else quiet + 0.2
+        now = page.evaluate(height)
+        quiet = 0.0 if busy or now != last else quiet + 0.2
+        last = now
         time.sleep(0.2)
 
 

@@ -473,6 +473,22 @@ def test_new_run_reads_an_uploaded_zip_and_a_torchvision_dataset(runs, tmp_path)
     assert any("Not downloaded yet" in i for i in texts(at.info))
 
 
+def test_new_run_flags_a_weights_file_of_another_architecture_next_to_the_choice(runs, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "other.safetensors"
+    save_file({"encoder.weight": torch.zeros(3, 3)}, str(bad))
+    (runs / ".form_state.json").write_text(
+        json.dumps({"f_weights_choice": "file", "f_weights_file": str(bad)})
+    )
+    at = page("pages/1_New_run.py")
+    assert not at.exception
+    assert any(str(bad) in e and "weights" in e for e in texts(at.error))
+    assert at.button(key="launch").disabled
+    assert "weights" in at.caption[-1].value  # why Launch is disabled
+
+
 def test_new_run_weights_choice_says_where_imagenet_weights_come_from(new_run):
     at = new_run
     at.radio(key="f_weights_choice").set_value("default").run()
