@@ -51,6 +51,9 @@ def test_a_run_survives_a_server_kill_and_a_new_server_shows_and_stops_it(tmp_pa
         FINETUNE_REFRESH_S="1",
         OMP_WAIT_POLICY="PASSIVE",  # see test_e2e_browser: 2 shared cores
     )
+    cfg = RunConfig(weights="none", image_size=32, batch_size=16, epochs=30, augment="none",
+                    name="survivor")  # fmt: skip
+    run_dir = store.create_run(cfg, runs)  # queued; no supervisor runs yet
     port = free_port()
     first = start_server(env, port, tmp_path / "server1.log")
     with sync_playwright() as p:  # a page view makes the server start the queue's supervisor
@@ -60,9 +63,6 @@ def test_a_run_survives_a_server_kill_and_a_new_server_shows_and_stops_it(tmp_pa
         browser.close()
     supervisor = int((runs / runner.SUPERVISOR_LOCK).read_text())
     assert _parent(supervisor) == first.pid  # started by the server, in a session of its own
-    cfg = RunConfig(weights="none", image_size=32, batch_size=16, epochs=30, augment="none",
-                    name="survivor")  # fmt: skip
-    (run_dir,) = runner.enqueue([cfg], runs, group=False)  # the server's supervisor starts it
     try:
         _wait(lambda: _metric_lines(run_dir) >= 1, 180, "the first metrics record")
         status = store.read_status(run_dir)
