@@ -198,6 +198,8 @@ def kill_server(proc, sig=None) -> None:
     """Kills the server's whole process group (never the workers: they have their own)."""
     import signal
 
+    if proc.returncode is not None:  # already killed and reaped: its pid may be reused
+        return
     try:
         os.killpg(proc.pid, sig or signal.SIGKILL)
     except ProcessLookupError:

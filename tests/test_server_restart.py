@@ -56,14 +56,14 @@ def test_a_run_survives_a_server_kill_and_a_new_server_shows_and_stops_it(tmp_pa
     run_dir = store.create_run(cfg, runs)  # queued; no supervisor runs yet
     port = free_port()
     first = start_server(env, port, tmp_path / "server1.log")
-    with sync_playwright() as p:  # a page view makes the server start the queue's supervisor
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        browser.new_page().goto(f"http://127.0.0.1:{port}/")
-        _wait(lambda: runner.supervisor_running(runs), 60, "the server to start a supervisor")
-        browser.close()
-    supervisor = int((runs / runner.SUPERVISOR_LOCK).read_text())
-    assert _parent(supervisor) == first.pid  # started by the server, in a session of its own
     try:
+        with sync_playwright() as p:  # a page view makes the server start the supervisor
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            browser.new_page().goto(f"http://127.0.0.1:{port}/")
+            _wait(lambda: runner.supervisor_running(runs), 60, "the server to start a supervisor")
+            browser.close()
+        supervisor = int((runs / runner.SUPERVISOR_LOCK).read_text())
+        assert _parent(supervisor) == first.pid  # started by the server, in its own session
         _wait(lambda: _metric_lines(run_dir) >= 1, 180, "the first metrics record")
         status = store.read_status(run_dir)
         assert status["state"] == "running"
@@ -103,6 +103,7 @@ def test_a_run_survives_a_server_kill_and_a_new_server_shows_and_stops_it(tmp_pa
         assert store.read_summary(run_dir)["state"] == "stopped"
         assert (run_dir / "checkpoints" / "last_state.pt").exists()
     finally:
+        kill_server(first)
         if store.read_status(run_dir)["state"] in store.LIVE_STATES:
             runner.stop_run(run_dir)
         lock = runs / runner.SUPERVISOR_LOCK
