@@ -216,6 +216,19 @@ def test_training_defaults_to_the_live_run_and_stop_signals_its_worker(runs, wor
     assert store.read_status(live).get("stop_requested_at")
 
 
+def test_training_shows_the_preparation_stage_before_the_first_step(runs, worker):
+    run = write_run(runs, "20250101-000000-abab12", accs=(), state="queued", total_epochs=2)
+    make_live(run, worker.pid)
+    status = json.loads((run / "status.json").read_text())
+    status.update(step=0, epoch=0, stage="weights", stage_fraction=0.25,
+                  message="training builtin weights for resnet18: epoch 2 of 6")  # fmt: skip
+    (run / "status.json").write_text(json.dumps(status))
+    at = page("pages/2_Training.py", run=run.name)
+    assert not at.exception
+    assert at.progress[0].value == 25
+    assert "training builtin weights" in at.progress[0].proto.text
+
+
 def test_training_cancels_a_queued_run_and_resumes_a_stopped_one(runs):
     queued = write_run(runs, "20250101-000000-cccccc", accs=(), state="queued", total_epochs=2)
     at = page("pages/2_Training.py", run=queued.name)
