@@ -9,6 +9,7 @@ loading path as a user's own folder. Every image draws its randomness from its o
 
 from __future__ import annotations
 
+import colorsys
 import json
 import math
 import os
@@ -56,6 +57,8 @@ KNOBS = {
     "occlusion_p": 0.5,  # probability of a distractor blob over the shape
     "occluder": (0.3, 0.55),  # its radius as a fraction of the shape's
     "noise": (2, 10),  # std of the pixel noise, drawn per image
+    "class_colour_p": 0.0,  # probability that a shape has its class's own hue
+    "class_hue_jitter": 0.03,  # +- that hue, as a fraction of the colour wheel
 }
 
 _STALE_TMP_S = 600  # a temporary folder older than this was left by a killed process
@@ -150,7 +153,10 @@ def draw_image(cls: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np
     cy = rng.uniform(radius * 0.8, size - radius * 0.8)
     angle = rng.uniform(0, 2 * math.pi)
     mask = _shape_mask(cls, cx, cy, radius, angle, size, rng)
-    img = _paint(bg, mask, _colour_against(bg, mask, rng))
+    colour = _colour_against(bg, mask, rng)
+    if rng.random() < k["class_colour_p"]:
+        colour = _class_colour(cls, rng)
+    img = _paint(bg, mask, colour)
     # Occlusion: a distractor blob over part of the shape, half of the time.
     if rng.random() < k["occlusion_p"]:
         r = radius * rng.uniform(*k["occluder"])
@@ -160,6 +166,14 @@ def draw_image(cls: str, rng: np.random.Generator, size: int = IMAGE_SIZE) -> np
         img = _paint(img, blob, rng.uniform(0, 255, 3))
     img = img + rng.normal(0, rng.uniform(*k["noise"]), img.shape)
     return np.clip(np.rint(img), 0, 255).astype(np.uint8)
+
+
+def _class_colour(cls: str, rng: np.random.Generator) -> np.ndarray:
+    """Returns the class's own hue, jittered: a colour cue that holds for part of the images."""
+    classes = TARGET_CLASSES if cls in TARGET_CLASSES else SOURCE_CLASSES
+    hue = classes.index(cls) / len(classes) + rng.uniform(-1, 1) * KNOBS["class_hue_jitter"]
+    rgb = colorsys.hsv_to_rgb(hue % 1.0, rng.uniform(0.7, 1.0), rng.uniform(0.7, 1.0))
+    return np.asarray(rgb) * 255
 
 
 def _paint(img: np.ndarray, mask: np.ndarray, colour) -> np.ndarray:
