@@ -205,6 +205,34 @@ def test_torchvision_download_failure_says_where_to_put_the_files(data_home, mon
     assert "builtin:shapes" in msg
 
 
+def _write_idx(path: Path, array: np.ndarray) -> None:
+    """Writes an MNIST-format (IDX) file: magic (uint8, ndim), big-endian dims, bytes."""
+    path.parent.mkdir(parents=True, exist_ok=True)
+    header = bytes([0, 0, 8, array.ndim]) + b"".join(d.to_bytes(4, "big") for d in array.shape)
+    path.write_bytes(header + array.astype(np.uint8).tobytes())
+
+
+def test_downloaded_torchvision_dataset_loads_with_its_official_splits(data_home):
+    # A tiny MNIST in torchvision's file layout stands in for a finished download.
+    raw = data_home / "torchvision" / "MNIST" / "raw"
+    rng = np.random.default_rng(0)
+    for prefix, per_class in (("train", 2), ("t10k", 1)):
+        labels = np.repeat(np.arange(10), per_class)
+        _write_idx(raw / f"{prefix}-images-idx3-ubyte", rng.integers(0, 255, (len(labels), 28, 28)))
+        _write_idx(raw / f"{prefix}-labels-idx1-ubyte", labels)
+    info = data.inspect_data("torchvision:MNIST")
+    assert not info.needs_download and info.classes[0] == "0 - zero"
+    assert info.counts == {
+        "train": {c: 2 for c in info.classes},
+        "test": {c: 1 for c in info.classes},
+    }
+    d = data.load_data("torchvision:MNIST", image_size=SIZE, val_fraction=0.5)
+    assert (len(d.train), len(d.val), len(d.test)) == (10, 10, 10)
+    assert d.test.images.shape == (10, 3, SIZE, SIZE) and d.test.images.dtype == torch.uint8
+    grey = d.test.images.int()
+    assert torch.equal(grey[:, 0], grey[:, 1]) and torch.equal(grey[:, 1], grey[:, 2])
+
+
 # ---------------------------------------------------------------------------------------------
 # decoding
 
