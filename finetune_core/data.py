@@ -311,8 +311,7 @@ def _tv_download_error(entry: _TorchvisionSet, name: str, err: Exception) -> Dat
     )
 
 
-def _inspect_torchvision(spec: str, name: str) -> DataInfo:
-    entry = _tv_entry(name)
+def _inspect_torchvision(spec: str, entry: _TorchvisionSet) -> DataInfo:
     classes = _tv_classes(entry)
     if not _tv_downloaded(entry):
         # Before the download: the published split sizes, spread evenly over the classes.
@@ -596,7 +595,7 @@ def inspect_data(spec: str) -> DataInfo:
     """
     kind, src = _resolve(spec)
     if kind == "torchvision":
-        return _inspect_torchvision(spec, spec.partition(":")[2])
+        return _inspect_torchvision(spec, src)
     counts: dict[str, dict[str, int]] = {}
     samples: dict[str, list[str]] = {c: [] for c in src.classes}
     for split, files in src.files.items():
@@ -909,7 +908,7 @@ def load_data(
     _resample(interpolation)
     kind, src = _resolve(spec, progress)
     if kind == "torchvision":
-        name = spec.partition(":")[2]
+        name = src.cls
         classes, images, labels, tags, keep, skipped = _decode_torchvision(
             src, name, image_size, interpolation, progress
         )
