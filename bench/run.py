@@ -1,6 +1,6 @@
 """Engine vs the textbook loop: images/s per strategy, side by side, interleaved, medians.
 
-    PYTHONPATH=. python bench/run.py --device cpu            # ResNet-18, 112 px, ~3-5 min on 2 cores
+    PYTHONPATH=. python bench/run.py --device cpu            # ResNet-18, 112 px, ~80 s on 2 idle cores
     PYTHONPATH=. python bench/run.py --device cuda           # ResNet-50/18 + ViT-B/16, 224 px
     PYTHONPATH=. python bench/run.py --quick                 # smoke settings, seconds
 
