@@ -56,9 +56,10 @@ def start_server(env: dict, port: int, log_path: Path) -> subprocess.Popen:
          "--server.fileWatcherType", "none"],
         cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a local server
     for _ in range(300):
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2):
+            with direct.open(f"http://127.0.0.1:{port}/_stcore/health", timeout=2):
                 return proc
         except OSError:
             if proc.poll() is not None:

@@ -181,12 +181,14 @@ def start_server(env: dict, port: int, log_path: Path):
          "--server.fileWatcherType", "none"],
         cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
     )  # fmt: skip
+    # Never through a proxy: urlopen's global opener keeps the proxies of its first call.
+    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.time() + 60
     while time.time() < deadline:
         if proc.poll() is not None:
             raise RuntimeError(f"streamlit exited with {proc.returncode}: {log_path.read_text()}")
         try:
-            with urllib.request.urlopen(f"http://127.0.0.1:{port}/_stcore/health", timeout=2):
+            with direct.open(f"http://127.0.0.1:{port}/_stcore/health", timeout=2):
                 return proc
         except OSError:
             time.sleep(0.3)
