@@ -100,6 +100,13 @@ def prepare(cfg: RunConfig, *, runs_dir=None, progress=None) -> Experiment:
     parts = models.create_model(
         cfg.model, len(data.classes), image_size=cfg.image_size, backbone_state=state
     )
+    if state is not None and cfg.weights not in ("default", "builtin"):
+        # A file or an earlier run for the same classes keeps its trained head (load_backbone_state
+        # has already dropped it when the class count differs); ImageNet's and the source task's
+        # heads are for other classes.
+        head = {k: v for k, v in state.items() if k.startswith(parts.head + ".")}
+        if head:
+            parts.model.load_state_dict(head, strict=False)
     return Experiment(cfg, parts, data, device, spec)
 
 

@@ -228,3 +228,21 @@ def test_the_engine_never_imports_streamlit():
         "assert 'streamlit' not in sys.modules, 'streamlit imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True)
+
+
+def test_an_earlier_run_for_the_same_classes_starts_with_its_trained_head(tmp_path):
+    import json
+
+    from safetensors.torch import save_file
+
+    torch.manual_seed(3)
+    state = models.create_model("resnet18", 6, image_size=32).model.state_dict()
+    run = tmp_path / "20250101-120000-abc123"
+    (run / "checkpoints").mkdir(parents=True)
+    (run / "config.json").write_text(json.dumps({"model": "resnet18", "image_size": 32}))
+    (run / "status.json").write_text(json.dumps({"state": "completed"}))
+    save_file(state, str(run / "checkpoints" / "best.safetensors"))
+    cfg = RunConfig(model="resnet18", weights="run:20250101-120000", image_size=32)
+    exp = engine.prepare(cfg, runs_dir=tmp_path)  # builtin:shapes has 6 classes
+    got = exp.parts.model.state_dict()
+    assert [k for k, v in state.items() if not torch.equal(got[k], v)] == []  # head included
