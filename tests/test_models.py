@@ -11,6 +11,7 @@ import torchvision
 from torch import nn
 
 from finetune_core import models
+from finetune_core.config import RunConfig
 from finetune_core.models import (
     check_image_size,
     classification_models,
@@ -19,6 +20,7 @@ from finetune_core.models import (
     input_spec,
     model_info,
 )
+from finetune_core.strategies import make_plan
 
 ALL_MODELS = classification_models()
 # Models up to about 30M parameters also take one real training step on the CPU.
@@ -98,6 +100,19 @@ def test_every_model_has_a_head_and_groups_covering_each_parameter_once_in_forwa
     sequence = [rank_of_group[owner[p]] for p in sorted(ranks, key=ranks.get)]
     assert sequence == sorted(sequence), f"{name}: groups out of forward order"
     assert sequence[-1] == len(parts.groups)
+
+    # The plan: gradual walks every group, top first, one per epoch; bitfit trains some
+    # biases or norms (every family has them) and the whole head.
+    n, total = len(names), sum(p.numel() for p in params.values())
+    cfg = RunConfig(model=name, strategy="gradual", epochs=n + 1, image_size=size)
+    plan = make_plan(cfg, parts)
+    assert plan.total_params == total and len(plan.phases) == n + 1
+    assert [g.name for g in plan.phases[0].groups] == [*names, "head"]
+    trained = [sum(g.trainable for g in p.groups[:-1]) for p in plan.phases]
+    assert trained == list(range(n + 1))
+    assert plan.phases[-1].trainable_params == total
+    bitfit = make_plan(RunConfig(model=name, strategy="bitfit", image_size=size), parts)
+    assert plan.head_params < bitfit.phases[0].trainable_params < total
 
 
 @pytest.mark.parametrize("name", ALL_MODELS)
