@@ -246,3 +246,15 @@ def test_an_earlier_run_for_the_same_classes_starts_with_its_trained_head(tmp_pa
     exp = engine.prepare(cfg, runs_dir=tmp_path)  # builtin:shapes has 6 classes
     got = exp.parts.model.state_dict()
     assert [k for k, v in state.items() if not torch.equal(got[k], v)] == []  # head included
+
+
+def test_builtin_shapes_is_neither_trivial_nor_hopeless_for_resnet18_from_scratch():
+    # The target task's difficulty, pinned: 35-85 % after one epoch, then +10 points by the
+    # fifth, so that full vs partial comparisons have room to differ.
+    cfg = RunConfig(model="resnet18", weights="none", image_size=64, lr=0.01, epochs=5)
+    log = Log()
+    engine.fit(engine.prepare(cfg), [log])
+    acc = [r["acc"] for r in log.val if r["split"] == "val"]
+    assert len(acc) == 5
+    assert 0.35 <= acc[0] <= 0.85, acc
+    assert acc[4] >= acc[0] + 0.10, acc
