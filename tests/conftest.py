@@ -14,7 +14,8 @@ _SESSION_DIR = Path(tempfile.mkdtemp(prefix="finetune-tests-"))
 os.environ.setdefault("FINETUNE_DATA_DIR", str(_SESSION_DIR / "data"))
 os.environ.setdefault("TORCH_HOME", str(_SESSION_DIR / "torch"))
 os.environ["FINETUNE_RUNS_DIR"] = str(_SESSION_DIR / "runs")
-os.environ.setdefault("FINETUNE_BUILTIN_EPOCHS", "1")
+os.environ.setdefault("FINETUNE_BUILTIN_EPOCHS", "1")  # builtin weights: a cheap recipe
+os.environ.setdefault("FINETUNE_BUILTIN_MAX_STEPS", "3")
 os.environ.setdefault("PYTHONHASHSEED", "0")
 os.environ.setdefault("OMP_WAIT_POLICY", "PASSIVE")  # see finetune_core/__init__.py
 
