@@ -280,3 +280,24 @@ def check(cfg: RunConfig, **kwargs) -> RunConfig:
     if errors:
         raise ConfigError(errors)
     return cfg
+
+
+def strategy_label(cfg: dict[str, Any]) -> str:
+    """Returns the strategy with the option that defines it: `last_n 1`, `lp_ft 2`, `full`."""
+    strategy = cfg.get("strategy", "?")
+    if strategy == "last_n":
+        label = f"last_n {cfg.get('unfreeze_last', 1)}"
+    elif strategy == "gradual":
+        label = f"gradual every {cfg.get('unfreeze_every', 1)}"
+    elif strategy == "lp_ft":
+        label = f"lp_ft {cfg.get('probe_epochs', 1)}"
+    else:
+        label = str(strategy)
+    extras = []
+    if cfg.get("layer_decay", 1.0) not in (1, 1.0, None):
+        extras.append(f"decay {cfg['layer_decay']:g}")
+    if cfg.get("l2sp"):
+        extras.append(f"l2sp {cfg['l2sp']:g}")
+    if cfg.get("freeze_bn"):
+        extras.append("bn frozen")
+    return label + (f" ({', '.join(extras)})" if extras else "")

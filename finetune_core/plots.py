@@ -19,6 +19,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
+from finetune_core.config import strategy_label
+
 # Calm, colour-blind-safe palette (Okabe-Ito); one colour per run, stable by position.
 PALETTE = (
     "#0072B2",
@@ -83,27 +85,6 @@ def fmt_pct(fraction: float | None, digits: int = 1) -> str:
 
 
 # ---------------------------------------------------------------- labels
-
-
-def strategy_label(cfg: Mapping[str, Any]) -> str:
-    """Returns the strategy with the option that defines it: `last_n 1`, `lp_ft 2`, `full`."""
-    strategy = cfg.get("strategy", "?")
-    if strategy == "last_n":
-        label = f"last_n {cfg.get('unfreeze_last', 1)}"
-    elif strategy == "gradual":
-        label = f"gradual every {cfg.get('unfreeze_every', 1)}"
-    elif strategy == "lp_ft":
-        label = f"lp_ft {cfg.get('probe_epochs', 1)}"
-    else:
-        label = str(strategy)
-    extras = []
-    if cfg.get("layer_decay", 1.0) not in (1, 1.0, None):
-        extras.append(f"decay {cfg['layer_decay']:g}")
-    if cfg.get("l2sp"):
-        extras.append(f"l2sp {cfg['l2sp']:g}")
-    if cfg.get("freeze_bn"):
-        extras.append("bn frozen")
-    return label + (f" ({', '.join(extras)})" if extras else "")
 
 
 def run_labels(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:

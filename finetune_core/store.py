@@ -30,7 +30,7 @@ from typing import Any
 
 import pandas as pd
 
-from finetune_core.config import RunConfig
+from finetune_core.config import RunConfig, strategy_label
 
 # queued: waiting for the supervisor; running: a worker process owns the run.
 LIVE_STATES = ("queued", "running")
@@ -632,7 +632,7 @@ def list_runs(runs_dir: str | os.PathLike) -> pd.DataFrame:
                 "run_id": run_dir.name,
                 "name": config.get("name") or "",
                 "model": config.get("model"),
-                "strategy": config.get("strategy"),
+                "strategy": strategy_label(config),  # with its option: "last_n 1"
                 "state": status.get("state", "unknown"),
                 "best_val_acc": best,
                 "trainable_pct": pct,

@@ -231,7 +231,7 @@ def test_read_status_never_overwrites_a_final_state(tmp_path):
 def test_list_runs_skips_foreign_and_half_written_folders_newest_first(tmp_path):
     root = tmp_path / "runs"
     old = store.create_run(RunConfig(name="old", model="resnet18"), root)
-    new = store.create_run(RunConfig(name="new", strategy="linear_probe"), root)
+    new = store.create_run(RunConfig(name="new", strategy="last_n", unfreeze_last=2), root)
     store.write_status(old, state="completed")
     store.write_summary(old, {"best_val_acc": 0.5, "trainable_params": 10, "total_params": 40})
     (root / "notes").mkdir()
@@ -246,6 +246,7 @@ def test_list_runs_skips_foreign_and_half_written_folders_newest_first(tmp_path)
     assert list(runs.columns) == store.LIST_COLUMNS
     assert runs["run_id"].tolist() == [new.name, old.name]
     assert runs["name"].tolist() == ["new", "old"]
+    assert runs["strategy"].tolist() == ["last_n 2", "full"]  # with the option that defines it
     assert runs["state"].tolist() == ["queued", "completed"]
     assert runs.loc[1, "best_val_acc"] == 0.5
     assert runs.loc[1, "trainable_pct"] == 25.0
