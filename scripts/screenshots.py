@@ -1,7 +1,8 @@
 """Takes a screenshot of each dashboard page for the README (docs/screenshots/*.png).
 
-Trains a small demo group (full, last_n 1, linear_probe on the built-in data; random init,
-32 px, a few epochs: a few minutes on a laptop CPU) in a temporary runs folder, starts
+Trains the dashboard's default comparison (full, last_n 1, linear_probe on the built-in data
+with builtin weights and New run's defaults: about 4 minutes on a 2-core CPU, the first
+time pretraining the builtin weights included) in a temporary runs folder, starts
 `streamlit run app.py` on it, and photographs the pages with Debian's Chromium through
 Playwright: Training while a run is live, then Compare, Home and New run.
 
@@ -34,7 +35,6 @@ CHROMIUM = "/usr/bin/chromium"
 CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
                  "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
 VIEWPORT = {"width": 1280, "height": 860}
-DEMO = [("full", {}), ("last_n", {"unfreeze_last": 1}), ("linear_probe", {})]
 
 
 def log(message: str) -> None:
@@ -93,11 +93,10 @@ def shoot(page, url: str, path: Path, wait_for: str | None = None) -> None:
 
 
 def demo_group(runs: Path, epochs: int) -> list[Path]:
-    cfgs = [
-        RunConfig(strategy=s, weights="none", image_size=32, batch_size=32, epochs=epochs,
-                  augment="none", **extra)
-        for s, extra in DEMO
-    ]  # fmt: skip
+    """Enqueues what New run launches with its defaults."""
+    from dashboard.form import DEFAULT_PRESETS, preset_fields
+
+    cfgs = [RunConfig(epochs=epochs, **preset_fields(p)) for p in DEFAULT_PRESETS]
     return runner.enqueue(cfgs, runs, group=True)
 
 
@@ -105,7 +104,7 @@ def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--out", default=str(REPO / "docs" / "screenshots"))
     ap.add_argument("--runs-dir", default=None, help="reuse this runs folder (else a temp one)")
-    ap.add_argument("--epochs", type=int, default=4)
+    ap.add_argument("--epochs", type=int, default=RunConfig().epochs)
     args = ap.parse_args(argv)
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
