@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
+import os
+
 import streamlit as st
 
 from dashboard.common import LIVE_REFRESH_S, PAGES, device_text, setup_page
-from finetune_core import plots, store
+from finetune_core import plots, runner, store
 
 root = setup_page("Home")
 
@@ -131,3 +133,23 @@ if not runs.empty:
                          help="Stop or cancel the run first" if live else "Asks before deleting"):  # fmt: skip
                 st.session_state["confirm_delete"] = run_id
                 st.rerun()
+
+with st.expander("Queue settings"):
+    from_env = os.environ.get("FINETUNE_MAX_PARALLEL")
+    limit = runner.parallel_limit(root)
+    parallel = st.number_input(
+        "Runs trained at once",
+        min_value=1,
+        max_value=16,
+        value=min(limit, 16),
+        step=1,
+        key="max_parallel",
+        disabled=bool(from_env),
+        help="Queued runs start in order, at most this many at a time. One is right for a "
+        "CPU or one GPU shared by a team: runs at once split the same cores or GPU.",
+    )
+    if from_env:
+        st.caption(f"Set by $FINETUNE_MAX_PARALLEL={from_env} for this server.")
+    elif parallel != limit:
+        runner.set_max_parallel(root, int(parallel))
+        st.toast(f"At most {int(parallel)} run(s) at once from now on")

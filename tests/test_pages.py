@@ -96,6 +96,21 @@ def test_home_with_no_runs_explains_itself_and_offers_start_here(runs):
     assert not at.dataframe
 
 
+def test_home_sets_how_many_runs_train_at_once_for_the_queue(runs, monkeypatch):
+    from finetune_core import runner
+
+    monkeypatch.delenv("FINETUNE_MAX_PARALLEL", raising=False)
+    at = page("app.py")
+    assert at.number_input(key="max_parallel").value == 1
+    at.number_input(key="max_parallel").set_value(2).run()
+    assert not at.exception
+    assert runner.parallel_limit(runs) == 2  # the supervisor reads it at every poll
+    monkeypatch.setenv("FINETUNE_MAX_PARALLEL", "3")
+    at = page("app.py")
+    assert at.number_input(key="max_parallel").value == 3
+    assert at.number_input(key="max_parallel").disabled
+
+
 def test_home_lists_every_run_with_a_link_to_its_training_view(runs, worker):
     ids = write_group(runs)
     live = write_run(runs, "20250102-000000-aaaaaa", strategy="bitfit", accs=(0.3,))
