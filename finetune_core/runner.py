@@ -411,7 +411,9 @@ def _reap() -> None:
             _children.remove(proc)
 
 
-def _spawn(args: list[str], log_path: Path, cwd: Path) -> subprocess.Popen:
+def _spawn(
+    args: list[str], log_path: Path, cwd: Path, extra_env: dict[str, str] | None = None
+) -> subprocess.Popen:
     """Starts `python -m finetune_core ARGS` in its own session, output appended to log_path."""
     _reap()
     with open(log_path, "a") as log:
@@ -421,21 +423,32 @@ def _spawn(args: list[str], log_path: Path, cwd: Path) -> subprocess.Popen:
             stdout=log,
             stderr=subprocess.STDOUT,
             cwd=cwd,
-            env=_child_env(),
+            env={**_child_env(), **(extra_env or {})},
             start_new_session=True,  # no SIGINT/SIGHUP from the terminal or server that started it
         )
     _children.append(proc)
     return proc
 
 
-def _start_queued(run_dir: Path) -> subprocess.Popen | None:
+def worker_threads(parallel: int) -> dict[str, str]:
+    """Returns the environment that gives each of `parallel` CPU workers its share of the cores
+    (torch's default is every core per process, which oversubscribes them); {} for one worker
+    or when the user set OMP_NUM_THREADS."""
+    if parallel <= 1 or os.environ.get("OMP_NUM_THREADS"):
+        return {}
+    return {"OMP_NUM_THREADS": str(max(1, (os.cpu_count() or 1) // parallel))}
+
+
+def _start_queued(run_dir: Path, parallel: int = 1) -> subprocess.Popen | None:
     """Starts a worker for a queued run and marks it running with the worker's pid."""
     started: list[subprocess.Popen] = []
 
     def start(status):
         if status.get("state") != "queued":
             return None
-        proc = _spawn(["worker", str(run_dir)], run_dir / "worker.log", run_dir)
+        proc = _spawn(
+            ["worker", str(run_dir)], run_dir / "worker.log", run_dir, worker_threads(parallel)
+        )
         started.append(proc)
         return {
             "state": "running",
@@ -591,9 +604,10 @@ def supervise(
                         ),
                     )
             queued, running = _scan(root)
-            free = parallel_limit(root, max_parallel) - running
+            limit = parallel_limit(root, max_parallel)
+            free = limit - running
             for run_dir in queued[: max(free, 0)]:
-                proc = _start_queued(run_dir)
+                proc = _start_queued(run_dir, limit)
                 if proc is not None:
                     workers[run_dir] = proc
                     running += 1

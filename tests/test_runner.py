@@ -164,3 +164,13 @@ def test_parallel_limit_comes_from_argument_then_environment_then_settings(tmp_p
     monkeypatch.setenv("FINETUNE_MAX_PARALLEL", "2")
     assert runner.parallel_limit(tmp_path) == 2
     assert runner.parallel_limit(tmp_path, 4) == 4
+
+
+def test_parallel_cpu_workers_share_the_cores_instead_of_each_taking_all(monkeypatch):
+    monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+    monkeypatch.setattr(os, "cpu_count", lambda: 8)
+    assert runner.worker_threads(1) == {}
+    assert runner.worker_threads(2) == {"OMP_NUM_THREADS": "4"}
+    assert runner.worker_threads(16) == {"OMP_NUM_THREADS": "1"}
+    monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
+    assert runner.worker_threads(2) == {}
