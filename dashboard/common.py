@@ -81,7 +81,7 @@ def _ensure_supervisor(root: str) -> None:
         )
 
 
-@st.cache_resource
+@st.cache_resource(show_spinner="Looking for a GPU (the first page load imports torch)…")
 def device_text() -> str:
     """Returns the device runs use by default: the GPU's name and memory, else the CPU."""
     import torch

@@ -75,7 +75,7 @@ def settle(page, seconds: float = 2.0) -> None:
     height = "() => document.querySelector('[data-testid=\"stMain\"]').scrollHeight"
     quiet, last = 0.0, None
     while quiet < seconds:
-        busy = page.locator('[data-testid="stStatusWidget"]').count() > 0
+        busy = page.locator('[data-testid="stStatusWidget"], [data-testid="stSpinner"]').count()
         now = page.evaluate(height)
         quiet = 0.0 if busy or now != last else quiet + 0.2
         last = now
