@@ -44,6 +44,8 @@ def main() -> int:
     from finetune_core.engine import pick_device
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
+    from run import cpu_model  # bench/run.py, beside this file
+
     from dashboard.form import DEFAULT_PRESETS, preset_fields
 
     figures: dict[str, float] = {}
@@ -75,7 +77,8 @@ def main() -> int:
                      summary.get("train_time_s")))  # fmt: skip
 
     cfg = cfgs[0]
-    print(f"\nmachine: {platform.machine()} {_cpu()} | {os.cpu_count()} CPUs | "
+    cpu = cpu_model() or platform.processor()
+    print(f"\nmachine: {platform.machine()} {cpu} | {os.cpu_count()} CPUs | "
           f"device {pick_device('auto')} | {args.model}, {cfg.image_size} px, batch "
           f"{cfg.batch_size}, {cfg.epochs} epochs, augment {cfg.augment}\n")  # fmt: skip
     print("| step | seconds |\n|---|---|")
@@ -90,17 +93,6 @@ def main() -> int:
     if not args.keep:
         print(f"\n(the runs are in {work}; delete it when done)")
     return 0 if all(r[1] == "completed" for r in rows) else 1
-
-
-def _cpu() -> str:
-    try:
-        with open("/proc/cpuinfo", encoding="utf-8") as f:
-            for line in f:
-                if line.startswith("model name"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return platform.processor() or "cpu"
 
 
 if __name__ == "__main__":

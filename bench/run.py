@@ -615,7 +615,7 @@ def bench_end_to_end(args, name: str, device: torch.device, log) -> dict:
 
 
 # --- report ----------------------------------------------------------------------------------
-def _cpu_model() -> str | None:
+def cpu_model() -> str | None:
     """Returns the CPU's model name from /proc/cpuinfo (Linux), or None."""
     try:
         with open("/proc/cpuinfo", encoding="utf-8", errors="replace") as f:
@@ -631,7 +631,7 @@ def environment(device: torch.device) -> dict:
     if device.type == "cuda":
         name = torch.cuda.get_device_name(device)
     else:
-        name = _cpu_model() or platform.processor() or platform.machine() or "cpu"
+        name = cpu_model() or platform.processor() or platform.machine() or "cpu"
     return {
         "device": f"{device.type} ({name})",
         "torch": torch.__version__,
