@@ -34,8 +34,11 @@ def measure(cfg_dict: dict, num_classes: int) -> dict:
 
     cfg = from_dict({k: v for k, v in cfg_dict.items() if k != "env"})
     device = engine.pick_device(cfg.device)
+    amp_dtype, channels_last = engine.speed_settings(device)  # as the run will train
     base_rss = _rss_bytes()
     parts = models.create_model(cfg.model, num_classes, image_size=cfg.image_size, device=device)
+    if channels_last:
+        parts.model.to(memory_format=torch.channels_last)
     plan = strategies.make_plan(cfg, parts)
     phase = max(plan.phases, key=lambda p: p.trainable_params)
     strategies.apply_phase(parts, phase, bitfit=cfg.strategy == "bitfit")
@@ -43,6 +46,8 @@ def measure(cfg_dict: dict, num_classes: int) -> dict:
     opt = engine.make_optimizer(cfg, strategies.optimizer_groups(cfg, parts, plan))
     gen = torch.Generator().manual_seed(0)
     x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=gen).to(device)
+    if channels_last:
+        x = x.contiguous(memory_format=torch.channels_last)
     y = torch.randint(0, num_classes, (cfg.batch_size,), generator=gen).to(device)
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
@@ -53,7 +58,8 @@ def measure(cfg_dict: dict, num_classes: int) -> dict:
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
         opt.zero_grad(set_to_none=True)
-        loss = loss_fn(parts.model(x), y)
+        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
+            loss = loss_fn(parts.model(x), y)
         loss.backward()
         opt.step()
         if device.type == "cuda":
