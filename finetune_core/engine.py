@@ -194,7 +194,7 @@ def speed_settings(device: torch.device) -> tuple[torch.dtype | None, bool]:
 
     CUDA: bf16 autocast (fp16 with a GradScaler where bf16 is missing). channels_last on CUDA
     and CPU: faster convolutions there (bench/run.py on a 2-core AMD EPYC: ResNet-18 full
-    training 1.17x the NCHW loop instead of 0.97x); MPS stays NCHW, fp32.
+    training 1.11-1.17x the NCHW loop instead of 0.97x); MPS stays NCHW, fp32.
     """
     amp = None
     if device.type == "cuda":
