@@ -17,12 +17,9 @@ from __future__ import annotations
 import argparse
 import os
 import signal
-import socket
-import subprocess
 import sys
 import tempfile
 import time
-import urllib.request
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
@@ -31,41 +28,14 @@ sys.path.insert(0, str(REPO))
 from finetune_core import runner, store  # noqa: E402
 from finetune_core.config import RunConfig  # noqa: E402
 
-CHROMIUM = "/usr/bin/chromium"
-CHROMIUM_ARGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking",
-                 "--disable-component-update", "--disable-sync", "--no-first-run"]  # fmt: skip
+# The browser test's server and browser helpers: one way to start and reach the dashboard.
+from tests.dashboard_fixtures import CHROMIUM, CHROMIUM_ARGS, free_port, start_server  # noqa: E402
+
 VIEWPORT = {"width": 1280, "height": 860}
 
 
 def log(message: str) -> None:
     print(f"{time.strftime('%H:%M:%S')} {message}", flush=True)
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def start_server(env: dict, port: int, log_path: Path) -> subprocess.Popen:
-    """Starts the dashboard and returns once it answers its health check."""
-    out = open(log_path, "ab")  # noqa: SIM115 - lives as long as the server
-    proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true",
-         "--server.fileWatcherType", "none"],
-        cwd=REPO, env=env, stdout=out, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
-    direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))  # a local server
-    for _ in range(300):
-        try:
-            with direct.open(f"http://127.0.0.1:{port}/_stcore/health", timeout=2):
-                return proc
-        except OSError:
-            if proc.poll() is not None:
-                raise SystemExit(f"streamlit exited: see {log_path}") from None
-            time.sleep(0.2)
-    raise SystemExit(f"streamlit did not start: see {log_path}")
 
 
 def settle(page, seconds: float = 2.0) -> None:
