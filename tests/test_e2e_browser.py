@@ -155,14 +155,25 @@ def user_journey(page, url: str, runs: Path) -> None:
     assert set(store.list_runs(runs)["state"]) == {"completed"}
     assert re.search(r"is best with \d+\.\d % val accuracy", headline), headline
     assert any(s in headline for s in ("full", "last_n 1", "linear_probe"))
-    titles = plot_titles(page)
-    for expected in (
+    # The page's last rerun (live -> final) may still be drawing the charts below the fold:
+    # read them once they have settled, then assert.
+    wanted = (
         "Accuracy vs trainable parameters",
         "Accuracy vs train time",
         "Val accuracy (%) by",
         "Val loss by",
         "Per-class accuracy",
         "Confusion matrices",
-    ):
+    )
+    wait_idle(page)
+    deadline = time.time() + 30
+    while True:
+        titles = plot_titles(page)
+        points = plot_points(page, "Val accuracy (%) by")
+        drawn = all(sum(t.startswith(w) for t in titles) == 1 for w in wanted)
+        if (drawn and points == 3 * 2) or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    for expected in wanted:
         assert sum(t.startswith(expected) for t in titles) == 1, (expected, titles)
-    assert plot_points(page, "Val accuracy (%) by") == 3 * 2  # three runs, two epochs
+    assert points == 3 * 2, points  # three runs, two epochs
