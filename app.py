@@ -48,8 +48,19 @@ def _runs_table(was_live: bool) -> None:
         time=[plots.fmt_duration(t) if t == t else "–" for t in runs["train_time_s"]],
         disk=[plots.fmt_bytes(b) for b in runs["disk_bytes"]],
     )
-    columns = ["open", "name", "model", "strategy", "state", "best_val_acc", "trainable_pct",
-               "time", "disk", "compare", "created_at"]  # fmt: skip
+    columns = [
+        "open",
+        "name",
+        "model",
+        "strategy",
+        "state",
+        "best_val_acc",
+        "trainable_pct",
+        "time",
+        "disk",
+        "compare",
+        "created_at",
+    ]
     st.dataframe(
         table[columns],
         hide_index=True,
@@ -112,8 +123,10 @@ if not runs.empty:
         st.page_link(PAGES["training"], label="Open in Training", query_params={"run": run_id})
     with c3:
         if st.session_state.get("confirm_delete") == run_id:
-            st.warning(f"Delete run {run_id} and its checkpoints ({plots.fmt_bytes(row['disk_bytes'])})? "
-                       "This cannot be undone.")  # fmt: skip
+            st.warning(
+                f"Delete run {run_id} and its checkpoints ({plots.fmt_bytes(row['disk_bytes'])})? "
+                "This cannot be undone."
+            )
             y, n = st.columns(2)
             if y.button("Yes, delete", type="primary", key="delete_yes"):
                 try:
@@ -129,8 +142,12 @@ if not runs.empty:
                 st.rerun()
         else:
             live = row["state"] in store.LIVE_STATES
-            if st.button("Delete…", key="delete", disabled=live,
-                         help="Stop or cancel the run first" if live else "Asks before deleting"):  # fmt: skip
+            if st.button(
+                "Delete…",
+                key="delete",
+                disabled=live,
+                help="Stop or cancel the run first" if live else "Asks before deleting",
+            ):
                 st.session_state["confirm_delete"] = run_id
                 st.rerun()
 

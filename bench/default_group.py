@@ -39,28 +39,28 @@ def main() -> int:
     for knob in ("FINETUNE_BUILTIN_EPOCHS", "FINETUNE_BUILTIN_MAX_STEPS"):
         os.environ.pop(knob, None)  # the real recipe
 
-    from finetune_core import data, runner, store, weights
+    from finetune_core import data, pretrain, runner, store, strategies
     from finetune_core.config import RunConfig
-    from finetune_core.engine import pick_device
+    from finetune_core.device import pick_device
+    from finetune_core.weights import builtin
 
     sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
     from run import cpu_model  # bench/run.py, beside this file
 
-    from dashboard.form import DEFAULT_PRESETS, preset_fields
-
     figures: dict[str, float] = {}
     t0 = time.monotonic()
     data.inspect_data("builtin:shapes")
-    data.inspect_data(weights.BUILTIN_SOURCE)
+    data.inspect_data(builtin.BUILTIN_SOURCE)
     figures["generate built-in datasets (s)"] = time.monotonic() - t0
 
     print(f"pretraining builtin weights for {args.model} (estimate: "
-          f"{weights.estimate_builtin_seconds(args.model):.0f} s)...", flush=True)  # fmt: skip
+          f"{pretrain.estimate_seconds(args.model):.0f} s)...", flush=True)  # fmt: skip
     t0 = time.monotonic()
-    weights.load_backbone_state("builtin", args.model, num_classes=6)
+    pretrain.ensure_builtin(args.model)
     figures["builtin weights, first use (s)"] = time.monotonic() - t0
 
-    cfgs = [RunConfig(model=args.model, **preset_fields(p)) for p in DEFAULT_PRESETS]
+    presets = strategies.DEFAULT_COMPARISON
+    cfgs = [RunConfig(model=args.model, **strategies.preset_fields(p)) for p in presets]
     runs_dir = work / "runs"
     t0 = time.monotonic()
     run_dirs = runner.enqueue(cfgs, runs_dir)
@@ -71,7 +71,7 @@ def main() -> int:
         time.sleep(1)
     figures["default group, enqueue to last run done (s)"] = time.monotonic() - t0
     rows = []
-    for preset, d in zip(DEFAULT_PRESETS, run_dirs, strict=True):
+    for preset, d in zip(presets, run_dirs, strict=True):
         summary = store.read_summary(d) or {}
         rows.append((preset, store.read_status(d).get("state"), summary.get("best_val_acc"),
                      summary.get("train_time_s")))  # fmt: skip

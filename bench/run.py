@@ -39,6 +39,7 @@ import torchvision  # noqa: E402
 
 from bench import plain_loop  # noqa: E402
 from finetune_core import data, engine, models, store  # noqa: E402
+from finetune_core.device import pick_device  # noqa: E402
 from finetune_core.config import RunConfig  # noqa: E402
 
 NUM_CLASSES = 10  # synthetic labels
@@ -128,6 +129,9 @@ class Timed(engine.Callback):
 
     def on_train_record(self, trainer, record):
         self._timed("on_train_record", trainer, record)
+
+    def on_eval_record(self, trainer, record):
+        self._timed("on_eval_record", trainer, record)
 
     def on_epoch_end(self, trainer, record):
         self._timed("on_epoch_end", trainer, record)
@@ -554,7 +558,7 @@ def _target(args, model: str, key: str) -> dict:
 def bench_end_to_end(args, name: str, device: torch.device, log) -> dict:
     """builtin:shapes through each side's own data path: the plain loop's ImageFolder +
     transforms in DataLoader workers vs the engine's decode-once tensors + tensor augment."""
-    from finetune_core import shapes
+    from finetune_core.data import shapes
 
     bs = batch_size(args, name, device)
     cfg = RunConfig(
@@ -821,7 +825,7 @@ def parse_args(argv=None) -> argparse.Namespace:
     p.add_argument("--quiet", action="store_true", help="no progress lines on stderr")
     args = p.parse_args(argv)
 
-    device = engine.pick_device(args.device)
+    device = pick_device(args.device)
     args.device = device.type
     args.device_type = device.type
     gpu = device.type != "cpu"

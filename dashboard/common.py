@@ -7,7 +7,8 @@ from pathlib import Path
 
 import streamlit as st
 
-from finetune_core import store
+from finetune_core import runner, store
+from finetune_core.util.files import read_json
 
 PAGES = {
     "home": "app.py",
@@ -56,7 +57,7 @@ def _has_queued(root: Path) -> bool:
         return False
     for e in entries:
         if e.is_dir() and not e.name.startswith("."):
-            status = store.read_json(Path(e.path) / "status.json")
+            status = read_json(Path(e.path) / "status.json")
             if isinstance(status, dict) and status.get("state") == "queued":
                 return True
     return False
@@ -70,8 +71,6 @@ def _ensure_supervisor(root: str) -> None:
     process is started (launching and resuming start one themselves).
     """
     try:
-        from finetune_core import runner
-
         if _has_queued(Path(root)):
             runner.ensure_supervisor(root)
     except Exception as e:  # the page still shows what exists; say why the queue may stall
@@ -84,30 +83,9 @@ def _ensure_supervisor(root: str) -> None:
 @st.cache_resource(show_spinner="Looking for a GPU (the first page load imports torch)…")
 def device_text() -> str:
     """Returns the device runs use by default: the GPU's name and memory, else the CPU."""
-    import torch
+    from finetune_core import device  # torch, once per server
 
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        more = f" (+{torch.cuda.device_count() - 1} more)" if torch.cuda.device_count() > 1 else ""
-        return f"GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB memory{more}"
-    mps = getattr(torch.backends, "mps", None)
-    if mps is not None and mps.is_available():
-        return "Apple GPU (MPS)"
-    cores = os.cpu_count() or 1
-    mem = _memory_gib()
-    mem_text = f", {mem:.0f} GiB memory" if mem else ""
-    return f"CPU: {cores} core{'s' if cores != 1 else ''}{mem_text} (no GPU found)"
-
-
-def _memory_gib() -> float | None:
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
+    return device.summary()
 
 
 def state_text(state: str | None) -> str:
@@ -126,15 +104,6 @@ def show_errors(errors: dict[str, str], field: str) -> None:
         st.error(f"**{field.replace('_', ' ')}**: {errors[field]}", icon=":material/error:")
 
 
-def run_choice_labels(runs, root: Path) -> dict[str, str]:
+def run_choice_labels(runs) -> dict[str, str]:
     """Returns {run_id: 'name or strategy (with its option) · model · run_id'} for pickers."""
-    from finetune_core import plots
-
-    labels = {}
-    for r in runs.itertuples():
-        try:
-            what = r.name or plots.strategy_label(store.read_config(root / r.run_id))
-        except store.RunError:
-            what = r.strategy
-        labels[r.run_id] = f"{what} · {r.model} · {r.run_id}"
-    return labels
+    return {r.run_id: f"{r.name or r.strategy} · {r.model} · {r.run_id}" for r in runs.itertuples()}

@@ -8,25 +8,24 @@ or a server restart gives the form back as the user left it.
 
 from __future__ import annotations
 
-import inspect
 import json
-import re
+import os
 import time
-from dataclasses import fields
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
-from finetune_core import store
-from finetune_core.config import RunConfig, from_dict
+from finetune_core import strategies
+from finetune_core.config import OPTIONS, ConfigError, RunConfig, from_dict
+from finetune_core.util.files import read_json, write_json_atomic
 
 FORM_FILE = ".form_state.json"
 PREFIX = "f_"
 
 # Strategies a comparison group can hold; the defaults answer "full vs partial".
-PRESETS = ("full", "last_n 1", "last_n 2", "last_n 3", "linear_probe", "gradual", "lp_ft", "bitfit")
-DEFAULT_PRESETS = ["full", "last_n 1", "linear_probe"]
+PRESETS = tuple(strategies.presets())
+DEFAULT_PRESETS = list(strategies.DEFAULT_COMPARISON)
 
 WEIGHT_CHOICES = {
     "default": "ImageNet (torchvision)",
@@ -42,44 +41,21 @@ DATA_CHOICES = {
     "torchvision": "A torchvision dataset",
 }
 
-_EXTRA_HELP = {
-    "epochs": "passes over the training images",
-    "batch_size": "images per optimizer step; lower it when memory runs out",
-    "seed": "fixes the split, the head's initialisation and the augmentation; same seed, same run",
-    "name": "optional; shown instead of the strategy in tables and charts",
-    "optimizer": "sgd uses momentum 0.9; adamw decouples weight decay",
-    "weight_decay": "L2 penalty the optimizer applies to the weights that train",
-    "compile": "torch.compile the model: slower start, faster steps on a GPU",
-    "freeze_bn": "keep BatchNorm running statistics fixed even in the groups that train",
-}
-
-
-def _comments() -> dict[str, str]:
-    """Returns {field: its comment in RunConfig's source} (the help text, written once)."""
-    source = inspect.getsource(RunConfig)
-    found = {}
-    for line in source.splitlines():
-        m = re.match(r"\s+(\w+): [^=]+=.*?#\s*(.+)$", line)
-        if m:
-            found[m.group(1)] = m.group(2).strip()
-    return found
-
-
-_COMMENTS = _comments()
-
 
 def field_help(name: str) -> str:
-    """Returns the help text of a RunConfig field: its source comment and what it is for."""
-    parts = [p for p in (_COMMENTS.get(name), _EXTRA_HELP.get(name)) if p]
-    default = getattr(RunConfig(), name, None)
-    text = "; ".join(parts) if parts else name.replace("_", " ")
-    return f"{text}. Default: {default!r}."
+    """Returns the help text of a RunConfig field: what it is, and its default."""
+    option = OPTIONS[name]
+    return f"{option.help}. Default: {option.default!r}."
+
+
+def field_label(name: str) -> str:
+    """Returns the form's label of a RunConfig field."""
+    return OPTIONS[name].label or name.replace("_", " ")
 
 
 def defaults(weights_choice: str) -> dict[str, Any]:
     """Returns the form's first values: RunConfig's defaults plus the UI's own choices."""
-    values = {PREFIX + f.name: getattr(RunConfig(), f.name) for f in fields(RunConfig)}
-    values.pop(PREFIX + "group")
+    values = {PREFIX + name: o.default for name, o in OPTIONS.items() if o.flag}
     values.update(
         {
             PREFIX + "weights_choice": weights_choice,
@@ -99,7 +75,7 @@ def defaults(weights_choice: str) -> dict[str, Any]:
 
 def load(root: Path) -> dict[str, Any]:
     """Returns the saved form values ({} when none or unreadable)."""
-    data = store.read_json(Path(root) / FORM_FILE)
+    data = read_json(Path(root) / FORM_FILE)
     return data if isinstance(data, dict) else {}
 
 
@@ -142,14 +118,14 @@ def save(root: Path) -> None:
     if merged != saved:
         merged["_saved_at"] = time.time()
         Path(root).mkdir(parents=True, exist_ok=True)
-        store.write_json_atomic(Path(root) / FORM_FILE, merged)
+        write_json_atomic(Path(root) / FORM_FILE, merged)
 
 
 def apply_config(config: dict[str, Any], data_roots: list[str]) -> None:
     """Sets the form to a run's config (clone): every field, weights and data choices."""
-    for f in fields(RunConfig):
-        if f.name in config and f.name != "group":
-            st.session_state[PREFIX + f.name] = config[f.name]
+    for name, option in OPTIONS.items():
+        if name in config and option.flag:
+            st.session_state[PREFIX + name] = config[name]
     w = str(config.get("weights", "builtin"))
     if w in ("default", "builtin", "none"):
         st.session_state[PREFIX + "weights_choice"] = w
@@ -188,8 +164,6 @@ def _split_under_roots(path: str, roots: list[str]) -> tuple[str, str]:
 def data_roots() -> list[str]:
     """Returns the folders below which server data folders may be chosen
     ($FINETUNE_DATA_ROOTS, colon-separated; existing folders only)."""
-    import os
-
     raw = os.environ.get("FINETUNE_DATA_ROOTS", "")
     return [r for r in raw.split(os.pathsep) if r.strip() and Path(r).expanduser().is_dir()]
 
@@ -241,22 +215,13 @@ def data_spec(state, roots: list[str]) -> tuple[str, str | None]:
     return "builtin:shapes", None
 
 
-def preset_fields(preset: str) -> dict[str, Any]:
-    """Returns the RunConfig fields a comparison preset sets: 'last_n 2' -> last_n, k=2."""
-    name, _, k = preset.partition(" ")
-    out: dict[str, Any] = {"strategy": name}
-    if k:
-        out["unfreeze_last"] = int(k)
-    return out
-
-
 def base_values(state) -> dict[str, Any]:
     """Returns the RunConfig fields the form holds (weights and data excluded)."""
     out = {}
-    for f in fields(RunConfig):
-        key = PREFIX + f.name
-        if f.name not in ("group", "weights", "data") and key in state:
-            out[f.name] = state[key]
+    for name, option in OPTIONS.items():
+        key = PREFIX + name
+        if option.flag and name not in ("weights", "data") and key in state:
+            out[name] = state[key]
     return out
 
 
@@ -270,7 +235,10 @@ def build_configs(state, weights: str, data: str) -> list[tuple[str, RunConfig]]
     out = []
     name = values.get("name") or ""
     for preset in state.get(PREFIX + "compare_set") or []:
-        v = {**values, **preset_fields(preset)}
+        try:
+            v = {**values, **strategies.preset_fields(preset)}
+        except ValueError as e:  # a form saved by another version
+            raise ConfigError({"strategy": str(e)}) from None
         v["name"] = f"{name} · {preset}" if name else ""
         out.append((preset, from_dict(v)))
     return out

@@ -5,46 +5,25 @@ worker | queue | models.
 flag), then runs the same worker body as the dashboard's queue, in the foreground, with a
 progress bar on stderr; the absolute run folder is the last line of stdout. Exit codes:
 0 completed, 1 failed, 2 invalid input, 130 stopped.
+
+Commands that only read runs (list, show, compare, stop) never load torch: the commands
+that train import the engine when they run.
 """
 
 from __future__ import annotations
 
 import argparse
-import dataclasses
-import inspect
 import json
 import os
-import re
 import sys
 import time
 from pathlib import Path
 from typing import Any
 
 from finetune_core import config, runner, store
+from finetune_core.callbacks import Callback
 from finetune_core.config import ConfigError, RunConfig
-
-# Fields that are not flags of `train`: group is set by the queue for runs launched together.
-_NOT_FLAGS = ("group",)
-_CHOICES = {
-    "strategy": config.STRATEGIES,
-    "optimizer": config.OPTIMIZERS,
-    "scheduler": config.SCHEDULERS,
-    "augment": config.AUGMENTS,
-    "balance": config.BALANCES,
-    "device": config.DEVICES,
-}
-
-
-def _field_help() -> dict[str, str]:
-    """Returns the comment after each RunConfig field, used as the flag's help."""
-    try:
-        source = inspect.getsource(RunConfig)
-    except (OSError, TypeError):
-        return {}
-    found = {}
-    for match in re.finditer(r"^\s+(\w+): [^=\n]+=[^#\n]*#\s*(.+)$", source, re.MULTILINE):
-        found[match.group(1)] = match.group(2).strip()
-    return found
+from finetune_core.util.durations import Eta, fmt_clock
 
 
 def flag(name: str) -> str:
@@ -53,21 +32,17 @@ def flag(name: str) -> str:
 
 
 def _add_config_flags(parser: argparse.ArgumentParser) -> None:
-    helps = _field_help()
-    defaults = RunConfig()
-    for f in dataclasses.fields(RunConfig):
-        if f.name in _NOT_FLAGS:
+    for name, option in config.OPTIONS.items():
+        if not option.flag:
             continue
-        default = getattr(defaults, f.name)
-        text = helps.get(f.name, "")
-        if f.name in _CHOICES:
-            text = "one of " + ", ".join(_CHOICES[f.name])
-        text = f"{text} (default: {default!r})" if text else f"default: {default!r}"
-        text = text.replace("%", "%%")  # argparse formats help with %
-        if f.type in ("bool", bool):
+        text = option.help
+        if option.choices is not None:
+            text = f"one of {', '.join(option.allowed())}: {text}"
+        text = f"{text} (default: {option.default!r})".replace("%", "%%")  # argparse's %
+        if isinstance(option.default, bool):
             parser.add_argument(
-                flag(f.name),
-                dest=f.name,
+                flag(name),
+                dest=name,
                 action=argparse.BooleanOptionalAction,
                 default=None,
                 help=text,
@@ -75,7 +50,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
         else:
             # Values stay strings here; config.from_dict converts them and names the flag
             # when one is not a number, like any other invalid value.
-            parser.add_argument(flag(f.name), dest=f.name, default=None, help=text)
+            parser.add_argument(flag(name), dest=name, default=None, help=text)
 
 
 def _error_label(key: str) -> str:
@@ -106,9 +81,9 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
             )
             raise ConfigError({"config": f"{args.config}: {problems}"}) from None
     given = {
-        f.name: getattr(args, f.name)
-        for f in dataclasses.fields(RunConfig)
-        if f.name not in _NOT_FLAGS and getattr(args, f.name, None) is not None
+        name: getattr(args, name)
+        for name, option in config.OPTIONS.items()
+        if option.flag and getattr(args, name, None) is not None
     }
     return config.from_dict(given, base=base)
 
@@ -117,16 +92,7 @@ def config_from_args(args: argparse.Namespace) -> RunConfig:
 # Progress bar
 
 
-def _clock(seconds: float | None) -> str:
-    if seconds is None or seconds != seconds or seconds < 0:
-        return "--:--"
-    seconds = int(round(seconds))
-    h, rest = divmod(seconds, 3600)
-    m, s = divmod(rest, 60)
-    return f"{h}:{m:02d}:{s:02d}" if h else f"{m:02d}:{s:02d}"
-
-
-class ProgressBar(store._Callback):
+class ProgressBar(Callback):
     """Draws one plain-text line on stderr: epoch, step/total, loss, acc, ETA (<= 5 a second)."""
 
     def __init__(self, stream=None, min_interval_s: float = 0.2, width: int = 24):
@@ -136,26 +102,19 @@ class ProgressBar(store._Callback):
         self.loss = None
         self.acc = None
         self._last = 0.0
-        self._t0 = time.monotonic()
-        self._step0 = 0
+        self.eta = Eta()
         self._drawn = False
 
     def _line(self, trainer) -> str:
-        step = int(getattr(trainer, "step", 0) or 0)
-        total = int(getattr(trainer, "total_steps", 0) or 0)
-        epochs = getattr(getattr(trainer, "cfg", None), "epochs", "?")
-        done = step - self._step0
-        eta = None
-        if total and done > 0:
-            eta = (time.monotonic() - self._t0) / done * max(total - step, 0)
+        step, total = trainer.step, trainer.total_steps
         filled = int(self.width * step / total) if total else 0
         bar = "#" * filled + "." * (self.width - filled)
-        parts = [f"epoch {getattr(trainer, 'epoch', '?')}/{epochs}", f"[{bar}] {step}/{total}"]
+        parts = [f"epoch {trainer.epoch}/{trainer.cfg.epochs}", f"[{bar}] {step}/{total}"]
         if self.loss is not None:
             parts.append(f"loss {self.loss:.4f}")
         if self.acc is not None:
             parts.append(f"acc {100 * self.acc:5.1f}%")
-        parts.append(f"ETA {_clock(eta)}")
+        parts.append(f"ETA {fmt_clock(self.eta.left(step, total))}")
         return "  ".join(parts)
 
     def _draw(self, trainer) -> None:
@@ -171,8 +130,7 @@ class ProgressBar(store._Callback):
             self._drawn = False
 
     def on_fit_start(self, trainer) -> None:
-        self._t0 = time.monotonic()
-        self._step0 = int(getattr(trainer, "step", 0) or 0)
+        self.eta.start(trainer.step)
 
     def on_train_record(self, trainer, record) -> None:
         self.loss = record.get("loss")
@@ -185,18 +143,13 @@ class ProgressBar(store._Callback):
             self._last = now
 
     def on_epoch_end(self, trainer, record) -> None:
-        if not record or record.get("split") != "val":
-            return
         self._draw(trainer)
         self._newline()
-        if record.get("acc") is not None:
-            epochs = getattr(getattr(trainer, "cfg", None), "epochs", "?")
-            self.stream.write(
-                f"epoch {getattr(trainer, 'epoch', '?')}/{epochs} done: "
-                f"val loss {record.get('loss', float('nan')):.4f}  "
-                f"val acc {100 * record['acc']:.1f}%\n"
-            )
-            self.stream.flush()
+        self.stream.write(
+            f"epoch {trainer.epoch}/{trainer.cfg.epochs} done: "
+            f"val loss {record['loss']:.4f}  val acc {100 * record['acc']:.1f}%\n"
+        )
+        self.stream.flush()
 
     def on_fit_end(self, trainer, summary) -> None:
         self._newline()
@@ -207,7 +160,9 @@ class ProgressBar(store._Callback):
 
 
 def _run_in_foreground(run_dir: Path) -> int:
-    code = runner.run_worker(run_dir, callbacks=[ProgressBar()], echo=True)
+    from finetune_core import worker  # the engine and torch: only for commands that train
+
+    code = worker.run_worker(run_dir, callbacks=[ProgressBar()], echo=True)
     status = store.read_status(run_dir)
     if code == runner.EXIT_FAILED:
         print(f"error: run failed: {status.get('message')}", file=sys.stderr)
@@ -224,7 +179,9 @@ def cmd_train(args) -> int:
     except ConfigError as e:
         _report(e.errors)
         return runner.EXIT_INVALID
-    errors = config.validate(cfg, runs_dir=root, deep=True)
+    from finetune_core import preflight  # the models, data and weights checks need torch
+
+    errors = preflight.validate(cfg, runs_dir=root)
     if errors:
         _report(errors)
         return runner.EXIT_INVALID
@@ -248,7 +205,9 @@ def cmd_resume(args) -> int:
 
 
 def cmd_worker(args) -> int:
-    return runner.run_worker(store.resolve_run(args.run_dir, store.runs_dir(args.runs_dir)))
+    from finetune_core import worker
+
+    return worker.run_worker(store.resolve_run(args.run_dir, store.runs_dir(args.runs_dir)))
 
 
 def cmd_queue(args) -> int:
@@ -280,11 +239,11 @@ def cmd_list(args) -> int:
 
 def _plan_text(cfg: RunConfig, summary: dict[str, Any] | None) -> str:
     try:
-        from finetune_core import data, strategies
+        from finetune_core import data, preflight  # builds the model on the meta device
 
         classes = (summary or {}).get("classes")
         num_classes = len(classes) if classes else len(data.inspect_data(cfg.data).classes)
-        return strategies.plan_for(cfg, num_classes).to_frame().to_string(index=False)
+        return preflight.plan_for(cfg, num_classes).to_frame().to_string(index=False)
     except Exception as e:  # noqa: BLE001 - the plan is extra information for `show`
         return f"(the plan is not available: {e})"
 

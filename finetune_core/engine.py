@@ -1,65 +1,40 @@
 """The training engine: `prepare()` loads data, weights and model; `fit()` trains and evaluates.
 
-Read in order: pick_device, prepare, make_optimizer, make_scheduler, train_one_epoch,
-evaluate, fit. Everything that is not the loop itself (writing metrics, status, stopping,
-gradual unfreezing) is a Callback.
+Read in order: prepare, make_optimizer, lr_factor, Trainer (train_step, train_one_epoch,
+evaluate, the feature cache, checkpoints, fit). Everything that is not the loop itself
+(writing metrics, status, stopping, gradual unfreezing) is a Callback (callbacks.py).
+The `builtin` weights must be cached before `prepare` (pretrain.ensure_builtin; every run
+started by the CLI or the dashboard does that first).
 """
 
 from __future__ import annotations
 
 import contextlib
 import math
-import os
 import time
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
+from safetensors.torch import load_file, save_file
 from torch import nn
 
 from finetune_core import data as data_mod
-from finetune_core import metrics, models, strategies
+from finetune_core import metrics, models, strategies, weights
+from finetune_core.callbacks import Callback, StopTraining, make_record
 from finetune_core.config import RunConfig
+from finetune_core.device import pick_device, speed_settings
+from finetune_core.strategies.l2sp import L2SP
+from finetune_core.util.files import atomic_write
+
+__all__ = ["Callback", "Experiment", "StopTraining", "Trainer", "TrainingFailed", "fit", "prepare"]
 
 TRAIN_RECORD_EVERY = 10  # steps between train records (and at least RECORD_SECONDS)
 RECORD_SECONDS = 0.5
 
 
-class StopTraining(Exception):
-    """Raised by a callback to stop: the engine saves a checkpoint and ends as "stopped"."""
-
-
 class TrainingFailed(RuntimeError):
     """The run cannot go on (a non-finite loss, ...); the message says what to do."""
-
-
-class Callback:
-    """Hooks around the loop; every method is a no-op unless overridden."""
-
-    def on_fit_start(self, trainer: Trainer) -> None: ...
-    def on_batch_end(self, trainer: Trainer) -> None: ...
-    def on_train_record(self, trainer: Trainer, record: dict) -> None: ...
-    def on_epoch_end(self, trainer: Trainer, record: dict) -> None: ...
-    def on_fit_end(self, trainer: Trainer, summary: dict) -> None: ...
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """Returns the torch device for "auto" (cuda, then mps, then cpu) or an explicit name."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise TrainingFailed(
-            "device cuda was asked for but no CUDA GPU is available; use auto or cpu"
-        )
-    if name == "mps" and not (
-        getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()
-    ):
-        raise TrainingFailed("device mps was asked for but is not available; use auto or cpu")
-    return torch.device(name)
 
 
 @dataclass
@@ -78,10 +53,24 @@ class Experiment:
         return len(self.data.classes)
 
 
+def build_model(
+    cfg: RunConfig, num_classes: int, *, backbone_state=None, device=None
+) -> models.ModelParts:
+    """Returns the model for cfg: torchvision's architecture with the backbone state loaded,
+    a new head for num_classes, as the strategy prepares it for training."""
+    parts = models.create_model(
+        cfg.model,
+        num_classes,
+        image_size=cfg.image_size,
+        backbone_state=backbone_state,
+        device=device,
+    )
+    strategies.get(cfg.strategy).prepare(parts, cfg)
+    return parts
+
+
 def prepare(cfg: RunConfig, *, runs_dir=None, progress=None) -> Experiment:
     """Returns an Experiment: data decoded once, weights loaded, model built for K classes."""
-    from finetune_core import weights
-
     spec = models.input_spec(cfg.model)
     device = pick_device(cfg.device)
     data = data_mod.load_data(
@@ -97,13 +86,9 @@ def prepare(cfg: RunConfig, *, runs_dir=None, progress=None) -> Experiment:
         cfg.weights, cfg.model, num_classes=len(data.classes), runs_dir=runs_dir, progress=progress
     )
     torch.manual_seed(cfg.seed)  # the new head's initialisation is part of the run's seed
-    parts = models.create_model(
-        cfg.model, len(data.classes), image_size=cfg.image_size, backbone_state=state
-    )
-    if state is not None and cfg.weights not in ("default", "builtin"):
-        # A file or an earlier run for the same classes keeps its trained head (load_backbone_state
-        # has already dropped it when the class count differs); ImageNet's and the source task's
-        # heads are for other classes.
+    parts = build_model(cfg, len(data.classes), backbone_state=state)
+    if state is not None and weights.keeps_trained_head(cfg.weights):
+        # load_backbone_state has already dropped a head trained for another class count
         head = {k: v for k, v in state.items() if k.startswith(parts.head + ".")}
         if head:
             parts.model.load_state_dict(head, strict=False)
@@ -174,38 +159,32 @@ class _Recorder:
             )
         t = self.trainer
         seconds = max(time.perf_counter() - self.since, 1e-9)
-        record = {
-            "split": "train",
-            "epoch": t.epoch,
-            "step": t.step,
-            "loss": float(losses.mean()),
-            "acc": float(torch.stack(self.correct).sum()) / self.images,
-            "acc5": None,
-            "lr": t.head_lr(),
-            "time_s": round(t.elapsed(), 3),
-            "images_per_s": round(self.images / seconds, 2),
-        }
+        record = make_record(
+            "train",
+            epoch=t.epoch,
+            step=t.step,
+            loss=float(losses.mean()),
+            acc=float(torch.stack(self.correct).sum()) / self.images,
+            acc5=None,
+            lr=t.head_lr(),
+            time_s=round(t.elapsed(), 3),
+            images_per_s=round(self.images / seconds, 2),
+        )
         self.reset()
         return record
-
-
-def speed_settings(device: torch.device) -> tuple[torch.dtype | None, bool]:
-    """Returns (autocast dtype or None for fp32, channels_last) the engine trains with.
-
-    CUDA: bf16 autocast (fp16 with a GradScaler where bf16 is missing). channels_last on CUDA
-    and CPU: faster convolutions there (bench/run.py on a 2-core AMD EPYC: ResNet-18 full
-    training 1.11-1.17x the NCHW loop instead of 0.97x); MPS stays NCHW, fp32.
-    """
-    amp = None
-    if device.type == "cuda":
-        amp = torch.bfloat16 if torch.cuda.is_bf16_supported() else torch.float16
-    return amp, device.type in ("cuda", "cpu")
 
 
 class Trainer:
     """Runs one Experiment: the loop state callbacks may read (epoch, step, phase, ...)."""
 
-    def __init__(self, exp: Experiment, callbacks=(), checkpoint_dir: str | Path | None = None):
+    def __init__(
+        self,
+        exp: Experiment,
+        callbacks=(),
+        checkpoint_dir: str | Path | None = None,
+        *,
+        feature_cache: bool = True,
+    ):
         self.exp = exp
         self.cfg = exp.cfg
         self.parts = exp.parts
@@ -218,12 +197,16 @@ class Trainer:
         self.phase = self.plan.phases[0].name
         self.best_val_acc: float | None = None
         self.best_eval: dict | None = None
+        self.best_epoch: int | None = None
         self.last_eval: dict | None = None
         self.val_history: list[float] = []  # val losses, for early stopping
         self.elapsed_before = 0.0  # training seconds of earlier sessions (resume)
         self.start_time = time.perf_counter()
-        self.feature_cache: dict[str, torch.Tensor] | None = None
+        # {split: TensorSplit of the head's inputs} while the backbone's output is cached
+        self.feature_cache: dict[str, data_mod.TensorSplit] | None = None
+        self.cache_allowed = feature_cache  # False: run the backbone every step regardless
         self.trainable_per_phase: dict[str, int] = {}
+        self._head_only = False  # this epoch's phase trains no backbone parameter
 
         dev = self.device
         self.amp_dtype, self.channels_last = speed_settings(dev)
@@ -236,14 +219,7 @@ class Trainer:
         self.std = torch.tensor(exp.spec.std, device=dev).view(1, 3, 1, 1)
 
         train = exp.data.train
-        self.train_loader = data_mod.TensorLoader(
-            train,
-            self.cfg.batch_size,
-            shuffle=True,
-            seed=self.cfg.seed,
-            balanced=self.cfg.balance == "sampler",
-            drop_last=len(train) > self.cfg.batch_size,
-        )
+        self.train_loader = self._loader(train)
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = self.steps_per_epoch * self.cfg.epochs
         weight = None
@@ -251,7 +227,7 @@ class Trainer:
             counts = data_mod.class_counts(train, exp.num_classes).float()
             weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).to(dev)
         self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=self.cfg.label_smoothing)
-        self.l2sp = strategies.L2SP(self.parts, self.plan, self.cfg.l2sp) if self.cfg.l2sp else None
+        self.l2sp = L2SP(self.parts, self.plan, self.cfg.l2sp) if self.cfg.l2sp else None
         self.optimizer = make_optimizer(
             self.cfg, strategies.optimizer_groups(self.cfg, self.parts, self.plan)
         )
@@ -259,14 +235,21 @@ class Trainer:
             self.optimizer,
             lambda s: lr_factor(self.cfg, s, self.total_steps, self.steps_per_epoch),
         )
-        self._head_input: torch.Tensor | None = None
-        self.best_epoch: int | None = None
         self.callbacks.append(FollowPlan())  # last, so other callbacks see the epoch's own phase
 
-    # --- small helpers -------------------------------------------------------------------
-    def _capture_head_input(self, module, inputs):
-        self._head_input = inputs[0]
+    def _loader(self, split: data_mod.TensorSplit) -> data_mod.TensorLoader:
+        """Returns the training loader over split; images and cached features alike get the
+        same batches in the same order (it depends on the seed, the epoch and the labels)."""
+        return data_mod.TensorLoader(
+            split,
+            self.cfg.batch_size,
+            shuffle=True,
+            seed=self.cfg.seed,
+            balanced=self.cfg.balance == "sampler",
+            drop_last=len(split) > self.cfg.batch_size,
+        )
 
+    # --- small helpers -------------------------------------------------------------------
     def head_lr(self) -> float:
         for g in self.optimizer.param_groups:
             if g.get("name") == strategies.HEAD:
@@ -282,7 +265,7 @@ class Trainer:
     def enter_phase(self, epoch: int) -> None:
         """Makes the model's trainable set and modes match the phase of `epoch`."""
         phase = self.plan.phase_at(epoch)
-        strategies.apply_phase(self.parts, phase, bitfit=self.cfg.strategy == "bitfit")
+        strategies.apply_phase(self.parts, phase)
         self.phase = phase.name
         self.trainable_per_phase[phase.name] = sum(
             p.numel() for p in self.parts.model.parameters() if p.requires_grad
@@ -305,20 +288,13 @@ class Trainer:
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
         """Returns the head's input for a batch (the backbone's features), without grad."""
-        head = self.parts.model.get_submodule(self.parts.head)
-        handle = head.register_forward_pre_hook(self._capture_head_input)
-        try:
-            with torch.no_grad(), self.autocast():
-                self.parts.model(x)
-        finally:
-            handle.remove()
-        return self._head_input.float()
+        with torch.no_grad(), self.autocast():
+            return self.parts.forward_features(x).float()
 
     def use_feature_cache(self) -> bool:
-        """Returns True when backbone features can be computed once: a linear probe on
-        un-augmented images (a balanced sampler would need the loader's own order)."""
-        cfg = self.cfg
-        return cfg.strategy == "linear_probe" and cfg.augment == "none" and cfg.balance != "sampler"
+        """Returns True when the backbone's features can be computed once: the backbone never
+        trains (a linear probe) and the images are the same every epoch (no augmentation)."""
+        return self.cache_allowed and self.plan.frozen_backbone and self.cfg.augment == "none"
 
     # --- the loop ------------------------------------------------------------------------
     def _batch_generator(self, batch_index: int) -> torch.Generator:
@@ -326,46 +302,57 @@ class Trainer:
         g.manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 10_007 + batch_index)
         return g
 
-    def train_one_epoch(self, skip_batches: int = 0) -> None:
-        """Trains one epoch, emitting batched train records; skip_batches resumes mid-epoch."""
+    def begin_epoch(self) -> data_mod.TensorLoader:
+        """Sets the modes of this epoch's phase; returns the loader that serves its batches."""
         phase = self.current_phase()
         strategies.set_train_mode(self.parts, phase, freeze_bn=self.cfg.freeze_bn)
-        head_only = phase.head_only and self.cfg.strategy != "bitfit"
-        if head_only:
+        self._head_only = phase.head_only
+        if self._head_only:
             self.parts.model.eval()  # the whole backbone is frozen: inference mode everywhere
-        self.train_loader.set_epoch(self.epoch)
-        recorder = _Recorder(self)
-        cached = self.feature_cache
-        for i, (images, labels) in enumerate(self._epoch_batches(cached)):
-            if i < skip_batches:
-                continue
-            y = labels.to(self.device, non_blocking=True)
-            if cached is not None:
-                logits_input = images  # already features on the device
+        loader = self.train_loader
+        if self.feature_cache is not None:
+            loader = self._loader(self.feature_cache["train"])
+        loader.set_epoch(self.epoch)
+        return loader
+
+    def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, batch_index: int):
+        """Takes one optimizer step on a batch (uint8 images, or cached features); returns
+        (loss, logits, labels on the device)."""
+        y = labels.to(self.device, non_blocking=True)
+        with self.autocast():
+            if self.feature_cache is not None:
+                logits = self.parts.forward_head(inputs)  # already features on the device
             else:
-                x = self.to_input(images, self._batch_generator(i))
-            with self.autocast():
-                if cached is not None:
-                    logits = self.parts.head_forward(logits_input)
-                elif head_only:
-                    logits = self.parts.head_forward(self.features(x))
+                x = self.to_input(inputs, self._batch_generator(batch_index))
+                if self._head_only:
+                    logits = self.parts.forward_head(self.features(x))
                 else:
                     logits = self.model(x)
-                loss = self.loss_fn(logits.float(), y)
-                if self.l2sp is not None:
-                    loss = loss + self.l2sp.penalty()
-            self.optimizer.zero_grad(set_to_none=True)
-            self.scaler.scale(loss).backward()
-            if self.cfg.clip_grad > 0:
-                self.scaler.unscale_(self.optimizer)
-                torch.nn.utils.clip_grad_norm_(
-                    [p for p in self.parts.model.parameters() if p.requires_grad],
-                    self.cfg.clip_grad,
-                )
-            self.scaler.step(self.optimizer)
-            self.scaler.update()
-            self.scheduler.step()
-            self.step += 1
+            loss = self.loss_fn(logits.float(), y)
+            if self.l2sp is not None:
+                loss = loss + self.l2sp.penalty()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss).backward()
+        if self.cfg.clip_grad > 0:
+            self.scaler.unscale_(self.optimizer)
+            torch.nn.utils.clip_grad_norm_(
+                [p for p in self.parts.model.parameters() if p.requires_grad],
+                self.cfg.clip_grad,
+            )
+        self.scaler.step(self.optimizer)
+        self.scaler.update()
+        self.scheduler.step()
+        self.step += 1
+        return loss, logits, y
+
+    def train_one_epoch(self, skip_batches: int = 0) -> None:
+        """Trains one epoch, emitting batched train records; skip_batches resumes mid-epoch."""
+        loader = self.begin_epoch()
+        recorder = _Recorder(self)
+        for i, (inputs, labels) in enumerate(loader):
+            if i < skip_batches:
+                continue
+            loss, logits, y = self.train_step(inputs, labels, i)
             recorder.add(loss, logits, y)
             if recorder.due():
                 self._emit_train(recorder.flush())
@@ -373,24 +360,15 @@ class Trainer:
                 cb.on_batch_end(self)
         self._emit_train(recorder.flush())
 
-    def _epoch_batches(self, cached):
-        if cached is None:
-            yield from self.train_loader
-            return
-        feats, labels = cached["train"], cached["train_labels"]
-        g = torch.Generator().manual_seed(self.cfg.seed * 7919 + self.epoch)
-        order = torch.randperm(len(labels), generator=g)
-        bs = self.cfg.batch_size
-        n = len(self.train_loader)
-        for b in range(n):
-            idx = order[b * bs : (b + 1) * bs].to(feats.device)
-            yield feats[idx], labels[idx]
-
     def _emit_train(self, record: dict | None) -> None:
         if record is None:
             return
         for cb in self.callbacks:
             cb.on_train_record(self, record)
+
+    def _emit_eval(self, record: dict) -> None:
+        for cb in self.callbacks:
+            cb.on_eval_record(self, record)
 
     @torch.no_grad()
     def evaluate(self, split: data_mod.TensorSplit, cached: torch.Tensor | None = None) -> dict:
@@ -405,7 +383,7 @@ class Trainer:
             y = split.labels[start : start + bs].to(self.device)
             with self.autocast():
                 if cached is not None:
-                    logits = self.parts.head_forward(cached[start : start + bs])
+                    logits = self.parts.forward_head(cached[start : start + bs])
                 else:
                     logits = self.model(self.to_input(split.images[start : start + bs], None))
             logits = logits.float()
@@ -424,33 +402,35 @@ class Trainer:
             "per_class_acc": metrics.per_class_accuracy(cm, self.exp.data.classes),
         }
 
+    def _cached(self, split: str) -> torch.Tensor | None:
+        return self.feature_cache[split].images if self.feature_cache else None
+
     def _build_feature_cache(self) -> None:
         """Runs the frozen backbone once over every split and keeps the head's inputs."""
         self.parts.model.eval()
         cache = {}
+        bs = max(self.cfg.batch_size, 128)
         for name in ("train", "val", "test"):
             split = getattr(self.exp.data, name)
             if split is None:
                 continue
-            chunks = []
-            for start in range(0, len(split), max(self.cfg.batch_size, 128)):
-                x = self.to_input(split.images[start : start + max(self.cfg.batch_size, 128)], None)
-                chunks.append(self.features(x))
-            cache[name] = torch.cat(chunks)
-            cache[f"{name}_labels"] = split.labels.to(self.device)
+            chunks = [
+                self.features(self.to_input(split.images[start : start + bs], None))
+                for start in range(0, len(split), bs)
+            ]
+            cache[name] = data_mod.TensorSplit(torch.cat(chunks), split.labels.to(self.device))
         self.feature_cache = cache
 
     # --- checkpoints -------------------------------------------------------------------------
     def _save_weights(self, name: str) -> None:
         if self.checkpoint_dir is None:
             return
-        from safetensors.torch import save_file
-
         self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
         state = {k: v.detach().contiguous().cpu() for k, v in self.parts.model.state_dict().items()}
-        tmp = self.checkpoint_dir / f".{name}.tmp"
-        save_file(state, str(tmp), metadata={"model": self.cfg.model})
-        os.replace(tmp, self.checkpoint_dir / name)
+        metadata = {"model": self.cfg.model}
+        atomic_write(
+            self.checkpoint_dir / name, lambda tmp: save_file(state, str(tmp), metadata=metadata)
+        )
 
     def save_checkpoint(self, epoch_done: bool) -> None:
         """Writes last.safetensors and last_state.pt (optimizer, scheduler, RNG, counters)."""
@@ -473,14 +453,10 @@ class Trainer:
             "elapsed": self.elapsed(),
             "trainable_per_phase": self.trainable_per_phase,
         }
-        tmp = self.checkpoint_dir / ".last_state.pt.tmp"
-        torch.save(state, tmp)
-        os.replace(tmp, self.checkpoint_dir / "last_state.pt")
+        atomic_write(self.checkpoint_dir / "last_state.pt", lambda tmp: torch.save(state, tmp))
 
     def load_checkpoint(self) -> int:
         """Restores the last checkpoint; returns how many batches of `epoch` are already done."""
-        from safetensors.torch import load_file
-
         d = self.checkpoint_dir
         if d is None or not (d / "last_state.pt").exists():
             raise TrainingFailed("nothing to resume: the run has no checkpoints/last_state.pt")
@@ -522,6 +498,7 @@ class Trainer:
                 skip = 0
                 record = self._validate()
                 self.save_checkpoint(epoch_done=True)
+                self._emit_eval(record)
                 for cb in self.callbacks:
                     cb.on_epoch_end(self, record)
                 if self._should_stop_early():
@@ -537,8 +514,7 @@ class Trainer:
         return summary
 
     def _validate(self) -> dict:
-        cached = self.feature_cache["val"] if self.feature_cache else None
-        ev = self.evaluate(self.exp.data.val, cached)
+        ev = self.evaluate(self.exp.data.val, self._cached("val"))
         self.last_eval = ev
         self.val_history.append(ev["loss"])
         if self.best_val_acc is None or ev["acc"] > self.best_val_acc:
@@ -547,18 +523,18 @@ class Trainer:
             self.best_epoch = self.epoch
             self._save_weights("best.safetensors")
         seconds = max(self.elapsed(), 1e-9)
-        return {
-            "split": "val",
-            "epoch": self.epoch,
-            "step": self.step,
-            "loss": ev["loss"],
-            "acc": ev["acc"],
-            "acc5": ev["acc5"],
-            "lr": self.head_lr(),
-            "time_s": round(seconds, 3),
-            "images_per_s": round(self.step * self.cfg.batch_size / seconds, 2),
-            "phase": self.phase,
-        }
+        return make_record(
+            "val",
+            epoch=self.epoch,
+            step=self.step,
+            loss=ev["loss"],
+            acc=ev["acc"],
+            acc5=ev["acc5"],
+            lr=self.head_lr(),
+            time_s=round(seconds, 3),
+            images_per_s=round(self.step * self.cfg.batch_size / seconds, 2),
+            phase=self.phase,
+        )
 
     def _should_stop_early(self) -> bool:
         n = self.cfg.early_stop
@@ -590,28 +566,25 @@ class Trainer:
 
     def _test(self) -> float:
         """Scores the best checkpoint on the test split and emits the test record."""
-        from safetensors.torch import load_file
-
         if self.checkpoint_dir is not None and (self.checkpoint_dir / "best.safetensors").exists():
             self.parts.model.load_state_dict(
                 load_file(str(self.checkpoint_dir / "best.safetensors"))
             )
         # the feature cache holds only for a frozen backbone, which the best weights share
-        cached = self.feature_cache["test"] if self.feature_cache else None
-        ev = self.evaluate(self.exp.data.test, cached)
-        record = {
-            "split": "test",
-            "epoch": self.epoch,
-            "step": self.step,
-            "loss": ev["loss"],
-            "acc": ev["acc"],
-            "acc5": ev["acc5"],
-            "lr": self.head_lr(),
-            "time_s": round(self.elapsed(), 3),
-            "images_per_s": None,
-        }
-        for cb in self.callbacks:
-            cb.on_epoch_end(self, record)
+        ev = self.evaluate(self.exp.data.test, self._cached("test"))
+        self._emit_eval(
+            make_record(
+                "test",
+                epoch=self.epoch,
+                step=self.step,
+                loss=ev["loss"],
+                acc=ev["acc"],
+                acc5=ev["acc5"],
+                lr=self.head_lr(),
+                time_s=round(self.elapsed(), 3),
+                images_per_s=None,
+            )
+        )
         return ev["acc"]
 
 
@@ -619,10 +592,21 @@ class FollowPlan(Callback):
     """Gradual unfreezing and LP-FT as a callback: after each epoch, enter the next one's phase."""
 
     def on_epoch_end(self, trainer: Trainer, record: dict) -> None:
-        if record["split"] == "val" and trainer.epoch < trainer.cfg.epochs:
+        if trainer.epoch < trainer.cfg.epochs:
             trainer.enter_phase(trainer.epoch + 1)
 
 
-def fit(exp: Experiment, callbacks=(), *, checkpoint_dir=None, resume: bool = False) -> dict:
-    """Trains exp and returns the summary dict (state, best/final val acc, test acc, ...)."""
-    return Trainer(exp, callbacks, checkpoint_dir).fit(resume=resume)
+def fit(
+    exp: Experiment,
+    callbacks=(),
+    *,
+    checkpoint_dir=None,
+    resume: bool = False,
+    feature_cache: bool = True,
+) -> dict:
+    """Trains exp and returns the summary dict (state, best/final val acc, test acc, ...).
+
+    feature_cache=False runs a frozen backbone every step even where its features could be
+    computed once (the results are the same; for measuring and checking the cache)."""
+    trainer = Trainer(exp, callbacks, checkpoint_dir, feature_cache=feature_cache)
+    return trainer.fit(resume=resume)

@@ -10,10 +10,9 @@ and the head cover every parameter exactly once.
 
 from __future__ import annotations
 
-import difflib
 import os
 import re
-from collections.abc import Callable, Iterable, Sequence
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass, field
 from functools import cache, lru_cache
 
@@ -22,8 +21,11 @@ import torchvision
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
+from finetune_core.util.names import nearest
+
 # Keys of auxiliary heads in torchvision's weight files; aux heads are dropped, so ignored.
 AUX_PREFIXES = ("aux1.", "aux2.", "AuxLogits.")
+_NORM_TYPES = (nn.modules.batchnorm._NormBase, nn.LayerNorm, nn.GroupNorm, nn.LocalResponseNorm)
 
 
 @dataclass(frozen=True)
@@ -32,6 +34,11 @@ class Group:
 
     name: str
     prefixes: tuple[str, ...]
+
+
+class _HeadInput(Exception):  # noqa: N818 - carries the head's input out of a forward pass
+    def __init__(self, features: torch.Tensor):
+        self.features = features
 
 
 @dataclass
@@ -43,8 +50,23 @@ class ModelParts:
     head: str  # module path of the head, e.g. "fc", "classifier.1", "heads.head"
     groups: list[Group] = field(default_factory=list)
 
-    def head_forward(self, features: torch.Tensor) -> torch.Tensor:
-        """Returns logits from the head's input (what a forward pre-hook on the head sees)."""
+    def forward_features(self, x: torch.Tensor) -> torch.Tensor:
+        """Returns the head's input for x: the model runs up to its head and stops there."""
+
+        def stop(_module, inputs):
+            raise _HeadInput(inputs[0])
+
+        handle = self.model.get_submodule(self.head).register_forward_pre_hook(stop)
+        try:
+            self.model(x)
+        except _HeadInput as reached:
+            return reached.features
+        finally:
+            handle.remove()
+        raise RuntimeError(f"{self.name}: the forward pass never reached the head {self.head}")
+
+    def forward_head(self, features: torch.Tensor) -> torch.Tensor:
+        """Returns logits from the head's input (what forward_features returns)."""
         out = self.model.get_submodule(self.head)(features)
         # SqueezeNet's head is a conv followed by ReLU and pooling in the same Sequential;
         # for Linear heads nothing follows them.
@@ -68,6 +90,31 @@ class ModelParts:
                 )
             result[pname] = found[0]
         return result
+
+    def group_modules(self, group_name: str) -> list[nn.Module]:
+        """Returns the modules of a backbone group (not its bare parameters, like ViT's
+        class_token, which have no mode to set)."""
+        group = next(g for g in self.groups if g.name == group_name)
+        mods = []
+        for prefix in group.prefixes:
+            try:
+                mods.append(self.model.get_submodule(prefix))
+            except AttributeError:
+                pass  # a parameter, not a module
+        return mods
+
+    def batchnorm_modules(self) -> list[nn.Module]:
+        """Returns every BatchNorm layer of the model."""
+        return [m for m in self.model.modules() if isinstance(m, nn.modules.batchnorm._BatchNorm)]
+
+    def bias_and_norm_params(self) -> set[str]:
+        """Returns the names of biases and normalisation affine parameters (BitFit's set)."""
+        names = set()
+        for mod_name, module in self.model.named_modules():
+            for p_name, _ in module.named_parameters(recurse=False):
+                if p_name.endswith("bias") or isinstance(module, _NORM_TYPES):
+                    names.add(f"{mod_name}.{p_name}" if mod_name else p_name)
+        return names
 
 
 @dataclass(frozen=True)
@@ -101,10 +148,9 @@ def classification_models() -> list[str]:
 
 def _check_name(name: str) -> None:
     if name not in _registry():
-        close = difflib.get_close_matches(str(name), _registry(), n=3, cutoff=0.5)
-        hint = f" Did you mean {', '.join(close)}?" if close else ""
         raise ValueError(
-            f"Unknown model {name!r}: not a torchvision classification model.{hint} "
+            f"Unknown model {name!r}: not a torchvision classification model."
+            f"{nearest(name, _registry())} "
             f"The {len(_registry())} names are listed by classification_models()."
         )
 
@@ -172,21 +218,59 @@ def _new_head(old: nn.Module, num_classes: int) -> nn.Module:
     return nn.Linear(old.in_features, num_classes, bias=old.bias is not None, device=device)
 
 
-def _load_backbone(model: nn.Module, head: str, state: dict[str, torch.Tensor], name: str) -> None:
-    """Loads `state` (torchvision's key layout) into everything but the head and aux heads."""
+@dataclass
+class Mismatches:
+    """What keeps a state dict from loading into a model's backbone (all empty: it fits)."""
+
+    missing: list[str]  # keys the model has and the state dict lacks
+    unexpected: list[str]  # keys the state dict has and the model lacks
+    shapes: list[tuple[str, tuple[int, ...], tuple[int, ...]]]  # (key, given, expected)
+
+    def __bool__(self) -> bool:
+        return bool(self.missing or self.unexpected or self.shapes)
+
+
+def backbone_mismatches(
+    expected: Mapping[str, Sequence[int]],
+    given: Mapping[str, Sequence[int]],
+    head: str,
+    *,
+    counters_optional: bool = False,
+) -> Mismatches:
+    """Compares {key: shape} of a state dict with the model's, ignoring the head (it is
+    replaced for K classes) and aux-head keys; counters_optional also forgives missing
+    BatchNorm num_batches_tracked counters (older torchvision files lack them)."""
 
     def ignored(k: str) -> bool:
         return _under(k, head) or k.startswith(AUX_PREFIXES)
 
-    expected = {k: v for k, v in model.state_dict().items() if not ignored(k)}
-    given = {k: v for k, v in state.items() if not ignored(k)}
-    problems = [f"missing {k}" for k in expected if k not in given]
-    problems += [f"unexpected {k}" for k in given if k not in expected]
-    problems += [
-        f"{k} has shape {tuple(given[k].shape)}, the model needs {tuple(v.shape)}"
-        for k, v in expected.items()
-        if k in given and tuple(given[k].shape) != tuple(v.shape)
+    missing = [
+        k
+        for k in expected
+        if not ignored(k)
+        and k not in given
+        and not (counters_optional and k.endswith("num_batches_tracked"))
     ]
+    unexpected = [k for k in given if not ignored(k) and k not in expected]
+    shapes = [
+        (k, tuple(given[k]), tuple(expected[k]))
+        for k in given
+        if not ignored(k) and k in expected and tuple(given[k]) != tuple(expected[k])
+    ]
+    return Mismatches(missing, unexpected, shapes)
+
+
+def shapes_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:
+    """Returns {key: shape} of a state dict."""
+    return {k: tuple(v.shape) for k, v in state.items()}
+
+
+def _load_backbone(model: nn.Module, head: str, state: dict[str, torch.Tensor], name: str) -> None:
+    """Loads `state` (torchvision's key layout) into everything but the head and aux heads."""
+    found = backbone_mismatches(shapes_of(model.state_dict()), shapes_of(state), head)
+    problems = [f"missing {k}" for k in found.missing]
+    problems += [f"unexpected {k}" for k in found.unexpected]
+    problems += [f"{k} has shape {g}, the model needs {e}" for k, g, e in found.shapes]
     if problems:
         shown = "; ".join(problems[:4]) + (
             f"; and {len(problems) - 4} more" if len(problems) > 4 else ""
@@ -195,6 +279,7 @@ def _load_backbone(model: nn.Module, head: str, state: dict[str, torch.Tensor], 
             f"These weights do not fit {name} ({len(problems)} mismatched keys: {shown}). "
             f"Use weights saved from {name} itself, or --weights none."
         )
+    given = {k: v for k, v in state.items() if not (_under(k, head) or k.startswith(AUX_PREFIXES))}
     model.load_state_dict(given, strict=False)
 
 

@@ -19,7 +19,8 @@ import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from finetune_core.config import strategy_label
+from finetune_core import store, strategies
+from finetune_core.util.durations import fmt_duration, seconds_left
 
 # Calm, colour-blind-safe palette (Okabe-Ito); one colour per run, stable by position.
 PALETTE = (
@@ -54,18 +55,6 @@ def fmt_count(n: float | int | None) -> str:
     return f"{n:.0f}"
 
 
-def fmt_duration(seconds: float | None) -> str:
-    """Returns 42 s, 3 min 05 s or 1 h 02 min."""
-    if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
-        return "–"
-    s = max(0, int(round(seconds)))
-    if s < 60:
-        return f"{s} s"
-    if s < 3600:
-        return f"{s // 60} min {s % 60:02d} s"
-    return f"{s // 3600} h {(s % 3600) // 60:02d} min"
-
-
 def fmt_bytes(n: float | None) -> str:
     """Returns 812 B, 4.2 MB, 1.3 GB (decimal units, as disks are sold)."""
     if n is None or (isinstance(n, float) and math.isnan(n)):
@@ -89,7 +78,7 @@ def fmt_pct(fraction: float | None, digits: int = 1) -> str:
 
 def run_labels(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, str]:
     """Returns {run_id: label}: the run's name, else its strategy; unique (id suffix added)."""
-    raw = {rid: (cfg.get("name") or strategy_label(cfg)) for rid, cfg in configs.items()}
+    raw = {rid: (cfg.get("name") or strategies.label(cfg)) for rid, cfg in configs.items()}
     counts: dict[str, int] = {}
     for label in raw.values():
         counts[label] = counts.get(label, 0) + 1
@@ -252,8 +241,7 @@ def run_progress(
         train = _split(metrics, "train")
         if _has(train, "time_s") and total:
             last = train.dropna(subset=["time_s"]).iloc[-1]
-            if int(last["step"]) > 0:
-                left = float(last["time_s"]) / int(last["step"]) * max(0, total - step)
+            left = seconds_left(float(last["time_s"]), int(last["step"]), total - step)
     if state == "running" and left is not None and total:
         parts.append(f"about {fmt_duration(left)} left")
     return fraction, " · ".join(parts) if parts else str(state)
@@ -346,15 +334,38 @@ def class_counts_chart(counts: Mapping[str, Mapping[str, int]]) -> go.Figure:
         return _empty("Images per class", "No images found")
     fig = go.Figure()
     for i, (split, per_class) in enumerate(counts.items()):
-        fig.add_bar(x=list(per_class), y=list(per_class.values()), name=str(split),
-                    marker_color=PALETTE[i % len(PALETTE)])  # fmt: skip
+        fig.add_bar(
+            x=list(per_class),
+            y=list(per_class.values()),
+            name=str(split),
+            marker_color=PALETTE[i % len(PALETTE)],
+        )
     total = sum(sum(c.values()) for c in counts.values())
-    fig.update_layout(title=f"Images per class ({total:,} in all)", barmode="stack",
-                      yaxis_title="images", hovermode="x")  # fmt: skip
+    fig.update_layout(
+        title=f"Images per class ({total:,} in all)",
+        barmode="stack",
+        yaxis_title="images",
+        hovermode="x",
+    )
     return _style(fig, height=260)
 
 
 # ---------------------------------------------------------------- comparing runs
+
+
+SUMMARY_COLUMNS = [
+    "run_id",
+    "strategy",
+    "state",
+    "best_val_acc",
+    "final_val_acc",
+    "test_acc",
+    "trainable_params",
+    "trainable_pct",
+    "total_params",
+    "train_time_s",
+    "images_per_s",
+]
 
 
 def summary_table(
@@ -363,50 +374,23 @@ def summary_table(
     metrics: Mapping[str, pd.DataFrame] | None = None,
     statuses: Mapping[str, Mapping[str, Any]] | None = None,
 ) -> pd.DataFrame:
-    """Returns one row per run (in the order of `configs`): run, run_id, strategy, state,
-    best_val_acc, final_val_acc, test_acc, trainable_params, trainable_pct, total_params,
-    train_time_s, images_per_s. Runs without a summary yet take what their metrics say."""
-    labels = run_labels(configs)
-    rows = []
-    for rid, cfg in configs.items():
-        s = dict(summaries.get(rid) or {})
-        m = (metrics or {}).get(rid)
-        val = _split(m, "val") if m is not None else pd.DataFrame()
-        train = _split(m, "train") if m is not None else pd.DataFrame()
-        best = s.get("best_val_acc")
-        final = s.get("final_val_acc")
-        if best is None and _has(val, "acc"):
-            best = float(val["acc"].max())
-        if final is None and _has(val, "acc"):
-            final = float(val["acc"].iloc[-1])
-        trainable, total = s.get("trainable_params"), s.get("total_params")
-        pct = 100 * trainable / total if trainable is not None and total else None
-        ips = float(train["images_per_s"].median()) if _has(train, "images_per_s") else None
-        t = s.get("train_time_s")
-        if t is None and _has(train, "time_s"):
-            t = float(train["time_s"].max())
-        state = s.get("state") or ((statuses or {}).get(rid) or {}).get("state")
-        rows.append(
-            dict(
-                run=labels[rid],
-                run_id=rid,
-                strategy=cfg.get("strategy"),
-                state=state,
-                best_val_acc=best,
-                final_val_acc=final,
-                test_acc=s.get("test_acc"),
-                trainable_params=trainable,
-                trainable_pct=pct,
-                total_params=total,
-                train_time_s=t,
-                images_per_s=ips,
-            )
+    """Returns one row per run (in the order of `configs`): run (its label), then
+    SUMMARY_COLUMNS from the run store's one table of runs. Runs without a summary yet take
+    what their metrics say."""
+    readings = [
+        store.RunReading(
+            rid,
+            dict(cfg),
+            dict((statuses or {}).get(rid) or {}),
+            summaries.get(rid),
+            loaded_metrics=(metrics or {}).get(rid),
         )
-    columns = [
-        "run", "run_id", "strategy", "state", "best_val_acc", "final_val_acc", "test_acc",
-        "trainable_params", "trainable_pct", "total_params", "train_time_s", "images_per_s",
-    ]  # fmt: skip
-    return pd.DataFrame(rows, columns=columns)
+        for rid, cfg in configs.items()
+    ]
+    table = store.runs_table(readings, SUMMARY_COLUMNS)
+    labels = run_labels(configs)
+    table.insert(0, "run", [labels[rid] for rid in table["run_id"]])
+    return table
 
 
 def headline(table: pd.DataFrame) -> str:
@@ -417,7 +401,7 @@ def headline(table: pd.DataFrame) -> str:
     if done.empty:
         return "No run has finished an epoch yet, so there is nothing to compare."
     best = done.loc[done["best_val_acc"].idxmax()]
-    full = done[done["strategy"] == "full"]
+    full = done[done["strategy"].map(strategies.is_baseline)]
     if len(done) == 1:
         return (
             f"Only one run has results: {best['run']} reached "
@@ -432,8 +416,8 @@ def headline(table: pd.DataFrame) -> str:
             f"{runner_up['run']}; there is no full fine-tuning run to compare costs against."
         )
     ref = full.loc[full["best_val_acc"].idxmax()]
-    if best["strategy"] == "full":
-        partial = done[done["strategy"] != "full"]
+    if strategies.is_baseline(best["strategy"]):
+        partial = done[~done["strategy"].map(strategies.is_baseline)]
         if partial.empty:
             return f"{best['run']} is best with {fmt_pct(best['best_val_acc'])} val accuracy."
         alt = partial.loc[partial["best_val_acc"].idxmax()]
@@ -516,14 +500,22 @@ def accuracy_vs_cost(table: pd.DataFrame, cost: str = "trainable_params") -> go.
     fig = go.Figure()
     for i, (_, r) in enumerate(rows.iterrows()):
         fig.add_scatter(
-            x=[r[cost]], y=[100 * r["best_val_acc"]], name=str(r["run"]), mode="markers+text",
-            text=[str(r["run"])], textposition="top center", cliponaxis=False,
+            x=[r[cost]],
+            y=[100 * r["best_val_acc"]],
+            name=str(r["run"]),
+            mode="markers+text",
+            text=[str(r["run"])],
+            textposition="top center",
+            cliponaxis=False,
             marker=dict(size=14, color=PALETTE[i % len(PALETTE)]),
-        )  # fmt: skip
+        )
     fig.update_layout(
-        title=f"Accuracy vs {xname}", xaxis_title=xname, yaxis_title="best val accuracy (%)",
-        showlegend=False, hovermode="closest",
-    )  # fmt: skip
+        title=f"Accuracy vs {xname}",
+        xaxis_title=xname,
+        yaxis_title="best val accuracy (%)",
+        showlegend=False,
+        hovermode="closest",
+    )
     # Room around the markers so that their labels are never cut at the plot's edges.
     acc = 100 * rows["best_val_acc"].astype(float)
     pad = max(2.0, 0.15 * float(acc.max() - acc.min()))
@@ -548,9 +540,11 @@ def per_class_chart(summaries: Mapping[str, Mapping[str, Any]]) -> go.Figure:
     for i, (label, s) in enumerate(have.items()):
         classes = list(s.get("classes") or s["per_class_acc"].keys())
         fig.add_bar(
-            x=classes, y=[100 * float(s["per_class_acc"].get(c, float("nan"))) for c in classes],
-            name=str(label), marker_color=PALETTE[i % len(PALETTE)],
-        )  # fmt: skip
+            x=classes,
+            y=[100 * float(s["per_class_acc"].get(c, float("nan"))) for c in classes],
+            name=str(label),
+            marker_color=PALETTE[i % len(PALETTE)],
+        )
     fig.update_layout(
         title="Per-class accuracy", yaxis_title="accuracy (%)", barmode="group", hovermode="x"
     )
@@ -572,15 +566,23 @@ def confusion_chart(summaries: Mapping[str, Mapping[str, Any]]) -> go.Figure:
         classes = list(s.get("classes") or range(len(cm)))
         norm = [[v / sum(row) if sum(row) else 0.0 for v in row] for row in cm]
         fig.add_heatmap(
-            z=norm, x=classes, y=classes, customdata=cm, coloraxis="coloraxis",
+            z=norm,
+            x=classes,
+            y=classes,
+            customdata=cm,
+            coloraxis="coloraxis",
             hovertemplate="true %{y}, predicted %{x}: %{customdata:.0f} (%{z:.0%})<extra></extra>",
-            row=1, col=col,
-        )  # fmt: skip
+            row=1,
+            col=col,
+        )
         fig.update_xaxes(title_text="predicted", row=1, col=col)
         fig.update_yaxes(autorange="reversed", showticklabels=col == 1, row=1, col=col)
     fig.update_yaxes(title_text="true", row=1, col=1)
-    fig.update_layout(title="Confusion matrices", coloraxis=dict(colorscale="Blues", cmin=0,
-                      cmax=1, colorbar=dict(title="share")), hovermode="closest")  # fmt: skip
+    fig.update_layout(
+        title="Confusion matrices",
+        coloraxis=dict(colorscale="Blues", cmin=0, cmax=1, colorbar=dict(title="share")),
+        hovermode="closest",
+    )
     return _style(fig, height=360)
 
 

@@ -9,7 +9,7 @@ from __future__ import annotations
 import streamlit as st
 
 from dashboard.common import LIVE_REFRESH_S, PAGES, run_choice_labels, setup_page, state_text
-from finetune_core import plots, runner, store
+from finetune_core import plots, runner, store, strategies
 
 root = setup_page("Training")
 st.title("Training")
@@ -45,7 +45,7 @@ if run_id not in ids:  # created between list_runs and now
 if st.session_state.get("_training_shown") != run_id:
     st.session_state["training_run"] = run_id
     st.session_state["_training_shown"] = run_id
-labels = run_choice_labels(runs, root)
+labels = run_choice_labels(runs)
 
 
 def _pick() -> None:
@@ -53,8 +53,9 @@ def _pick() -> None:
     st.session_state["_training_shown"] = st.session_state["training_run"]
 
 
-run_id = st.selectbox("Run", ids, key="training_run", format_func=lambda r: labels.get(r, r),
-                      on_change=_pick)  # fmt: skip
+run_id = st.selectbox(
+    "Run", ids, key="training_run", format_func=lambda r: labels.get(r, r), on_change=_pick
+)
 st.query_params["run"] = run_id
 run_dir = root / run_id
 try:
@@ -64,7 +65,7 @@ except store.RunError as e:
     st.stop()
 
 st.caption(
-    f"**{plots.strategy_label(config)}** · {config.get('model')} · weights `{config.get('weights')}`"
+    f"**{strategies.label(config)}** · {config.get('model')} · weights `{config.get('weights')}`"
     f" · data `{config.get('data')}` · {config.get('epochs')} epochs · image {config.get('image_size')}"
     f" px · batch {config.get('batch_size')} · lr {config.get('lr')} · id `{run_id}`"
 )
@@ -94,18 +95,34 @@ def _actions(status: dict) -> None:
     state = status.get("state")
     c1, c2, c3, _ = st.columns([1, 1, 1, 3])
     if state == "running":
-        c1.button("Stop", icon=":material/stop:", key="stop", on_click=_stop,
-                  disabled=bool(status.get("stop_requested_at")),
-                  help="The worker finishes the current step, saves a checkpoint and ends as "
-                  "stopped; Resume continues from there.")  # fmt: skip
+        c1.button(
+            "Stop",
+            icon=":material/stop:",
+            key="stop",
+            on_click=_stop,
+            disabled=bool(status.get("stop_requested_at")),
+            help="The worker finishes the current step, saves a checkpoint and ends as "
+            "stopped; Resume continues from there.",
+        )
     if state == "queued":
-        c2.button("Cancel", icon=":material/close:", key="cancel", on_click=_cancel,
-                  help="Takes the run out of the queue.")  # fmt: skip
+        c2.button(
+            "Cancel",
+            icon=":material/close:",
+            key="cancel",
+            on_click=_cancel,
+            help="Takes the run out of the queue.",
+        )
     if state in store.RESUMABLE_STATES:
         has_ckpt = (run_dir / "checkpoints" / "last_state.pt").exists()
-        c3.button("Resume", icon=":material/play_arrow:", key="resume", on_click=_resume,
-                  help="Continues from the last checkpoint" if has_ckpt
-                  else "No checkpoint yet: the run starts over")  # fmt: skip
+        c3.button(
+            "Resume",
+            icon=":material/play_arrow:",
+            key="resume",
+            on_click=_resume,
+            help="Continues from the last checkpoint"
+            if has_ckpt
+            else "No checkpoint yet: the run starts over",
+        )
     note = st.session_state.pop("_training_note", None)
     if note:
         st.toast(note)
@@ -126,8 +143,10 @@ def live_view(was_live: bool) -> None:
         if status.get("message"):
             st.caption(status["message"])
     if state == "failed":
-        st.error(f"The run failed: {status.get('message')}. The traceback is in worker.log "
-                 "below; fix the setting it names and clone the run from Home, or Resume.")  # fmt: skip
+        st.error(
+            f"The run failed: {status.get('message')}. The traceback is in worker.log "
+            "below; fix the setting it names and clone the run from Home, or Resume."
+        )
     elif state == "crashed":
         st.warning(f"{status.get('message')}. Resume continues from the last checkpoint.")
     _actions(status)
@@ -162,8 +181,12 @@ def live_view(was_live: bool) -> None:
                 query_params={"run": m.run_id},
                 disabled=m.run_id == run_id,
             )
-        cols[-1].page_link(PAGES["compare"], label="Compare this group", icon=":material/compare:",
-                           query_params={"group": group})  # fmt: skip
+        cols[-1].page_link(
+            PAGES["compare"],
+            label="Compare this group",
+            icon=":material/compare:",
+            query_params={"group": group},
+        )
     with st.expander("worker.log (last 40 lines)", expanded=state == "failed"):
         st.code(store.read_log_tail(run_dir, 40) or "(empty)", language=None)
 

@@ -57,7 +57,7 @@ st.session_state["compare_runs"] = [r for r in st.session_state["compare_runs"] 
 for p in problems:
     st.warning(f"{p}. Pick runs below.")
 
-labels = run_choice_labels(runs, root)
+labels = run_choice_labels(runs)
 
 
 def _pick() -> None:
@@ -66,8 +66,14 @@ def _pick() -> None:
     st.session_state["_compare_query"] = (st.query_params.get("runs"), None)
 
 
-chosen = st.multiselect("Runs", ids, key="compare_runs", format_func=lambda r: labels.get(r, r),
-                        on_change=_pick, help="Runs of a group share seed, split and epochs.")  # fmt: skip
+chosen = st.multiselect(
+    "Runs",
+    ids,
+    key="compare_runs",
+    format_func=lambda r: labels.get(r, r),
+    on_change=_pick,
+    help="Runs of a group share seed, split and epochs.",
+)
 if not chosen:
     st.info("Pick two or more runs to compare.")
     st.stop()
@@ -86,16 +92,24 @@ def comparison(was_live: bool) -> None:
 
     st.subheader(plots.headline(table))
     if live:
-        st.info(f"{len(live)} of {len(chosen)} runs are still training; this page updates as "
-                "they go and the sentence above is provisional.")  # fmt: skip
+        st.info(
+            f"{len(live)} of {len(chosen)} runs are still training; this page updates as "
+            "they go and the sentence above is provisional."
+        )
 
     c1, c2 = st.columns(2)
-    c1.plotly_chart(plots.accuracy_vs_cost(table, "trainable_params"), key="acc_params",
-                    width="stretch")  # fmt: skip
+    c1.plotly_chart(
+        plots.accuracy_vs_cost(table, "trainable_params"), key="acc_params", width="stretch"
+    )
     c2.plotly_chart(plots.accuracy_vs_cost(table, "train_time_s"), key="acc_time", width="stretch")
 
-    x = st.radio("Curves against", ["epoch", "time_s"], horizontal=True, key="compare_x",
-                 format_func={"epoch": "epoch", "time_s": "wall time"}.get)  # fmt: skip
+    x = st.radio(
+        "Curves against",
+        ["epoch", "time_s"],
+        horizontal=True,
+        key="compare_x",
+        format_func={"epoch": "epoch", "time_s": "wall time"}.get,
+    )
     long = [m.assign(run=label[r]) for r, m in metrics.items() if not m.empty]
     frame = pd.concat(long, ignore_index=True) if long else pd.DataFrame()
     c1, c2 = st.columns(2)

@@ -64,9 +64,10 @@ def shoot(page, url: str, path: Path, wait_for: str | None = None) -> None:
 
 def demo_group(runs: Path, epochs: int) -> list[Path]:
     """Enqueues what New run launches with its defaults."""
-    from dashboard.form import DEFAULT_PRESETS, preset_fields
+    from finetune_core import strategies
 
-    cfgs = [RunConfig(epochs=epochs, **preset_fields(p)) for p in DEFAULT_PRESETS]
+    presets = strategies.DEFAULT_COMPARISON
+    cfgs = [RunConfig(epochs=epochs, **strategies.preset_fields(p)) for p in presets]
     return runner.enqueue(cfgs, runs, group=True)
 
 

@@ -14,6 +14,7 @@ import numpy as np
 
 from finetune_core import store
 from finetune_core.config import RunConfig
+from finetune_core.util.processes import process_start_time
 
 CLASSES = ["circle", "square", "triangle"]
 
@@ -68,7 +69,7 @@ def write_run(
         message="",
     )  # fmt: skip
     if state == "running":
-        status.update(pid=os.getpid(), pid_started_at=store.process_start_time(os.getpid()))
+        status.update(pid=os.getpid(), pid_started_at=process_start_time(os.getpid()))
     (run_dir / "status.json").write_text(json.dumps(status))
     (run_dir / "worker.log").write_text(f"worker for {run_id}\nepoch 1 done\n")
     if state in store.FINAL_STATES:
@@ -140,7 +141,7 @@ def _title(fig: dict) -> str:
 def make_live(run_dir: Path, pid: int) -> None:
     """Marks a fixture run as running, owned by process pid (alive, so it reads as live)."""
     status = json.loads((run_dir / "status.json").read_text())
-    status.update(state="running", pid=pid, pid_started_at=store.process_start_time(pid))
+    status.update(state="running", pid=pid, pid_started_at=process_start_time(pid))
     (run_dir / "status.json").write_text(json.dumps(status))
     (run_dir / "summary.json").unlink(missing_ok=True)
 

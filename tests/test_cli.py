@@ -290,3 +290,19 @@ def test_a_run_that_fails_exits_1_with_the_message_in_status_summary_and_log(tmp
     summary = store.read_summary(run_dir)
     assert summary["state"] == "failed" and summary["message"] == status["message"]
     assert "Traceback" in (run_dir / "worker.log").read_text()
+
+
+def test_list_show_and_compare_open_runs_written_before_format_versions(tmp_path, capsys):
+    import shutil
+
+    runs = tmp_path / "runs"
+    shutil.copytree(REPO / "tests" / "fixtures" / "runs_v1", runs)
+    ids = sorted(p.name for p in runs.iterdir())
+    assert cli.main(["list", "--runs-dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert all(i in out for i in ids) and "last_n 1" in out
+    assert cli.main(["show", ids[0], "--runs-dir", str(runs)]) == 0
+    assert '"state": "completed"' in capsys.readouterr().out
+    assert cli.main(["compare", *ids, "--runs-dir", str(runs)]) == 0
+    out = capsys.readouterr().out
+    assert all(i in out for i in ids)

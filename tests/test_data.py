@@ -13,8 +13,8 @@ import pytest
 import torch
 from PIL import Image
 
-from finetune_core import data, shapes
-from finetune_core.data import DataError
+from finetune_core import data
+from finetune_core.data import DataError, shapes, zips
 
 SIZE = 16
 
@@ -134,7 +134,7 @@ def test_zip_that_unpacks_beyond_the_size_limit_is_refused(tmp_path, data_home, 
     with zipfile.ZipFile(zpath, "w", compression=zipfile.ZIP_DEFLATED) as zf:
         zf.writestr("a/1.png", b"\0" * 2_000_000)  # compresses to a few kB
         zf.writestr("b/1.png", b"\0" * 2_000_000)
-    monkeypatch.setattr(data, "ZIP_MAX_BYTES", 1_000_000)
+    monkeypatch.setattr(zips, "ZIP_MAX_BYTES", 1_000_000)
     with pytest.raises(DataError, match="zip bomb"):
         data.inspect_data(str(zpath))
     assert not list((data_home / "zips").glob("*/a"))

@@ -46,7 +46,7 @@ class Log(engine.Callback):
     def on_train_record(self, trainer, record):
         self.train.append(record)
 
-    def on_epoch_end(self, trainer, record):
+    def on_eval_record(self, trainer, record):
         self.val.append(record)
         if record["split"] == "val":
             self.trainable.append(
@@ -258,3 +258,31 @@ def test_builtin_shapes_is_neither_trivial_nor_hopeless_for_resnet18_from_scratc
     assert len(acc) == 5
     assert 0.35 <= acc[0] <= 0.85, acc
     assert acc[4] >= acc[0] + 0.10, acc
+
+
+def test_a_cached_and_an_uncached_linear_probe_with_the_same_seed_give_the_same_metrics():
+    runs = {}
+    for cached in (True, False):
+        log = Log()
+        exp = experiment(strategy="linear_probe", epochs=3, augment="none", lr=0.05, test=True)
+        summary = engine.fit(exp, [log], feature_cache=cached)
+        runs[cached] = (log, summary)
+    (cached, cached_summary), (plain, plain_summary) = runs[True], runs[False]
+    assert [(r["split"], r["step"]) for r in cached.train] == [
+        (r["split"], r["step"]) for r in plain.train
+    ]
+    for a, b in zip(cached.train + cached.val, plain.train + plain.val, strict=True):
+        assert a["acc"] == b["acc"], (a, b)  # the same batches in the same order
+        assert a["loss"] == pytest.approx(b["loss"], rel=1e-5, abs=1e-6)
+    assert cached_summary["confusion_matrix"] == plain_summary["confusion_matrix"]
+    assert cached_summary["test_acc"] == plain_summary["test_acc"]
+
+
+def test_last_n_0_is_a_linear_probe_and_caches_its_features_too():
+    exp = experiment(strategy="last_n", unfreeze_last=0, epochs=3, augment="none", lr=0.05)
+    seen = []
+    exp.parts.model.conv1.register_forward_hook(lambda m, i, o: seen.append(len(o)))
+    summary = engine.fit(exp)
+    assert sum(seen) == len(exp.data.train) + len(exp.data.val)
+    probe = engine.fit(experiment(strategy="linear_probe", epochs=3, augment="none", lr=0.05))
+    assert summary["best_val_acc"] == probe["best_val_acc"]

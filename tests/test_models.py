@@ -230,7 +230,7 @@ def test_head_forward_of_captured_features_equals_the_model_output(name, size):
         x = torch.randn(2, 3, size, size)
         expected = model(x)
         handle.remove()
-        got = parts.head_forward(captured[0])
+        got = parts.forward_head(captured[0])
     assert got.shape == (2, 4)
     torch.testing.assert_close(got, expected)
 

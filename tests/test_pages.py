@@ -341,6 +341,23 @@ def test_compare_with_a_live_run_updates_and_says_the_result_is_provisional(runs
     ]
 
 
+def test_runs_written_before_format_versions_show_on_every_page(runs):
+    import shutil
+
+    for run in (REPO / "tests" / "fixtures" / "runs_v1").iterdir():
+        shutil.copytree(run, runs / run.name)
+    home = page("app.py")
+    assert not home.exception
+    assert set(home.dataframe[0].value["strategy"]) == {"full", "last_n 1", "linear_probe"}
+    training = page("pages/2_Training.py")
+    assert not training.exception
+    assert figure_titled(training, "Accuracy")["data"]
+    compare = page("pages/3_Compare.py")
+    assert not compare.exception
+    assert list(compare.dataframe[0].value["run"]) == ["full", "last_n 1", "linear_probe"]
+    assert " is best with " in texts(compare.subheader)[0]
+
+
 # ---------------------------------------------------------------- New run
 
 

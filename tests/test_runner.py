@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_core import runner, store
+from finetune_core import runner, store, worker
 from finetune_core.config import ConfigError, RunConfig
 
 TINY = dict(
@@ -122,7 +122,7 @@ def test_resume_requeues_a_stopped_run_and_refuses_a_completed_one(tmp_path):
 def test_a_worker_refuses_a_run_that_is_not_queued(tmp_path):
     run_dir = store.create_run(RunConfig(**TINY), tmp_path / "runs")
     store.write_status(run_dir, state="completed")
-    assert runner.run_worker(run_dir) == runner.EXIT_INVALID
+    assert worker.run_worker(run_dir) == runner.EXIT_INVALID
     assert store.read_status(run_dir)["state"] == "completed"
 
 

@@ -20,6 +20,7 @@ from playwright.sync_api import sync_playwright
 
 from finetune_core import runner, store
 from finetune_core.config import RunConfig
+from finetune_core.util.processes import process_alive
 
 
 def _metric_lines(run_dir: Path) -> int:
@@ -70,7 +71,7 @@ def test_a_run_survives_a_server_kill_and_a_new_server_shows_and_stops_it(tmp_pa
         worker_pid = status["pid"]
 
         kill_server(first)  # SIGKILL: no chance to clean up anything
-        assert store.process_alive(worker_pid, status["pid_started_at"])
+        assert process_alive(worker_pid, status["pid_started_at"])
         assert runner.supervisor_running(runs)
         lines = _metric_lines(run_dir)
         _wait(lambda: _metric_lines(run_dir) > lines, 120, "metrics after the server died")
@@ -98,7 +99,7 @@ def test_a_run_survives_a_server_kill_and_a_new_server_shows_and_stops_it(tmp_pa
                 browser.close()
         finally:
             kill_server(second)
-        _wait(lambda: not store.process_alive(worker_pid, status["pid_started_at"]), 30,
+        _wait(lambda: not process_alive(worker_pid, status["pid_started_at"]), 30,
               "the worker to exit")  # fmt: skip
         assert store.read_summary(run_dir)["state"] == "stopped"
         assert (run_dir / "checkpoints" / "last_state.pt").exists()

@@ -3,10 +3,12 @@
 import json
 import os
 import re
+import shutil
 import signal
 import subprocess
 import sys
 import time
+from pathlib import Path
 from types import SimpleNamespace
 
 import pandas as pd
@@ -14,6 +16,8 @@ import pytest
 
 from finetune_core import store
 from finetune_core.config import FIELD_NAMES, RunConfig
+from finetune_core.util import files
+from finetune_core.util.processes import process_alive, process_start_time
 
 
 def _run(tmp_path, **fields):
@@ -39,7 +43,7 @@ def test_create_run_writes_config_with_group_and_env_and_queued_status(tmp_path)
     run_dir = store.create_run(RunConfig(name="a"), tmp_path / "runs", group="g1")
     assert store.RUN_ID_RE.match(run_dir.name)
     config = json.loads((run_dir / "config.json").read_text())
-    assert set(config) == set(FIELD_NAMES) | {"env"}
+    assert set(config) == set(FIELD_NAMES) | {"env", "schema"}
     assert config["group"] == "g1" and config["name"] == "a"
     assert set(config["env"]) == {"torch", "torchvision", "python", "device"}
     status = json.loads((run_dir / "status.json").read_text())
@@ -59,14 +63,14 @@ def test_create_run_makes_relative_data_paths_absolute(tmp_path, monkeypatch):
 
 def test_atomic_json_write_keeps_the_old_file_when_replacing_fails(tmp_path, monkeypatch):
     path = tmp_path / "status.json"
-    store.write_json_atomic(path, {"state": "queued"})
+    files.write_json_atomic(path, {"state": "queued"})
 
     def broken_replace(src, dst):
         raise OSError("disk gone")
 
     monkeypatch.setattr(os, "replace", broken_replace)
     with pytest.raises(OSError):
-        store.write_json_atomic(path, {"state": "running"})
+        files.write_json_atomic(path, {"state": "running"})
     monkeypatch.undo()
     assert json.loads(path.read_text()) == {"state": "queued"}
     assert [p.name for p in tmp_path.iterdir()] == ["status.json"]  # no temp file left
@@ -84,7 +88,7 @@ def test_write_status_merges_fields_and_sets_updated_at(tmp_path):
 
 
 def test_json_writes_turn_nan_into_null(tmp_path):
-    store.write_json_atomic(tmp_path / "x.json", {"a": float("nan"), "b": [float("inf"), 1.5]})
+    files.write_json_atomic(tmp_path / "x.json", {"a": float("nan"), "b": [float("inf"), 1.5]})
     assert json.loads((tmp_path / "x.json").read_text()) == {"a": None, "b": [None, 1.5]}
 
 
@@ -173,7 +177,7 @@ def test_metrics_writer_appends_flushed_records_and_trims_the_dead_attempt_on_re
     # flushed: another process reads it while the writer is still open
     lines = path.read_text().splitlines()
     assert [json.loads(line)["step"] for line in lines] == [10, 12, 22]
-    writer.on_epoch_end(None, {"split": "val", "epoch": 2, "step": 24, "loss": 0.9, "acc": 0.6})
+    writer.on_eval_record(None, {"split": "val", "epoch": 2, "step": 24, "loss": 0.9, "acc": 0.6})
     writer.on_fit_end(None, {})
     assert store.read_metrics(tmp_path)["step"].tolist() == [10, 12, 22, 24]
 
@@ -200,9 +204,9 @@ def test_read_status_marks_a_run_whose_worker_is_gone_as_crashed(tmp_path):
 def test_read_status_marks_a_reused_pid_as_crashed(tmp_path):
     run_dir = _run(tmp_path)
     me = os.getpid()
-    _mark_running(run_dir, me, store.process_start_time(me))
+    _mark_running(run_dir, me, process_start_time(me))
     assert store.read_status(run_dir)["state"] == "running"  # the live worker itself
-    _mark_running(run_dir, me, store.process_start_time(me) - 1000)  # same pid, other process
+    _mark_running(run_dir, me, process_start_time(me) - 1000)  # same pid, other process
     assert store.read_status(run_dir)["state"] == "crashed"
 
 
@@ -210,11 +214,11 @@ def test_read_status_marks_an_unreaped_killed_worker_as_crashed(tmp_path):
     run_dir = _run(tmp_path)
     proc = subprocess.Popen([sys.executable, "-c", "import time; time.sleep(60)"])
     try:
-        _mark_running(run_dir, proc.pid, store.process_start_time(proc.pid))
+        _mark_running(run_dir, proc.pid, process_start_time(proc.pid))
         assert store.read_status(run_dir)["state"] == "running"
         os.kill(proc.pid, signal.SIGKILL)
         deadline = time.time() + 10
-        while store.process_alive(proc.pid) and time.time() < deadline:
+        while process_alive(proc.pid) and time.time() < deadline:
             time.sleep(0.05)
         assert store.read_status(run_dir)["state"] == "crashed"  # a zombie is not alive
     finally:
@@ -280,7 +284,7 @@ def test_rename_changes_the_label_and_delete_refuses_a_live_run(tmp_path):
     with pytest.raises(store.RunError, match="queued; cancel it"):
         store.delete_run(run_dir)
     me = os.getpid()
-    _mark_running(run_dir, me, store.process_start_time(me))
+    _mark_running(run_dir, me, process_start_time(me))
     with pytest.raises(store.RunError, match="running; stop it"):
         store.delete_run(run_dir)
     store.write_status(run_dir, state="stopped")
@@ -314,3 +318,67 @@ def test_compare_runs_gives_one_row_per_run_with_final_metrics(tmp_path):
     assert row["strategy"] == "linear_probe" and row["final_val_acc"] == 0.55
     assert row["trainable_pct"] == 10.0 and row["images_per_s"] == 20.0
     assert pd.isna(row["test_acc"])
+
+
+# ---------------------------------------------------------------------------------------------
+# Format versions and state changes
+
+RUNS_V1 = Path(__file__).parent / "fixtures" / "runs_v1"  # three runs as the code wrote them
+# before format versions (one comparison group: full, last_n 1, linear_probe; 2 epochs)
+
+
+@pytest.fixture
+def v1_runs(tmp_path):
+    root = tmp_path / "runs"
+    shutil.copytree(RUNS_V1, root)
+    return root
+
+
+def test_runs_written_before_format_versions_still_open(v1_runs):
+    runs = store.list_runs(v1_runs)
+    assert sorted(runs["strategy"]) == ["full", "last_n 1", "linear_probe"]
+    assert set(runs["state"]) == {"completed"} and runs["group"].nunique() == 1
+    for row in runs.itertuples():
+        run_dir = Path(row.path)
+        summary = store.read_summary(run_dir)
+        assert "schema" not in json.loads((run_dir / "summary.json").read_text())
+        assert row.best_val_acc == summary["best_val_acc"]
+        assert store.run_config(run_dir).epochs == 2
+        metrics = store.read_metrics(run_dir)
+        assert metrics["split"].eq("val").sum() == 2 and metrics["split"].eq("test").sum() == 1
+    table = store.compare_runs(list(runs["path"]))
+    assert (table["images_per_s"] > 0).all() and table["test_acc"].notna().all()
+
+
+def test_new_files_carry_the_format_version_and_newer_ones_are_refused_clearly(tmp_path):
+    run_dir = _run(tmp_path)
+    for name in ("config.json", "status.json"):
+        assert json.loads((run_dir / name).read_text())["schema"] == store.SCHEMA_VERSION
+    store.write_summary(run_dir, {"state": "stopped"})
+    assert store.read_summary(run_dir)["schema"] == store.SCHEMA_VERSION
+    writer = store.MetricsWriter(run_dir)
+    writer.on_train_record(None, {"split": "train", "epoch": 1, "step": 1, "loss": 1.0})
+    writer.close()
+    line = json.loads((run_dir / "metrics.jsonl").read_text())
+    assert line["schema"] == store.SCHEMA_VERSION
+    assert "schema" not in store.read_metrics(run_dir).columns  # a format key, not a metric
+    config = json.loads((run_dir / "config.json").read_text())
+    (run_dir / "config.json").write_text(json.dumps({**config, "schema": 99}))
+    with pytest.raises(store.RunError, match="format 99, newer than this finetune_core"):
+        store.read_config(run_dir)
+
+
+def test_state_changes_follow_the_transition_table(tmp_path):
+    run_dir = _run(tmp_path)  # queued
+    assert store.set_state(run_dir, "completed") is None  # a queued run has not run
+    me = os.getpid()
+    running = store.set_state(run_dir, "running", pid=me, message="go")
+    assert running["pid"] == me and running["pid_started_at"] == process_start_time(me)
+    assert running["started_at"] and running["finished_at"] is None
+    done = store.set_state(run_dir, "completed", message="done", exit_code=0)
+    assert done["finished_at"] >= running["started_at"] and done["eta_s"] is None
+    assert store.set_state(run_dir, "queued") is None  # a completed run stays completed
+    assert store.set_state(run_dir, "running", pid=me) is None
+    assert store.read_status(run_dir)["state"] == "completed"
+    with pytest.raises(ValueError, match="use set_state"):
+        store.write_progress(run_dir, state="running")

@@ -2,9 +2,11 @@
 
 import pytest
 import torch
+from test_engine import synthetic_data
 
-from finetune_core import models, strategies
+from finetune_core import config, engine, models, preflight, strategies
 from finetune_core.config import RunConfig
+from finetune_core.strategies.l2sp import L2SP
 
 K = 7
 
@@ -79,7 +81,7 @@ def test_bitfit_trains_biases_and_norms_plus_the_head(resnet18):
         if n.startswith("fc.") or "bn" in n or "downsample.1" in n or n.endswith("bias")
     )
     assert plan.phases[0].trainable_params == expected
-    strategies.apply_phase(resnet18, plan.phases[0], bitfit=True)
+    strategies.apply_phase(resnet18, plan.phases[0])
     trained = {n for n, p in resnet18.model.named_parameters() if p.requires_grad}
     assert "layer1.0.conv1.weight" not in trained
     assert "layer1.0.bn1.weight" in trained and "fc.weight" in trained
@@ -99,7 +101,7 @@ def test_layer_decay_gives_the_head_lr_and_each_lower_group_one_more_factor(resn
 def test_l2sp_is_zero_at_start_and_its_gradient_is_two_lambda_delta(resnet18):
     plan = strategies.make_plan(cfg(strategy="last_n", unfreeze_last=1), resnet18)
     strategies.apply_phase(resnet18, plan.phases[0])
-    reg = strategies.L2SP(resnet18, plan, lam=0.3)
+    reg = L2SP(resnet18, plan, lam=0.3)
     assert float(reg.penalty().detach()) == 0.0
     assert all(not n.startswith("fc.") for n, _ in _named(reg, resnet18))
     w = resnet18.model.layer4[1].conv2.weight
@@ -126,10 +128,72 @@ def test_l2sp_takes_weight_decay_off_the_backbone_only(resnet18):
 
 
 def test_plan_for_builds_on_the_meta_device_and_frames_per_phase():
-    plan = strategies.plan_for(
+    plan = preflight.plan_for(
         RunConfig(model="vit_b_16", strategy="lp_ft", epochs=3, image_size=224), 10
     )
     frame = plan.to_frame()
     assert set(frame["phase"]) == {"linear probe", "fine-tune"}
     assert frame.groupby("phase")["params"].sum().nunique() == 1
     assert plan.total_params > 80_000_000
+
+
+class _Scale(torch.nn.Module):
+    def __init__(self, channels: int):
+        super().__init__()
+        self.weight = torch.nn.Parameter(torch.ones(1, channels, 1, 1))
+
+    def forward(self, x):
+        return x * self.weight
+
+
+class _ScaledTop(strategies.Strategy):
+    """A strategy that changes the model: a learned scale after the top group, and the head."""
+
+    name = "scaled_top"
+    summary = "a learned per-channel scale after the top group, and the head"
+
+    def phases(self, cfg, group_names):
+        return [strategies.PhaseSpec("scale", 1, cfg.epochs, 1)]
+
+    def trainable_subset(self, parts):
+        scales = [n for n, m in parts.model.named_modules() if isinstance(m, _Scale)]
+        return {f"{n}.weight" for n in scales}
+
+    def prepare(self, parts, cfg):
+        top = parts.groups[-1].prefixes[0]
+        module = parts.model.get_submodule(top)
+        channels = [m for m in module.modules() if isinstance(m, torch.nn.BatchNorm2d)][-1]
+        setattr(parts.model, top, torch.nn.Sequential(module, _Scale(channels.num_features)))
+
+
+@pytest.fixture
+def scaled_top():
+    strategies.register(_ScaledTop)
+    yield strategies.get("scaled_top")
+    strategies.unregister("scaled_top")
+
+
+def test_a_new_strategy_is_one_registered_object_that_may_change_the_model(scaled_top):
+    cfg = RunConfig(
+        model="resnet18",
+        weights="none",
+        image_size=32,
+        batch_size=32,
+        strategy="scaled_top",
+        epochs=1,
+        lr=0.05,
+    )
+    assert config.validate_fields(cfg) == {}
+    assert strategies.label(cfg) == "scaled_top" and "scaled_top" in strategies.presets()
+    torch.manual_seed(0)
+    parts = engine.build_model(cfg, 4)
+    plan = strategies.make_plan(cfg, parts)
+    assert plan.phases[0].trainable_params == 512 + 512 * 4 + 4
+    before = {k: v.detach().clone() for k, v in parts.model.named_parameters()}
+    exp = engine.Experiment(
+        cfg, parts, synthetic_data(), torch.device("cpu"), models.input_spec("resnet18")
+    )
+    assert engine.fit(exp)["state"] == "completed"
+    after = dict(parts.model.named_parameters())
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    assert changed == {"layer4.1.weight", "fc.weight", "fc.bias"}

@@ -1,8 +1,9 @@
-"""Time per step and peak memory of a config, measured with a few real training steps.
+"""Time per step and peak memory of a config, measured with a few of the engine's own
+training steps on random images.
 
-Runs in its own process (`python -m dashboard.estimate CONFIG_JSON NUM_CLASSES`), never in
-the Streamlit server: the measurement gets the machine's cores to itself, its peak memory
-is the process's own, and the server stays responsive. Prints one JSON object.
+Runs in its own process (`python -m finetune_core.estimate CONFIG_JSON NUM_CLASSES`), never
+in the dashboard's server: the measurement gets the machine's cores to itself, its peak
+memory is the process's own, and the server stays responsive. Prints one JSON object.
 """
 
 from __future__ import annotations
@@ -15,6 +16,13 @@ import sys
 import time
 from pathlib import Path
 
+import torch
+
+from finetune_core import data, engine, models
+from finetune_core.config import from_dict
+from finetune_core.device import pick_device
+from finetune_core.runner import child_env
+
 WARMUP_STEPS = 1
 MEASURED_STEPS = 2
 
@@ -25,43 +33,36 @@ def _rss_bytes() -> int:
 
 
 def measure(cfg_dict: dict, num_classes: int) -> dict:
-    """Returns {"step_s", "peak_bytes", "device", "trainable_params"} for the phase of the
-    plan that trains the most parameters (the slowest one), random weights and images."""
-    import torch
-
-    from finetune_core import engine, models, strategies
-    from finetune_core.config import from_dict
-
-    cfg = from_dict({k: v for k, v in cfg_dict.items() if k != "env"})
-    device = engine.pick_device(cfg.device)
-    amp_dtype, channels_last = engine.speed_settings(device)  # as the run will train
+    """Returns {"step_s", "peak_bytes", "device", "trainable_params", "feature_cache"} for the
+    phase of the plan that trains the most parameters (the slowest one): the engine's
+    train_step on random images, with random weights."""
+    cfg = from_dict(cfg_dict)
+    device = pick_device(cfg.device)
     base_rss = _rss_bytes()
-    parts = models.create_model(cfg.model, num_classes, image_size=cfg.image_size, device=device)
-    if channels_last:
-        parts.model.to(memory_format=torch.channels_last)
-    plan = strategies.make_plan(cfg, parts)
-    phase = max(plan.phases, key=lambda p: p.trainable_params)
-    strategies.apply_phase(parts, phase, bitfit=cfg.strategy == "bitfit")
-    strategies.set_train_mode(parts, phase, freeze_bn=cfg.freeze_bn)
-    opt = engine.make_optimizer(cfg, strategies.optimizer_groups(cfg, parts, plan))
+    parts = engine.build_model(cfg, num_classes)
     gen = torch.Generator().manual_seed(0)
-    x = torch.randn(cfg.batch_size, 3, cfg.image_size, cfg.image_size, generator=gen).to(device)
-    if channels_last:
-        x = x.contiguous(memory_format=torch.channels_last)
-    y = torch.randint(0, num_classes, (cfg.batch_size,), generator=gen).to(device)
+    n = cfg.batch_size * (WARMUP_STEPS + MEASURED_STEPS)
+    size = cfg.image_size
+    images = torch.randint(0, 256, (n, 3, size, size), generator=gen, dtype=torch.uint8)
+    labels = torch.randint(0, num_classes, (n,), generator=gen)
+    split = data.TensorSplit(images, labels)
+    classes = [str(i) for i in range(num_classes)]
+    exp = engine.Experiment(
+        cfg, parts, data.ImageData(classes, split, split), device, models.input_spec(cfg.model)
+    )
+    trainer = engine.Trainer(exp)
+    phase = max(trainer.plan.phases, key=lambda p: p.trainable_params)
+    trainer.epoch = phase.start_epoch
+    trainer.enter_phase(trainer.epoch)
+    loader = trainer.begin_epoch()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    loss_fn = torch.nn.CrossEntropyLoss()
     times = []
-    for i in range(WARMUP_STEPS + MEASURED_STEPS):
+    for i, (x, y) in enumerate(loader):
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        opt.zero_grad(set_to_none=True)
-        with torch.autocast(device.type, dtype=amp_dtype, enabled=amp_dtype is not None):
-            loss = loss_fn(parts.model(x), y)
-        loss.backward()
-        opt.step()
+        trainer.train_step(x, y, i)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= WARMUP_STEPS:
@@ -76,6 +77,7 @@ def measure(cfg_dict: dict, num_classes: int) -> dict:
         "peak_bytes": int(peak),
         "device": str(device),
         "trainable_params": int(phase.trainable_params),
+        "feature_cache": trainer.use_feature_cache(),
     }
 
 
@@ -84,10 +86,11 @@ def run_measurement(cfg_dict: dict, num_classes: int, timeout_s: float = 300) ->
     child's last error line when it fails."""
     root = Path(__file__).resolve().parent.parent
     proc = subprocess.run(
-        [sys.executable, "-m", "dashboard.estimate", json.dumps(cfg_dict), str(num_classes)],
+        [sys.executable, "-m", "finetune_core.estimate", json.dumps(cfg_dict), str(num_classes)],
         capture_output=True,
         text=True,
         cwd=root,
+        env=child_env(),
         timeout=timeout_s,
     )
     if proc.returncode != 0:

@@ -260,9 +260,19 @@ def _unit_polygon(cls: str, rng: np.random.Generator) -> list[tuple[float, float
     if cls == "cross":
         w = rng.uniform(0.28, 0.4)
         return [
-            (w, w), (1, w), (1, -w), (w, -w), (w, -1), (-w, -1),
-            (-w, -w), (-1, -w), (-1, w), (-w, w), (-w, 1), (w, 1),
-        ]  # fmt: skip
+            (w, w),
+            (1, w),
+            (1, -w),
+            (w, -w),
+            (w, -1),
+            (-w, -1),
+            (-w, -w),
+            (-1, -w),
+            (-1, w),
+            (-w, w),
+            (-w, 1),
+            (w, 1),
+        ]
     if cls == "pentagon":
         return regular(5)
     if cls == "hexagon":
@@ -291,10 +301,26 @@ def _unit_polygon(cls: str, rng: np.random.Generator) -> list[tuple[float, float
         return [(-1, -0.18), (1, -0.18), (1, 0.18), (-1, 0.18)]
     if cls == "tee":
         w = 0.22
-        return [(-1, -1), (1, -1), (1, -1 + 2 * w), (w, -1 + 2 * w), (w, 1), (-w, 1), (-w, -1 + 2 * w), (-1, -1 + 2 * w)]  # fmt: skip
+        return [
+            (-1, -1),
+            (1, -1),
+            (1, -1 + 2 * w),
+            (w, -1 + 2 * w),
+            (w, 1),
+            (-w, 1),
+            (-w, -1 + 2 * w),
+            (-1, -1 + 2 * w),
+        ]
     if cls == "ell":
         w = 0.3
-        return [(-0.7, -1), (-0.7 + 2 * w, -1), (-0.7 + 2 * w, 1 - 2 * w), (0.8, 1 - 2 * w), (0.8, 1), (-0.7, 1)]  # fmt: skip
+        return [
+            (-0.7, -1),
+            (-0.7 + 2 * w, -1),
+            (-0.7 + 2 * w, 1 - 2 * w),
+            (0.8, 1 - 2 * w),
+            (0.8, 1),
+            (-0.7, 1),
+        ]
     if cls == "trapezoid":
         return [(-1, 0.6), (1, 0.6), (0.45, -0.6), (-0.45, -0.6)]
     if cls == "semicircle":

@@ -1,0 +1,87 @@
+"""Checks before a run exists: everything `config.validate_fields` checks, plus what needs the
+model, the data and the weights; the plan as the New run form and `show` draw it; and what
+the chosen weights will cost on first use.
+
+Reads files (and may extract a .zip or generate a built-in dataset, caches the run needs
+anyway) but writes nothing else and downloads nothing.
+"""
+
+from __future__ import annotations
+
+import functools
+import json
+from pathlib import Path
+
+from finetune_core import data, engine, models, pretrain, strategies, weights
+from finetune_core.config import ConfigError, RunConfig, validate_fields
+from finetune_core.util.names import nearest
+
+
+def validate(cfg: RunConfig, *, runs_dir: str | Path | None = None) -> dict[str, str]:
+    """Returns {field: message} for everything wrong with cfg; empty when it may run.
+
+    Beyond validate_fields: the model (registry, image size, the strategy's options against
+    its groups), the data (exists, two classes or more, enough images per class for the
+    split) and the weights (a file's or run's architecture and shapes).
+    """
+    errors = validate_fields(cfg)
+    model_ok = False
+    if cfg.model not in models.classification_models():
+        errors["model"] = (
+            f"unknown model {cfg.model!r}; see `python -m finetune_core models`."
+            + nearest(cfg.model, models.classification_models())
+        )
+    else:
+        model_ok = True
+        pretrained = cfg.weights != "none"
+        msg = models.check_image_size(cfg.model, cfg.image_size, pretrained=pretrained)
+        if msg and "image_size" not in errors:
+            errors["image_size"] = msg
+    if model_ok and "image_size" not in errors and "strategy" not in errors:
+        found = strategies.get(cfg.strategy).check_groups(
+            cfg, cfg.model, models.group_names(cfg.model)
+        )
+        for field, message in found.items():
+            errors.setdefault(field, message)
+    num_classes = None
+    try:
+        info = data.inspect_data(cfg.data)
+        num_classes = len(info.classes)
+        msg = data.check_split(info, cfg.val_fraction, cfg.test_fraction)
+        if msg:
+            errors["data"] = msg
+    except data.DataError as e:
+        errors["data"] = str(e)
+    if model_ok and "image_size" not in errors:
+        msg = weights.check_weights(cfg.weights, cfg.model, num_classes, runs_dir=runs_dir)
+        if msg:
+            errors["weights"] = msg
+    return errors
+
+
+def check(cfg: RunConfig, **kwargs) -> RunConfig:
+    """Returns cfg when valid; raises ConfigError with every message otherwise."""
+    errors = validate(cfg, **kwargs)
+    if errors:
+        raise ConfigError(errors)
+    return cfg
+
+
+@functools.lru_cache(maxsize=64)
+def _meta_parts(cfg_json: str, num_classes: int) -> models.ModelParts:
+    return engine.build_model(RunConfig(**json.loads(cfg_json)), num_classes, device="meta")
+
+
+def plan_for(cfg: RunConfig, num_classes: int) -> strategies.Plan:
+    """Returns the plan for cfg without weights or data (the model is built on the meta
+    device, as the strategy prepares it)."""
+    strategy = strategies.get(cfg.strategy)
+    shape = {"model": cfg.model, "image_size": cfg.image_size, "strategy": cfg.strategy}
+    shape.update(strategy.values(cfg))  # what the built model depends on
+    parts = _meta_parts(json.dumps(shape, sort_keys=True), num_classes)
+    return strategies.make_plan(cfg, parts)
+
+
+def availability(spec: str, model: str, *, runs_dir=None) -> tuple[str, str]:
+    """Returns weights.availability with the time pretraining builtin weights takes here."""
+    return weights.availability(spec, model, runs_dir=runs_dir, estimate=pretrain.estimate_seconds)

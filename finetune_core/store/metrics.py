@@ -1,0 +1,139 @@
+"""metrics.jsonl: the records a run appends (train every few steps, val each epoch, test at
+the end), written flushed as they come, and read back tolerantly: a torn last line is
+skipped and, after a resume, the records of the dead attempt are dropped."""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Any
+
+import pandas as pd
+
+from finetune_core.callbacks import Callback
+from finetune_core.store.schema import METRIC_COLUMNS, SCHEMA_VERSION, upgrade
+from finetune_core.util.files import json_line, write_lines_atomic
+
+
+def _parse_metric_lines(text: str, path: Path) -> list[dict[str, Any]]:
+    records = []
+    for line in text.splitlines():
+        line = line.strip()
+        if not line:
+            continue
+        try:
+            record = json.loads(line)
+        except ValueError:
+            continue  # a torn line: the writer died mid-write
+        if isinstance(record, dict) and "split" in record and "step" in record:
+            records.append(upgrade(record, f"a record of {path}"))
+    return records
+
+
+def clean_metric_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    """Returns records as a resumed run sees them: the last record per (split, step).
+
+    A resume starts again from the checkpoint's step, so a record whose step is not past
+    the last one of its split marks a restart: the records of the dead attempt from that
+    step on (of every split) are dropped, and the new ones kept.
+    """
+    kept: list[dict[str, Any]] = []
+    last_step: dict[str, int] = {}
+    for record in records:
+        try:
+            step = int(record["step"])
+        except (TypeError, ValueError):
+            continue
+        split = record["split"]
+        if split in last_step and step <= last_step[split]:
+            kept = [r for r in kept if int(r["step"]) < step]
+            last_step = {}
+            for r in kept:
+                last_step[r["split"]] = int(r["step"])
+        kept.append(record)
+        last_step[split] = step
+    return kept
+
+
+def read_records(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
+    """Returns the run's metrics records, cleaned (see clean_metric_records)."""
+    path = Path(run_dir) / "metrics.jsonl"
+    try:
+        text = path.read_text(errors="replace")
+    except OSError:
+        text = ""
+    return clean_metric_records(_parse_metric_lines(text, path))
+
+
+def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Returns metrics.jsonl as a DataFrame, one row per record in file order.
+
+    Columns: split, epoch, step (nullable ints), loss, acc, acc5, lr, time_s, images_per_s
+    (floats, NaN where null), phase (val rows), and any extra keys. Empty with these
+    columns when there is no file yet.
+    """
+    return metrics_frame(read_records(run_dir))
+
+
+def metrics_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Returns records as read_metrics types them (the file's "schema" key left out)."""
+    records = [{k: v for k, v in r.items() if k != "schema"} for r in records]
+    frame = pd.DataFrame.from_records(records)
+    for column in METRIC_COLUMNS:
+        if column not in frame.columns:
+            frame[column] = None
+    for column, dtype in METRIC_COLUMNS.items():
+        if dtype == "string":
+            frame[column] = frame[column].astype("string")
+        elif dtype == "Int64":
+            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
+        else:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
+    extra = [c for c in frame.columns if c not in METRIC_COLUMNS]
+    return frame[list(METRIC_COLUMNS) + extra].reset_index(drop=True)
+
+
+class MetricsWriter(Callback):
+    """Engine callback that appends every train/val/test record to metrics.jsonl, flushed.
+
+    On a resumed fit, records of the dead attempt past the checkpoint's step are dropped
+    first (an atomic rewrite), so the file reads cleanly even without the reader's dedupe.
+    """
+
+    def __init__(self, run_dir: str | os.PathLike):
+        self.path = Path(run_dir) / "metrics.jsonl"
+        self._file = None
+
+    def _open(self) -> None:
+        if self._file is None:
+            self._file = open(self.path, "a")
+
+    def on_fit_start(self, trainer) -> None:
+        step = int(getattr(trainer, "step", 0) or 0)
+        if self.path.exists():
+            text = self.path.read_text(errors="replace")
+            records = clean_metric_records(_parse_metric_lines(text, self.path))
+            kept = [r for r in records if int(r["step"]) <= step]
+            if len(kept) != len(records) or (text and not text.endswith("\n")):
+                write_lines_atomic(self.path, kept)
+        self._open()
+
+    def write(self, record: dict[str, Any]) -> None:
+        self._open()
+        self._file.write(json_line({**record, "schema": SCHEMA_VERSION}))
+        self._file.flush()
+
+    def on_train_record(self, trainer, record) -> None:
+        self.write(record)
+
+    def on_eval_record(self, trainer, record) -> None:
+        self.write(record)
+
+    def on_fit_end(self, trainer, summary) -> None:
+        self.close()
+
+    def close(self) -> None:
+        if self._file is not None:
+            self._file.close()
+            self._file = None

@@ -1,0 +1,80 @@
+"""Where runs live, their ids, and finding a run from an id, a unique id prefix or a path."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import time
+from datetime import datetime
+from pathlib import Path
+
+from finetune_core.store.schema import RunError
+
+
+def runs_dir(explicit: str | os.PathLike | None = None) -> Path:
+    """Returns the absolute runs folder: explicit, else $FINETUNE_RUNS_DIR, else ./runs."""
+    path = explicit or os.environ.get("FINETUNE_RUNS_DIR") or "runs"
+    return Path(path).expanduser().resolve()
+
+
+def new_run_id(now: float | None = None) -> str:
+    """Returns a fresh run id: YYYYMMDD-HHMMSS-xxxxxx (local time, 6 random hex digits)."""
+    stamp = datetime.fromtimestamp(time.time() if now is None else now)
+    return f"{stamp:%Y%m%d-%H%M%S}-{secrets.token_hex(3)}"
+
+
+def new_group_id() -> str:
+    """Returns an id shared by runs launched together (same format as a run id)."""
+    return new_run_id()
+
+
+def is_run_dir(path: Path) -> bool:
+    """Returns True for a folder with a run's config.json and status.json."""
+    return path.is_dir() and (path / "config.json").is_file() and (path / "status.json").is_file()
+
+
+def run_dirs(root: Path) -> list[Path]:
+    """Returns the candidate run folders below root (not hidden; unsorted)."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return []
+    return [Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")]
+
+
+def resolve_run(ref: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
+    """Returns the absolute run folder for a run id, a unique id prefix, or a path.
+
+    Raises RunError naming the candidates when the reference is ambiguous or matches
+    nothing.
+    """
+    ref_text = os.fspath(ref).strip()
+    if not ref_text:
+        raise RunError("no run given; pass a run id, a unique id prefix, or a run folder")
+    path = Path(ref_text).expanduser()
+    if is_run_dir(path):
+        return path.resolve()
+    root = Path(root) if root is not None else runs_dir()
+    ids = sorted((p.name for p in run_dirs(root) if is_run_dir(p)), reverse=True)
+    if ref_text in ids:
+        return (root / ref_text).resolve()
+    matches = [i for i in ids if i.startswith(ref_text)]
+    if len(matches) == 1:
+        return (root / matches[0]).resolve()
+    if matches:
+        shown = ", ".join(matches[:10]) + (" ..." if len(matches) > 10 else "")
+        raise RunError(
+            f"run {ref_text!r} is ambiguous: it matches {len(matches)} runs ({shown}); "
+            "give more characters of the id"
+        )
+    if ("/" in ref_text or path.exists()) and not path.is_dir():
+        raise RunError(f"{ref_text} is not a run folder (it does not exist)")
+    if path.is_dir():
+        raise RunError(f"{ref_text} is not a run folder (no config.json and status.json in it)")
+    if not ids:
+        raise RunError(f"no run {ref_text!r}: there are no runs in {root}")
+    shown = ", ".join(ids[:5]) + (" ..." if len(ids) > 5 else "")
+    raise RunError(
+        f"no run {ref_text!r} in {root}; the newest runs are {shown} "
+        "(see `python -m finetune_core list`)"
+    )

@@ -1,0 +1,91 @@
+"""The run folder's contract: file format version, run states and their allowed changes,
+the keys of summary.json and the columns of metrics.jsonl. See DESIGN.md ("The run
+directory") for what each file holds.
+
+Every file a run folder holds carries "schema" (metrics.jsonl: on every record, so lines of
+an older writer and a newer one can share a resumed run's file). Files without it are
+version 1, as written before versions existed; readers take every version up to
+SCHEMA_VERSION and say so when a file is newer than this code.
+"""
+
+from __future__ import annotations
+
+import re
+from typing import Any
+
+from finetune_core.callbacks import RECORD_FIELDS
+
+SCHEMA_VERSION = 2  # 1: before versions were written; 2: "schema" written into every file
+
+# queued: waiting for the supervisor; running: a worker process owns the run.
+LIVE_STATES = ("queued", "running")
+# A final state has no process behind it; stopped, crashed and failed runs can be resumed.
+FINAL_STATES = ("completed", "failed", "stopped", "crashed")
+STATES = LIVE_STATES + FINAL_STATES
+RESUMABLE_STATES = ("stopped", "crashed", "failed")
+
+# state -> the states it may change to (running -> running: the worker claims a run that
+# was started for it; resumable -> running: a foreground resume runs it at once)
+TRANSITIONS: dict[str, tuple[str, ...]] = {
+    "queued": ("running", "stopped"),
+    "running": ("running", "completed", "failed", "stopped", "crashed"),
+    "completed": (),
+    "failed": ("queued", "running"),
+    "stopped": ("queued", "running"),
+    "crashed": ("queued", "running"),
+}
+
+CRASHED_MESSAGE = (
+    "the worker process ended without a final state; resume to continue from the last checkpoint"
+)
+
+RUN_ID_RE = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
+
+_DTYPES = {str: "string", int: "Int64", float: "float64"}
+METRIC_COLUMNS = {name: _DTYPES[kind] for name, kind in RECORD_FIELDS.items()}
+
+SUMMARY_KEYS = (
+    "state",
+    "best_val_acc",
+    "final_val_acc",
+    "test_acc",
+    "trainable_params",
+    "trainable_params_per_phase",
+    "total_params",
+    "train_time_s",
+    "classes",
+    "per_class_acc",
+    "confusion_matrix",
+    "skipped_files",
+)
+
+
+class RunError(ValueError):
+    """A run reference that matches no run or several, an action the run's state forbids, or
+    a run file this code cannot read."""
+
+
+def version_of(data: dict[str, Any]) -> int:
+    """Returns the format version a file's content was written in (1 when it names none)."""
+    version = data.get("schema", 1)
+    return version if isinstance(version, int) else 1
+
+
+def upgrade(data: dict[str, Any], what: str) -> dict[str, Any]:
+    """Returns a file's content in the current format; RunError for a newer version.
+
+    Version 2 only added the "schema" key, so older content reads as it is. A later format
+    change adds its step here (version n -> n + 1) and keeps the older ones.
+    """
+    version = version_of(data)
+    if version > SCHEMA_VERSION:
+        raise RunError(
+            f"{what} is in format {version}, newer than this finetune_core reads "
+            f"({SCHEMA_VERSION}); update finetune_core to open this run"
+        )
+    return data
+
+
+def stamped(data: dict[str, Any]) -> dict[str, Any]:
+    """Returns data with the current format version, the way every writer saves it."""
+    return {**data, "schema": SCHEMA_VERSION}

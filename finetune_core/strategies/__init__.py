@@ -1,0 +1,67 @@
+"""What trains: the strategy registry, the plan (per phase, per group) and freezing.
+
+`get(name)` returns a registered strategy; `make_plan(cfg, parts)` says, before anything
+runs, which groups train in which epochs and at what learning rate; `apply_phase()` makes a
+model match one phase. L2-SP, the one modifier that needs torch, is in `strategies.l2sp`.
+"""
+
+from finetune_core.strategies import builtin  # noqa: F401  (registers the strategies)
+from finetune_core.strategies.plan import (
+    GroupPlan,
+    Phase,
+    Plan,
+    apply_phase,
+    group_lrs,
+    make_plan,
+    optimizer_groups,
+    set_train_mode,
+)
+from finetune_core.strategies.registry import (
+    BASELINE,
+    HEAD,
+    MODIFIERS,
+    PhaseSpec,
+    Strategy,
+    all_options,
+    get,
+    is_baseline,
+    label,
+    names,
+    option,
+    preset_fields,
+    presets,
+    register,
+    unregister,
+    value_of,
+)
+
+# The comparison a new user gets: full against two partial strategies.
+DEFAULT_COMPARISON = ("full", "last_n 1", "linear_probe")
+
+__all__ = [
+    "BASELINE",
+    "DEFAULT_COMPARISON",
+    "HEAD",
+    "MODIFIERS",
+    "GroupPlan",
+    "Phase",
+    "PhaseSpec",
+    "Plan",
+    "Strategy",
+    "all_options",
+    "apply_phase",
+    "get",
+    "group_lrs",
+    "is_baseline",
+    "label",
+    "make_plan",
+    "names",
+    "option",
+    "optimizer_groups",
+    "preset_fields",
+    "presets",
+    "register",
+    "set_train_mode",
+    "unregister",
+    "value_of",
+]

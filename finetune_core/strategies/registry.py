@@ -1,0 +1,188 @@
+"""The strategy registry: each fine-tuning strategy is one registered object, looked up by
+name the way torchvision looks up models. Nothing else compares strategy names.
+
+A strategy says, before anything runs, which backbone groups train in which epochs (its
+phases), which parameters of a trained group train (all, or a subset such as BitFit's
+biases and norms), what it changes in the model before training (`prepare`: a later
+strategy may insert or wrap modules), its options (RunConfig fields, with their help and
+range) and their cross-checks, its label ("last_n 1") and its presets for a comparison.
+No torch here: the run store labels runs with it.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Mapping
+from dataclasses import dataclass
+from typing import Any, ClassVar
+
+from finetune_core.options import Option
+from finetune_core.util.names import nearest
+
+HEAD = "head"  # the name of the head in plans: the final classification layer
+BASELINE = "full"  # the strategy every comparison measures the others against
+
+
+@dataclass(frozen=True)
+class PhaseSpec:
+    """A span of epochs and how many of the top backbone groups train in it."""
+
+    name: str  # e.g. "linear probe", "fine-tune", "unfreeze layer4"
+    start_epoch: int  # from 1
+    end_epoch: int  # inclusive
+    top_groups: int  # backbone groups trained, counted from the top (0: only the head)
+
+
+class Strategy:
+    """Base class: a strategy that trains whole groups and changes nothing in the model."""
+
+    name: ClassVar[str] = ""
+    summary: ClassVar[str] = ""  # what trains, in a few words (help texts, the README's table)
+    options: ClassVar[tuple[Option, ...]] = ()  # the RunConfig fields only it reads
+    label_format: ClassVar[str] = "{name}"  # filled with name and the options' values
+    presets: ClassVar[tuple[dict[str, Any], ...]] = ({},)  # option values of each preset
+
+    def values(self, cfg: Any) -> dict[str, Any]:
+        """Returns {option: value} from a RunConfig or a config dict (defaults where absent)."""
+        return {o.name: value_of(cfg, o.name, o.default) for o in self.options}
+
+    def label(self, cfg: Any) -> str:
+        """Returns the strategy with the option that defines it: "last_n 1", "full"."""
+        return self.label_format.format(name=self.name, **self.values(cfg))
+
+    def validate(self, cfg: Any) -> dict[str, str]:
+        """Returns {field: message} for options that do not fit the rest of cfg."""
+        return {}
+
+    def check_groups(self, cfg: Any, model: str, group_names: list[str]) -> dict[str, str]:
+        """Returns {field: message} for options that do not fit the model's backbone groups."""
+        return {}
+
+    def phases(self, cfg: Any, group_names: list[str]) -> list[PhaseSpec]:
+        """Returns the phases: which top groups train in which epochs."""
+        raise NotImplementedError
+
+    def trainable_subset(self, parts) -> set[str] | None:
+        """Returns the backbone parameters that may train in a trained group (None: all)."""
+        return None
+
+    def prepare(self, parts, cfg: Any) -> None:
+        """Changes the built model before training (insert or wrap modules); default: none."""
+
+
+def value_of(cfg: Any, name: str, default: Any = None) -> Any:
+    """Returns cfg's value of a setting, for a RunConfig and a config.json dict alike."""
+    if isinstance(cfg, Mapping):
+        value = cfg.get(name, default)
+        return default if value is None else value
+    return getattr(cfg, name, default)
+
+
+_REGISTRY: dict[str, Strategy] = {}
+
+# Settings that combine with any strategy; a run's label names those not at their default.
+MODIFIERS = (
+    Option(
+        "layer_decay",
+        1.0,
+        "head lr, top group lr*D, next lr*D^2, ...; 1 = off",
+        label="Layer decay",
+        min=1e-6,
+        max=1.0,
+        step=0.05,
+        format="%.3f",
+        tag="decay {:g}",
+    ),
+    Option(
+        "l2sp",
+        0.0,
+        "lambda of the L2-SP penalty towards the pretrained weights; 0 = off",
+        label="L2-SP λ",
+        min=0.0,
+        step=0.001,
+        format="%.4f",
+        tag="l2sp {:g}",
+    ),
+    Option(
+        "freeze_bn",
+        False,
+        "keep BatchNorm statistics fixed in trained groups too",
+        label="Freeze BatchNorm statistics",
+        tag="bn frozen",
+    ),
+)
+
+
+def register(cls: type[Strategy]) -> type[Strategy]:
+    """Class decorator: registers one instance of the strategy under its name."""
+    if not cls.name or cls.name in _REGISTRY:
+        raise ValueError(f"strategy name {cls.name!r} is empty or taken")
+    _REGISTRY[cls.name] = cls()
+    return cls
+
+
+def unregister(name: str) -> None:
+    """Removes a registered strategy (tests and plugins that registered one)."""
+    _REGISTRY.pop(name, None)
+
+
+def names() -> tuple[str, ...]:
+    """Returns the registered strategy names, in registration order."""
+    return tuple(_REGISTRY)
+
+
+def get(name: str) -> Strategy:
+    """Returns the registered strategy; ValueError naming the choices for an unknown name."""
+    try:
+        return _REGISTRY[name]
+    except (KeyError, TypeError):
+        raise ValueError(
+            f"unknown strategy {name!r}; choose one of {', '.join(_REGISTRY)}."
+            + nearest(name, _REGISTRY)
+        ) from None
+
+
+def option(name: str) -> Any:
+    """Returns the dataclass field of a strategy option or modifier, for RunConfig."""
+    for o in all_options():
+        if o.name == name:
+            return o.field()
+    raise KeyError(name)
+
+
+def all_options() -> list[Option]:
+    """Returns every strategy's options, then the modifiers."""
+    return [o for s in _REGISTRY.values() for o in s.options] + list(MODIFIERS)
+
+
+def label(cfg: Any) -> str:
+    """Returns a run's strategy label, with its modifiers: "last_n 1 (decay 0.8, l2sp 0.01)"."""
+    name = value_of(cfg, "strategy", "?")
+    base = _REGISTRY[name].label(cfg) if name in _REGISTRY else str(name)
+    extras = [t for o in MODIFIERS if (t := o.tag_for(value_of(cfg, o.name)))]
+    return base + (f" ({', '.join(extras)})" if extras else "")
+
+
+def presets() -> dict[str, dict[str, Any]]:
+    """Returns {preset: RunConfig fields} for a comparison: "last_n 2" -> last_n, k = 2."""
+    found = {}
+    for s in _REGISTRY.values():
+        for fixed in s.presets:
+            key = " ".join([s.name, *(str(v) for v in fixed.values())])
+            found[key] = {"strategy": s.name, **fixed}
+    return found
+
+
+def preset_fields(preset: str) -> dict[str, Any]:
+    """Returns the RunConfig fields of one preset; ValueError naming the presets."""
+    known = presets()
+    if preset not in known:
+        raise ValueError(
+            f"unknown strategy preset {preset!r}; choose from {', '.join(known)}."
+            + nearest(preset, known)
+        )
+    return dict(known[preset])
+
+
+def is_baseline(name: Any) -> bool:
+    """Returns True for the strategy comparisons measure the others against (full)."""
+    return name == BASELINE

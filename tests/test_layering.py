@@ -1,0 +1,237 @@
+"""finetune_core's rooms and what each may import: no cycles, no private names across modules,
+nothing that reads runs loads torch, nothing loads streamlit.
+
+The rules are checked twice: on the source (every import statement, those inside functions
+too) and by importing each room alone in a fresh interpreter (what it really pulls in).
+"""
+
+from __future__ import annotations
+
+import ast
+import json
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+import pytest
+
+PACKAGE = Path(__file__).resolve().parent.parent / "finetune_core"
+
+# room -> the rooms it may import directly (a room is a top-level module or package)
+ALLOWED = {
+    "util": set(),
+    "callbacks": set(),
+    "options": {"util"},
+    "strategies": {"options", "util"},
+    "config": {"strategies", "options", "util"},
+    "device": set(),
+    "models": {"util"},
+    "metrics": set(),
+    "data": {"util"},
+    # the run store; `create_run` records the device (torch) only when it makes a run
+    "store": {"callbacks", "config", "strategies", "util", "device"},
+    "weights": {"models", "data", "store", "util"},
+    "engine": {
+        "callbacks",
+        "config",
+        "data",
+        "device",
+        "metrics",
+        "models",
+        "strategies",
+        "util",
+        "weights",
+    },
+    "pretrain": {"callbacks", "config", "device", "engine", "util", "weights"},
+    "preflight": {
+        "config",
+        "data",
+        "engine",
+        "models",
+        "pretrain",
+        "strategies",
+        "util",
+        "weights",
+    },
+    "runner": {"config", "store", "util"},
+    "worker": {"callbacks", "config", "engine", "pretrain", "runner", "store", "util", "weights"},
+    "estimate": {"config", "data", "device", "engine", "models", "runner"},
+    # the commands that train import the engine's rooms when they run
+    "cli": {
+        "callbacks",
+        "config",
+        "data",
+        "models",
+        "preflight",
+        "runner",
+        "store",
+        "util",
+        "worker",
+    },
+    "plots": {"store", "strategies", "util"},
+    "__main__": {"cli"},
+}
+
+# Rooms that must not load torch on import: reading runs, the queue and the CLI stay fast,
+# and the supervisor stays small.
+TORCH_FREE = {
+    "util",
+    "callbacks",
+    "options",
+    "strategies",
+    "config",
+    "store",
+    "runner",
+    "cli",
+    "plots",
+}
+
+
+def _rooms(package: Path) -> dict[str, list[Path]]:
+    rooms: dict[str, list[Path]] = {}
+    for path in sorted(package.rglob("*.py")):
+        rel = path.relative_to(package)
+        room = rel.parts[0].removesuffix(".py")
+        if room != "__init__":
+            rooms.setdefault(room, []).append(path)
+    return rooms
+
+
+def _module_name(package: Path, path: Path) -> str:
+    parts = list(path.relative_to(package.parent).with_suffix("").parts)
+    if parts[-1] == "__init__":
+        parts = parts[:-1]
+    return ".".join(parts)
+
+
+def _is_module(package: Path, dotted: str) -> bool:
+    path = package.parent.joinpath(*dotted.split("."))
+    return path.with_suffix(".py").is_file() or (path / "__init__.py").is_file()
+
+
+def _imports(tree: ast.AST, name: str):
+    """Yields (module, imported name or None, the name it is bound to) for our imports."""
+    for node in ast.walk(tree):
+        if isinstance(node, ast.Import):
+            for a in node.names:
+                if a.name.startswith(name + "."):
+                    yield a.name, None, a.asname
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            if node.module == name or node.module.startswith(name + "."):
+                for a in node.names:
+                    yield node.module, a.name, a.asname or a.name
+
+
+def check_source(package: Path, allowed: dict[str, set[str]]) -> list[str]:
+    """Returns every rule the source of `package` breaks: a room importing one it may not, an
+    import cycle between rooms, a `_private` name used from another module."""
+    name = package.name
+    problems = []
+    edges: dict[str, set[str]] = {}
+    for room, paths in _rooms(package).items():
+        for path in paths:
+            here = _module_name(package, path)
+            tree = ast.parse(path.read_text())
+            aliases: dict[str, str] = {}  # local name -> our module bound to it
+            for module, imported, bound in _imports(tree, name):
+                full = f"{module}.{imported}" if imported else module
+                if imported and imported.startswith("_") and module != here:
+                    problems.append(f"{here} imports the private {full}")
+                if bound and _is_module(package, full):
+                    aliases[bound] = full
+                target = full.split(".")[1]
+                if target != room:
+                    edges.setdefault(room, set()).add(target)
+                    if target not in allowed.get(room, set()):
+                        problems.append(f"{here} imports {full}: {room} may not use {target}")
+            for node in ast.walk(tree):
+                if (
+                    isinstance(node, ast.Attribute)
+                    and isinstance(node.value, ast.Name)
+                    and aliases.get(node.value.id, here) != here
+                    and node.attr.startswith("_")
+                    and not node.attr.startswith("__")
+                ):
+                    problems.append(f"{here} uses the private {aliases[node.value.id]}.{node.attr}")
+
+    def visit(room: str, path: list[str]) -> None:
+        for nxt in sorted(edges.get(room, ())):
+            if nxt in path:
+                problems.append("import cycle: " + " -> ".join([*path[path.index(nxt) :], nxt]))
+            else:
+                visit(nxt, [*path, nxt])
+
+    for room in sorted(edges):
+        visit(room, [room])
+    return sorted(set(problems))
+
+
+def test_the_rooms_import_only_what_the_layering_allows_without_cycles_or_private_names():
+    assert set(_rooms(PACKAGE)) == set(ALLOWED), "a new room needs its line in ALLOWED"
+    assert check_source(PACKAGE, ALLOWED) == []
+
+
+def test_the_layering_check_finds_a_cycle_a_forbidden_room_and_a_private_name(tmp_path):
+    pkg = tmp_path / "demo"
+    (pkg / "inner").mkdir(parents=True)
+    (pkg / "__init__.py").write_text("")
+    (pkg / "a.py").write_text("from demo import b\n\ndef f():\n    return b._hidden\n")
+    (pkg / "b.py").write_text("def g():\n    from demo.a import f\n    return f\n")
+    (pkg / "inner" / "__init__.py").write_text("")
+    (pkg / "inner" / "c.py").write_text("from demo.b import _secret\n")
+    found = check_source(pkg, {"a": {"b"}, "b": {"a"}, "inner": set()})
+    assert "import cycle: a -> b -> a" in found
+    assert "demo.a uses the private demo.b._hidden" in found
+    assert "demo.inner.c imports the private demo.b._secret" in found
+    assert any("inner may not use b" in p for p in found)
+
+
+def _closure(room: str) -> set[str]:
+    seen, todo = set(), [room]
+    while todo:
+        for nxt in ALLOWED[todo.pop()]:
+            if nxt not in seen:
+                seen.add(nxt)
+                todo.append(nxt)
+    return seen
+
+
+_PROBE = """
+import importlib, json, sys
+importlib.import_module(sys.argv[1])
+ours = sorted({m.split(".")[1] for m in sys.modules if m.startswith("finetune_core.")})
+print(json.dumps({"rooms": ours, "torch": "torch" in sys.modules,
+                  "streamlit": any(m.split(".")[0] == "streamlit" for m in sys.modules)}))
+"""
+
+
+def _import_alone(room: str) -> dict:
+    out = subprocess.run(
+        [sys.executable, "-c", _PROBE, f"finetune_core.{room}"],
+        capture_output=True,
+        text=True,
+        cwd=PACKAGE.parent,
+        check=True,
+    ).stdout
+    return json.loads(out.strip().splitlines()[-1])
+
+
+@pytest.fixture(scope="module")
+def imported_alone() -> dict[str, dict]:
+    rooms = sorted(r for r in ALLOWED if r != "__main__")
+    with ThreadPoolExecutor(2) as pool:
+        return dict(zip(rooms, pool.map(_import_alone, rooms), strict=True))
+
+
+def test_each_room_imported_alone_pulls_in_only_the_rooms_it_may_use(imported_alone):
+    for room, found in imported_alone.items():
+        extra = set(found["rooms"]) - {room} - _closure(room)
+        assert not extra, f"importing finetune_core.{room} pulled in {sorted(extra)}"
+
+
+def test_reading_runs_the_queue_and_the_cli_never_load_torch_and_nothing_loads_streamlit(
+    imported_alone,
+):
+    assert [r for r in TORCH_FREE if imported_alone[r]["torch"]] == []
+    assert [r for r, found in imported_alone.items() if found["streamlit"]] == []
