@@ -39,8 +39,8 @@ import torchvision  # noqa: E402
 
 from bench import plain_loop  # noqa: E402
 from finetune_core import data, engine, models, store  # noqa: E402
-from finetune_core.device import pick_device  # noqa: E402
 from finetune_core.config import RunConfig  # noqa: E402
+from finetune_core.device import pick_device  # noqa: E402
 
 NUM_CLASSES = 10  # synthetic labels
 LR = 0.001  # small enough for random-init models not to diverge in a few steps
