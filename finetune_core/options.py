@@ -48,8 +48,9 @@ class Option:
         if choices is not None:
             if value in choices:
                 return None
-            return f"unknown {self.name} {value!r}; choose one of {', '.join(choices)}." + nearest(
-                value, choices
+            listed = ", ".join(choices)
+            return (
+                f"unknown {self.name} {value!r}; choose one of {listed}.{nearest(value, choices)}"
             )
         if self.max_length is not None and len(str(value)) > self.max_length:
             return f"must be at most {self.max_length} characters"
