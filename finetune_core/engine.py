@@ -523,8 +523,15 @@ class Trainer:
             self.best_epoch = self.epoch
             self._save_weights("best.safetensors")
         seconds = max(self.elapsed(), 1e-9)
+        speed = round(self.step * self.cfg.batch_size / seconds, 2)
+        return self._eval_record("val", ev, seconds, images_per_s=speed, phase=self.phase)
+
+    def _eval_record(
+        self, split: str, ev: dict, seconds: float, *, images_per_s=None, phase=None
+    ) -> dict:
+        """Returns the metrics record of an evaluation (evaluate's result) at this step."""
         return make_record(
-            "val",
+            split,
             epoch=self.epoch,
             step=self.step,
             loss=ev["loss"],
@@ -532,8 +539,8 @@ class Trainer:
             acc5=ev["acc5"],
             lr=self.head_lr(),
             time_s=round(seconds, 3),
-            images_per_s=round(self.step * self.cfg.batch_size / seconds, 2),
-            phase=self.phase,
+            images_per_s=images_per_s,
+            phase=phase,
         )
 
     def _should_stop_early(self) -> bool:
@@ -572,19 +579,7 @@ class Trainer:
             )
         # the feature cache holds only for a frozen backbone, which the best weights share
         ev = self.evaluate(self.exp.data.test, self._cached("test"))
-        self._emit_eval(
-            make_record(
-                "test",
-                epoch=self.epoch,
-                step=self.step,
-                loss=ev["loss"],
-                acc=ev["acc"],
-                acc5=ev["acc5"],
-                lr=self.head_lr(),
-                time_s=round(self.elapsed(), 3),
-                images_per_s=None,
-            )
-        )
+        self._emit_eval(self._eval_record("test", ev, self.elapsed()))
         return ev["acc"]
 
 

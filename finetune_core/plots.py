@@ -175,34 +175,44 @@ def accuracy_chart(metrics: pd.DataFrame) -> go.Figure:
     return _style(fig)
 
 
-def lr_chart(metrics: pd.DataFrame) -> go.Figure:
-    """Returns the head group's learning rate against the global step."""
+def _train_series(
+    metrics: pd.DataFrame, column: str, *, title: str, empty: str, name: str, ylabel: str, colour
+) -> go.Figure:
     train = _split(metrics, "train")
-    if not _has(train, "lr"):
-        return _empty("Learning rate", "No learning rate recorded yet")
+    if not _has(train, column):
+        return _empty(title, empty)
     fig = go.Figure()
     fig.add_scatter(
-        x=train["step"], y=train["lr"], name="lr (head)", mode="lines", line=dict(color=PALETTE[3])
+        x=train["step"], y=train[column], name=name, mode="lines", line=dict(color=colour)
     )
-    fig.update_layout(title="Learning rate", xaxis_title="step", yaxis_title="lr")
+    fig.update_layout(title=title, xaxis_title="step", yaxis_title=ylabel)
     return _style(fig)
+
+
+def lr_chart(metrics: pd.DataFrame) -> go.Figure:
+    """Returns the head group's learning rate against the global step."""
+    return _train_series(
+        metrics,
+        "lr",
+        title="Learning rate",
+        empty="No learning rate recorded yet",
+        name="lr (head)",
+        ylabel="lr",
+        colour=PALETTE[3],
+    )
 
 
 def throughput_chart(metrics: pd.DataFrame) -> go.Figure:
     """Returns training throughput (images/s) against the global step."""
-    train = _split(metrics, "train")
-    if not _has(train, "images_per_s"):
-        return _empty("Throughput", "No throughput recorded yet")
-    fig = go.Figure()
-    fig.add_scatter(
-        x=train["step"],
-        y=train["images_per_s"],
+    return _train_series(
+        metrics,
+        "images_per_s",
+        title="Throughput",
+        empty="No throughput recorded yet",
         name="images/s",
-        mode="lines",
-        line=dict(color=PALETTE[5]),
+        ylabel="images / s",
+        colour=PALETTE[5],
     )
-    fig.update_layout(title="Throughput", xaxis_title="step", yaxis_title="images / s")
-    return _style(fig)
 
 
 def training_charts(metrics: pd.DataFrame) -> dict[str, go.Figure]:

@@ -108,6 +108,27 @@ def save_upload(upload, folder: Path) -> Path:
     return target
 
 
+def upload(label: str, types: list[str], key: str, field: str, folder: Path, **kwargs) -> None:
+    """A file uploader whose file is saved under folder; the form's `field` keeps its path
+    (so a refresh keeps the file), shown under the uploader."""
+    up = st.file_uploader(label, type=types, key=key, **kwargs)
+    if up is not None:
+        saved = str(save_upload(up, folder))
+        if state.get(F + field) != saved:
+            state[F + field] = saved
+            st.rerun()
+    if state.get(F + field):
+        st.caption(f"Using `{state[F + field]}` (saved in the data folder)")
+
+
+def choose(label: str, options: list, field: str, *, default=None, where=st, **kwargs) -> None:
+    """A selectbox for the form's `field`; a saved value that is no longer among the options
+    (a deleted run, a changed setting) falls back to `default` or the first option."""
+    if state.get(F + field) not in options:
+        state[F + field] = options[0] if default is None else default
+    where.selectbox(label, options, key=F + field, **kwargs)
+
+
 def number_input(name: str, label: str | None = None) -> None:
     """Draws the number input of a RunConfig field, with its label, step and help."""
     option = OPTIONS[name]
@@ -197,31 +218,24 @@ def weights_choice(page: Page, model: str) -> None:
     )
     choice = state[F + "weights_choice"]
     if choice == "file":
-        up = st.file_uploader(
+        upload(
             "Weights file",
-            type=["safetensors", "pt", "pth"],
-            key="up_weights",
+            ["safetensors", "pt", "pth"],
+            "up_weights",
+            "weights_file",
+            data_mod.data_dir() / "uploads" / "weights",
             help=".pt/.pth are read with weights_only=True (no pickle code).",
         )
-        if up is not None:
-            saved = save_upload(up, data_mod.data_dir() / "uploads" / "weights")
-            if state.get(F + "weights_file") != str(saved):
-                state[F + "weights_file"] = str(saved)
-                st.rerun()
-        if state.get(F + "weights_file"):
-            st.caption(f"Using `{state[F + 'weights_file']}`")
     elif choice == "run":
         done = store.list_runs(root).query("state == 'completed'").set_index("run_id")
         options = list(done.index)
         if not options:
             st.warning("No completed run yet to take weights from; choose another source.")
         else:
-            if state.get(F + "weights_run") not in options:
-                state[F + "weights_run"] = options[0]
-            st.selectbox(
+            choose(
                 "Run",
                 options,
-                key=F + "weights_run",
+                "weights_run",
                 format_func=lambda r: f"{r} · {done.loc[r, 'model']} · {done.loc[r, 'strategy']}",
                 help="Its best checkpoint is the starting point; a head for the same classes "
                 "is kept.",
@@ -295,26 +309,20 @@ def data_choice() -> None:
         )
     choice = state[F + "data_choice"]
     if choice == "zip":
-        up = st.file_uploader(
+        upload(
             "A .zip with one folder per class (or train/ and val/ folders)",
-            type=["zip"],
-            key="up_zip",
+            ["zip"],
+            "up_zip",
+            "data_zip",
+            data_mod.data_dir() / "uploads",
         )
-        if up is not None:
-            saved = save_upload(up, data_mod.data_dir() / "uploads")
-            if state.get(F + "data_zip") != str(saved):
-                state[F + "data_zip"] = str(saved)
-                st.rerun()
-        if state.get(F + "data_zip"):
-            st.caption(f"Using `{state[F + 'data_zip']}` (saved in the data folder)")
     elif choice == "folder":
         c1, c2 = st.columns([1, 2])
-        if state.get(F + "data_root") not in roots:
-            state[F + "data_root"] = roots[0]
-        c1.selectbox(
+        choose(
             "Data root",
             roots,
-            key=F + "data_root",
+            "data_root",
+            where=c1,
             help="Set by FINETUNE_DATA_ROOTS when the app was started.",
         )
         c2.text_input(
@@ -323,13 +331,10 @@ def data_choice() -> None:
             help="A path relative to the root, holding one folder per class.",
         )
     elif choice == "torchvision":
-        tv = list(data_mod.TORCHVISION)
-        if state.get(F + "data_tv") not in tv:
-            state[F + "data_tv"] = tv[0]
-        st.selectbox(
+        choose(
             "Dataset",
-            tv,
-            key=F + "data_tv",
+            list(data_mod.TORCHVISION),
+            "data_tv",
             help=f"Downloaded into {data_mod.data_dir() / 'torchvision'} on first use.",
         )
 
@@ -510,12 +515,11 @@ def settings_section(page: Page) -> None:
                 for name in names_in_col:
                     option = OPTIONS[name]
                     if option.choices is not None:
-                        if state.get(F + name) not in option.allowed():
-                            state[F + name] = option.default
-                        st.selectbox(
+                        choose(
                             option.label,
-                            option.allowed(),
-                            key=F + name,
+                            list(option.allowed()),
+                            name,
+                            default=option.default,
                             help=form.field_help(name),
                         )
                     elif isinstance(option.default, bool):

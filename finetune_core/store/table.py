@@ -58,20 +58,13 @@ def _values(frame: pd.DataFrame, column: str) -> pd.Series:
     return frame[column].dropna() if column in frame else pd.Series(dtype="float64")
 
 
-def _best(r: RunReading) -> float | None:
-    best = r.from_summary("best_val_acc")
-    if best is None:
-        acc = _values(r.split("val"), "acc")
-        best = float(acc.max()) if len(acc) else None
-    return best
-
-
-def _final(r: RunReading) -> float | None:
-    final = r.from_summary("final_val_acc")
-    if final is None:
-        acc = _values(r.split("val"), "acc")
-        final = float(acc.iloc[-1]) if len(acc) else None
-    return final
+def _or_metrics(r: RunReading, key: str, split: str, column: str, pick) -> float | None:
+    """Returns the summary's value of key, else pick(the split's column) from the metrics."""
+    value = r.from_summary(key)
+    if value is None:
+        values = _values(r.split(split), column)
+        value = float(pick(values)) if len(values) else None
+    return value
 
 
 def _counted(r: RunReading, key: str) -> Any:
@@ -82,14 +75,6 @@ def _counted(r: RunReading, key: str) -> Any:
 def _trainable_pct(r: RunReading) -> float | None:
     trainable, total = _counted(r, "trainable_params"), _counted(r, "total_params")
     return 100.0 * trainable / total if trainable is not None and total else None
-
-
-def _train_time(r: RunReading) -> float | None:
-    seconds = r.from_summary("train_time_s")
-    if seconds is None:
-        times = _values(r.split("train"), "time_s")
-        seconds = float(times.max()) if len(times) else None
-    return seconds
 
 
 def _speed(r: RunReading) -> float | None:
@@ -115,13 +100,13 @@ COLUMNS: dict[str, Callable[[RunReading], Any]] = {
     "strategy": lambda r: r.config.get("strategy"),
     "label": lambda r: strategies.label(r.config),  # the strategy with its option: "last_n 1"
     "state": lambda r: r.status.get("state") or r.from_summary("state") or "unknown",
-    "best_val_acc": _best,
-    "final_val_acc": _final,
+    "best_val_acc": lambda r: _or_metrics(r, "best_val_acc", "val", "acc", pd.Series.max),
+    "final_val_acc": lambda r: _or_metrics(r, "final_val_acc", "val", "acc", lambda v: v.iloc[-1]),
     "test_acc": lambda r: r.from_summary("test_acc"),
     "trainable_params": lambda r: _counted(r, "trainable_params"),
     "total_params": lambda r: _counted(r, "total_params"),
     "trainable_pct": _trainable_pct,
-    "train_time_s": _train_time,
+    "train_time_s": lambda r: _or_metrics(r, "train_time_s", "train", "time_s", pd.Series.max),
     "images_per_s": _speed,
     "epochs_run": lambda r: r.from_summary("epochs_run"),
     "group": lambda r: r.config.get("group"),
