@@ -53,8 +53,11 @@ def main() -> int:
     data.inspect_data(builtin.BUILTIN_SOURCE)
     figures["generate built-in datasets (s)"] = time.monotonic() - t0
 
-    print(f"pretraining builtin weights for {args.model} (estimate: "
-          f"{pretrain.estimate_seconds(args.model):.0f} s)...", flush=True)  # fmt: skip
+    print(
+        f"pretraining builtin weights for {args.model} (estimate: "
+        f"{pretrain.estimate_seconds(args.model):.0f} s)...",
+        flush=True,
+    )
     t0 = time.monotonic()
     pretrain.ensure_builtin(args.model)
     figures["builtin weights, first use (s)"] = time.monotonic() - t0
@@ -73,14 +76,22 @@ def main() -> int:
     rows = []
     for preset, d in zip(presets, run_dirs, strict=True):
         summary = store.read_summary(d) or {}
-        rows.append((preset, store.read_status(d).get("state"), summary.get("best_val_acc"),
-                     summary.get("train_time_s")))  # fmt: skip
+        rows.append(
+            (
+                preset,
+                store.read_status(d).get("state"),
+                summary.get("best_val_acc"),
+                summary.get("train_time_s"),
+            )
+        )
 
     cfg = cfgs[0]
     cpu = cpu_model() or platform.processor()
-    print(f"\nmachine: {platform.machine()} {cpu} | {os.cpu_count()} CPUs | "
-          f"device {pick_device('auto')} | {args.model}, {cfg.image_size} px, batch "
-          f"{cfg.batch_size}, {cfg.epochs} epochs, augment {cfg.augment}\n")  # fmt: skip
+    print(
+        f"\nmachine: {platform.machine()} {cpu} | {os.cpu_count()} CPUs | "
+        f"device {pick_device('auto')} | {args.model}, {cfg.image_size} px, batch "
+        f"{cfg.batch_size}, {cfg.epochs} epochs, augment {cfg.augment}\n"
+    )
     print("| step | seconds |\n|---|---|")
     for k, v in figures.items():
         print(f"| {k} | {v:.0f} |")

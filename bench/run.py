@@ -378,8 +378,15 @@ def bench_model(args, name: str, device: torch.device, log) -> dict:
 
     def eng(cb=(), **kw):
         def go():
-            out = run_engine(fresh(), imgdata, engine_cfg(args, name, bs, **kw), device, spec,
-                             warmup, cb() if callable(cb) else cb)  # fmt: skip
+            out = run_engine(
+                fresh(),
+                imgdata,
+                engine_cfg(args, name, bs, **kw),
+                device,
+                spec,
+                warmup,
+                cb() if callable(cb) else cb,
+            )
             key = "full" if not kw else f"{kw.get('strategy')}/{kw.get('augment', 'flip')}"
             settings.setdefault(key, out["settings"])
             return out
@@ -450,7 +457,7 @@ def bench_model(args, name: str, device: torch.device, log) -> dict:
                 t.seconds / w["wall"]
                 for t, w in zip(writer_times, res["engine full + metrics writer"], strict=False)
             ]
-        ),  # fmt: skip
+        ),
         "target": WRITER_TARGET,
     }
     # judged on the time spent inside the writer: it is the whole of what the writer adds
@@ -700,10 +707,15 @@ def render(results: dict, markdown: bool) -> str:
         )
         lines.append("")
         rows = [
-            [r["row"], _fmt(r["img_s"]), _fmt(r["x_plain"], ".2f"),
-             f">= {r['target']}" if r.get("target") else "", _met(r.get("met"))]
+            [
+                r["row"],
+                _fmt(r["img_s"]),
+                _fmt(r["x_plain"], ".2f"),
+                f">= {r['target']}" if r.get("target") else "",
+                _met(r.get("met")),
+            ]
             for r in m["rows"]
-        ]  # fmt: skip
+        ]
         table(["run", "img/s", "x plain full", "target", ""], rows)
         checks = []
         w = m["writer"]

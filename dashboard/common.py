@@ -8,7 +8,6 @@ from pathlib import Path
 import streamlit as st
 
 from finetune_core import runner, store
-from finetune_core.util.files import read_json
 
 PAGES = {
     "home": "app.py",
@@ -50,19 +49,6 @@ def setup_page(title: str) -> Path:
     return root
 
 
-def _has_queued(root: Path) -> bool:
-    try:
-        entries = list(os.scandir(root))
-    except OSError:
-        return False
-    for e in entries:
-        if e.is_dir() and not e.name.startswith("."):
-            status = read_json(Path(e.path) / "status.json")
-            if isinstance(status, dict) and status.get("state") == "queued":
-                return True
-    return False
-
-
 def _ensure_supervisor(root: str) -> None:
     """Starts the queue's supervisor when runs wait and none serves this runs folder.
 
@@ -71,7 +57,7 @@ def _ensure_supervisor(root: str) -> None:
     process is started (launching and resuming start one themselves).
     """
     try:
-        if _has_queued(Path(root)):
+        if store.any_queued(root):
             runner.ensure_supervisor(root)
     except Exception as e:  # the page still shows what exists; say why the queue may stall
         st.warning(

@@ -231,7 +231,7 @@ def build_configs(state, weights: str, data: str) -> list[tuple[str, RunConfig]]
     values = base_values(state)
     values.update(weights=weights, data=data)
     if not state.get(PREFIX + "compare"):
-        return [(values.get("strategy", "full"), from_dict(values))]
+        return [(values.get("strategy", OPTIONS["strategy"].default), from_dict(values))]
     out = []
     name = values.get("name") or ""
     for preset in state.get(PREFIX + "compare_set") or []:

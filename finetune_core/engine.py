@@ -205,6 +205,7 @@ class Trainer:
         # {split: TensorSplit of the head's inputs} while the backbone's output is cached
         self.feature_cache: dict[str, data_mod.TensorSplit] | None = None
         self.cache_allowed = feature_cache  # False: run the backbone every step regardless
+        self.cache_loader: data_mod.TensorLoader | None = None  # serves the cached features
         self.trainable_per_phase: dict[str, int] = {}
         self._head_only = False  # this epoch's phase trains no backbone parameter
 
@@ -309,9 +310,7 @@ class Trainer:
         self._head_only = phase.head_only
         if self._head_only:
             self.parts.model.eval()  # the whole backbone is frozen: inference mode everywhere
-        loader = self.train_loader
-        if self.feature_cache is not None:
-            loader = self._loader(self.feature_cache["train"])
+        loader = self.train_loader if self.feature_cache is None else self.cache_loader
         loader.set_epoch(self.epoch)
         return loader
 
@@ -420,6 +419,7 @@ class Trainer:
             ]
             cache[name] = data_mod.TensorSplit(torch.cat(chunks), split.labels.to(self.device))
         self.feature_cache = cache
+        self.cache_loader = self._loader(cache["train"])
 
     # --- checkpoints -------------------------------------------------------------------------
     def _save_weights(self, name: str) -> None:

@@ -22,6 +22,7 @@ from finetune_core import config as config_mod
 from finetune_core import data as data_mod
 from finetune_core import estimate, models, plots, preflight, runner, store, strategies, weights
 from finetune_core.config import OPTIONS, ConfigError
+from finetune_core.util.files import atomic_write
 
 F = form.PREFIX
 root = setup_page("New run")
@@ -101,10 +102,7 @@ def save_upload(upload, folder: Path) -> Path:
     """Writes an uploaded file under the data folder; returns its path."""
     folder.mkdir(parents=True, exist_ok=True)
     target = folder / _safe_name(upload.name)
-    tmp = target.with_name(f".{target.name}.part")
-    with open(tmp, "wb") as f:
-        f.write(upload.getbuffer())
-    tmp.replace(target)
+    atomic_write(target, lambda tmp: tmp.write_bytes(upload.getbuffer()))
     return target
 
 

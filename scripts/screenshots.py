@@ -82,8 +82,9 @@ def main(argv=None) -> int:
     runs = Path(args.runs_dir or tempfile.mkdtemp(prefix="finetune-demo-")) / "runs"
     if args.runs_dir:
         runs = Path(args.runs_dir)
-    env = dict(os.environ, FINETUNE_RUNS_DIR=str(runs), OMP_WAIT_POLICY="PASSIVE",
-               FINETUNE_REFRESH_S="1")  # fmt: skip
+    env = dict(
+        os.environ, FINETUNE_RUNS_DIR=str(runs), OMP_WAIT_POLICY="PASSIVE", FINETUNE_REFRESH_S="1"
+    )
     os.environ.update(env)
 
     from playwright.sync_api import sync_playwright
@@ -107,15 +108,15 @@ def main(argv=None) -> int:
                     if metrics.exists() and '"val"' in metrics.read_text(errors="ignore"):
                         break
                     time.sleep(0.5)
-                shoot(page, f"{url}/Training?run={live.name}", out / "training.png",
-                      ".js-plotly-plot")  # fmt: skip
+                shoot(
+                    page, f"{url}/Training?run={live.name}", out / "training.png", ".js-plotly-plot"
+                )
                 while any(s in store.LIVE_STATES for s in store.list_runs(runs)["state"]):
                     time.sleep(1)
                 log("demo group finished")
             else:
                 newest = store.list_runs(runs)["run_id"].iloc[0]
-                shoot(page, f"{url}/Training?run={newest}", out / "training.png",
-                      ".js-plotly-plot")  # fmt: skip
+                shoot(page, f"{url}/Training?run={newest}", out / "training.png", ".js-plotly-plot")
             shoot(page, f"{url}/Compare", out / "compare.png", ".js-plotly-plot")
             shoot(page, f"{url}/", out / "home.png")
             shoot(page, f"{url}/New_run", out / "new_run.png", ".js-plotly-plot")

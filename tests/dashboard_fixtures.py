@@ -39,8 +39,9 @@ def write_run(
     live), a final one gets a summary.json. Returns the folder."""
     run_dir = Path(root) / run_id
     run_dir.mkdir(parents=True)
-    cfg = RunConfig(strategy=strategy, name=name, group=group, epochs=total_epochs or len(accs),
-                    **cfg_fields).to_dict()  # fmt: skip
+    cfg = RunConfig(
+        strategy=strategy, name=name, group=group, epochs=total_epochs or len(accs), **cfg_fields
+    ).to_dict()
     cfg["env"] = {"torch": "x", "torchvision": "y", "python": "3.11", "device": "cpu"}
     (run_dir / "config.json").write_text(json.dumps(cfg))
     records = []
@@ -48,15 +49,32 @@ def write_run(
         for k in (5, 10):
             step = (e - 1) * steps_per_epoch + k
             records.append(
-                dict(split="train", epoch=e, step=step, loss=round(2.0 / step, 4),
-                     acc=round(acc - 0.1, 4), acc5=None, lr=0.01, time_s=step * 0.5,
-                     images_per_s=128.0)
-            )  # fmt: skip
+                dict(
+                    split="train",
+                    epoch=e,
+                    step=step,
+                    loss=round(2.0 / step, 4),
+                    acc=round(acc - 0.1, 4),
+                    acc5=None,
+                    lr=0.01,
+                    time_s=step * 0.5,
+                    images_per_s=128.0,
+                )
+            )
         records.append(
-            dict(split="val", epoch=e, step=e * steps_per_epoch, loss=round(1.0 / e, 4),
-                 acc=acc, acc5=None, lr=0.01, time_s=e * steps_per_epoch * 0.5,
-                 images_per_s=None, phase="main")
-        )  # fmt: skip
+            dict(
+                split="val",
+                epoch=e,
+                step=e * steps_per_epoch,
+                loss=round(1.0 / e, 4),
+                acc=acc,
+                acc5=None,
+                lr=0.01,
+                time_s=e * steps_per_epoch * 0.5,
+                images_per_s=None,
+                phase="main",
+            )
+        )
     with open(run_dir / "metrics.jsonl", "w") as f:
         for r in records:
             f.write(json.dumps(r) + "\n")
@@ -64,10 +82,17 @@ def write_run(
     now = time.time()
     step = len(accs) * steps_per_epoch
     status = dict(
-        state=state, pid=None, pid_started_at=None, created_at=now - 100, started_at=now - 90,
-        updated_at=now, epoch=len(accs), step=step, total_steps=epochs * steps_per_epoch,
+        state=state,
+        pid=None,
+        pid_started_at=None,
+        created_at=now - 100,
+        started_at=now - 90,
+        updated_at=now,
+        epoch=len(accs),
+        step=step,
+        total_steps=epochs * steps_per_epoch,
         message="",
-    )  # fmt: skip
+    )
     if state == "running":
         status.update(pid=os.getpid(), pid_started_at=process_start_time(os.getpid()))
     (run_dir / "status.json").write_text(json.dumps(status))
@@ -75,12 +100,20 @@ def write_run(
     if state in store.FINAL_STATES:
         cm = [[8, 1, 1], [2, 7, 1], [0, 0, 10]]
         summary = dict(
-            state=state, best_val_acc=max(accs), final_val_acc=accs[-1], test_acc=None,
-            trainable_params=trainable, trainable_params_per_phase=[trainable],
-            total_params=total, train_time_s=train_time, classes=CLASSES,
+            state=state,
+            best_val_acc=max(accs),
+            final_val_acc=accs[-1],
+            test_acc=None,
+            trainable_params=trainable,
+            trainable_params_per_phase=[trainable],
+            total_params=total,
+            train_time_s=train_time,
+            classes=CLASSES,
             per_class_acc={c: round(cm[i][i] / sum(cm[i]), 4) for i, c in enumerate(CLASSES)},
-            confusion_matrix=cm, skipped_files=[], epochs_run=len(accs),
-        )  # fmt: skip
+            confusion_matrix=cm,
+            skipped_files=[],
+            epochs_run=len(accs),
+        )
         (run_dir / "summary.json").write_text(json.dumps(summary))
     return run_dir
 
@@ -96,8 +129,16 @@ def write_group(root: Path, group: str = "20250101-120000-abcdef", stamp: str = 
     ids = []
     for i, (strategy, accs, trainable, t, extra) in enumerate(specs):
         rid = f"{stamp}0{i}-00000{i}"
-        write_run(root, rid, strategy=strategy, accs=accs, group=group, trainable=trainable,
-                  train_time=t, **extra)  # fmt: skip
+        write_run(
+            root,
+            rid,
+            strategy=strategy,
+            accs=accs,
+            group=group,
+            trainable=trainable,
+            train_time=t,
+            **extra,
+        )
         ids.append(rid)
     return ids
 
@@ -177,11 +218,27 @@ def start_server(env: dict, port: int, log_path: Path):
 
     log = open(log_path, "ab")  # noqa: SIM115 - closed with the process
     proc = subprocess.Popen(
-        [sys.executable, "-m", "streamlit", "run", "app.py", "--server.port", str(port),
-         "--server.address", "127.0.0.1", "--server.headless", "true",
-         "--server.fileWatcherType", "none"],
-        cwd=REPO, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-    )  # fmt: skip
+        [
+            sys.executable,
+            "-m",
+            "streamlit",
+            "run",
+            "app.py",
+            "--server.port",
+            str(port),
+            "--server.address",
+            "127.0.0.1",
+            "--server.headless",
+            "true",
+            "--server.fileWatcherType",
+            "none",
+        ],
+        cwd=REPO,
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     # Never through a proxy: urlopen's global opener keeps the proxies of its first call.
     direct = urllib.request.build_opener(urllib.request.ProxyHandler({}))
     deadline = time.time() + 60

@@ -169,8 +169,14 @@ def test_a_page_starts_the_queue_for_waiting_runs_when_no_supervisor_runs(tmp_pa
     page("app.py")
     assert not runner.supervisor_running(root), "nothing queued: no process to start"
     # a queued run whose data does not exist: the worker fails fast, saying why
-    queued = write_run(root, "20250101-000000-ffffff", accs=(), state="queued", total_epochs=1,
-                       data=str(tmp_path / "missing"))  # fmt: skip
+    queued = write_run(
+        root,
+        "20250101-000000-ffffff",
+        accs=(),
+        state="queued",
+        total_epochs=1,
+        data=str(tmp_path / "missing"),
+    )
     at = page("app.py")
     assert not at.exception
     try:
@@ -235,8 +241,13 @@ def test_training_shows_the_preparation_stage_before_the_first_step(runs, worker
     run = write_run(runs, "20250101-000000-abab12", accs=(), state="queued", total_epochs=2)
     make_live(run, worker.pid)
     status = json.loads((run / "status.json").read_text())
-    status.update(step=0, epoch=0, stage="weights", stage_fraction=0.25,
-                  message="training builtin weights for resnet18: epoch 2 of 6")  # fmt: skip
+    status.update(
+        step=0,
+        epoch=0,
+        stage="weights",
+        stage_fraction=0.25,
+        message="training builtin weights for resnet18: epoch 2 of 6",
+    )
     (run / "status.json").write_text(json.dumps(status))
     at = page("pages/2_Training.py", run=run.name)
     assert not at.exception
@@ -302,8 +313,10 @@ def test_compare_defaults_to_the_newest_group_and_answers_which_strategy_at_what
     curves = figure_titled(at, "Val accuracy (%) by epoch")
     assert [t["name"] for t in curves["data"]] == labels
     assert [t["y"] for t in curves["data"]] == [
-        pytest.approx([60.0, 80.0]), pytest.approx([55.0, 83.0]), pytest.approx([40.0, 50.0])
-    ]  # fmt: skip
+        pytest.approx([60.0, 80.0]),
+        pytest.approx([55.0, 83.0]),
+        pytest.approx([40.0, 50.0]),
+    ]
     assert [t["name"] for t in figure_titled(at, "Val loss by epoch")["data"]] == labels
     per_class = figure_titled(at, "Per-class accuracy")
     assert [t["name"] for t in per_class["data"]] == labels
@@ -441,8 +454,10 @@ def test_new_run_launches_a_group_sharing_seed_split_and_epochs(new_run, runs):
     assert made["group"].nunique() == 1 and made["group"].iloc[0]
     configs = [store.read_config(Path(p)) for p in made["path"]]
     assert sorted((c["strategy"], c["unfreeze_last"]) for c in configs) == [
-        ("full", 1), ("last_n", 1), ("linear_probe", 1)
-    ]  # fmt: skip
+        ("full", 1),
+        ("last_n", 1),
+        ("linear_probe", 1),
+    ]
     assert {
         (c["seed"], c["epochs"], c["augment"], c["val_fraction"], c["weights"]) for c in configs
     } == {(7, 2, "flip", 0.2, "none")}

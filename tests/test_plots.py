@@ -14,14 +14,33 @@ def _metrics(run: str | None = None, accs=(0.5, 0.7, 0.8), steps_per_epoch=10, t
         for k in (5, 10):
             step = (e - 1) * steps_per_epoch + k
             rows.append(
-                dict(split="train", epoch=e, step=step, loss=2.0 / step, acc=acc - 0.1,
-                     acc5=None, lr=0.01 / e, time_s=t_epoch * step / steps_per_epoch,
-                     images_per_s=100.0 + e, phase=None)
-            )  # fmt: skip
+                dict(
+                    split="train",
+                    epoch=e,
+                    step=step,
+                    loss=2.0 / step,
+                    acc=acc - 0.1,
+                    acc5=None,
+                    lr=0.01 / e,
+                    time_s=t_epoch * step / steps_per_epoch,
+                    images_per_s=100.0 + e,
+                    phase=None,
+                )
+            )
         rows.append(
-            dict(split="val", epoch=e, step=e * steps_per_epoch, loss=1.0 / e, acc=acc,
-                 acc5=None, lr=0.01 / e, time_s=t_epoch * e, images_per_s=None, phase="main")
-        )  # fmt: skip
+            dict(
+                split="val",
+                epoch=e,
+                step=e * steps_per_epoch,
+                loss=1.0 / e,
+                acc=acc,
+                acc5=None,
+                lr=0.01 / e,
+                time_s=t_epoch * e,
+                images_per_s=None,
+                phase="main",
+            )
+        )
     frame = pd.DataFrame(rows)
     if run is not None:
         frame["run"] = run
@@ -32,12 +51,23 @@ def _table(**runs):
     """runs: label=(strategy, best_val_acc, train_time_s, trainable_params)."""
     return pd.DataFrame(
         [
-            dict(run=k, run_id=k, strategy=s, state="completed", best_val_acc=a,
-                 final_val_acc=a, test_acc=None, trainable_params=p, trainable_pct=None,
-                 total_params=11_000_000, train_time_s=t, images_per_s=100.0)
+            dict(
+                run=k,
+                run_id=k,
+                strategy=s,
+                state="completed",
+                best_val_acc=a,
+                final_val_acc=a,
+                test_acc=None,
+                trainable_params=p,
+                trainable_pct=None,
+                total_params=11_000_000,
+                train_time_s=t,
+                images_per_s=100.0,
+            )
             for k, (s, a, t, p) in runs.items()
         ]
-    )  # fmt: skip
+    )
 
 
 def test_formatting_uses_peoples_units():
@@ -103,8 +133,12 @@ def test_run_progress_gives_fraction_and_eta_from_time_per_step():
 
 
 def test_run_progress_while_preparing_shows_the_stage():
-    status = {"state": "running", "step": 0, "stage_fraction": 0.25,
-              "message": "training builtin weights: epoch 2 of 6"}  # fmt: skip
+    status = {
+        "state": "running",
+        "step": 0,
+        "stage_fraction": 0.25,
+        "message": "training builtin weights: epoch 2 of 6",
+    }
     assert plots.run_progress(status) == (0.25, "training builtin weights: epoch 2 of 6")
 
 
@@ -148,11 +182,17 @@ def test_trainable_map_single_phase_has_no_panel_titles():
 def test_summary_table_reads_summaries_and_falls_back_to_metrics_for_live_runs():
     configs = {"r1": {"strategy": "full"}, "r2": {"strategy": "linear_probe"}}
     summaries = {
-        "r1": {"state": "completed", "best_val_acc": 0.9, "final_val_acc": 0.85,
-               "test_acc": 0.8, "trainable_params": 1000, "total_params": 1000,
-               "train_time_s": 60.0},
+        "r1": {
+            "state": "completed",
+            "best_val_acc": 0.9,
+            "final_val_acc": 0.85,
+            "test_acc": 0.8,
+            "trainable_params": 1000,
+            "total_params": 1000,
+            "train_time_s": 60.0,
+        },
         "r2": None,
-    }  # fmt: skip
+    }
     metrics = {"r1": _metrics(), "r2": _metrics(accs=(0.4, 0.6))}
     table = plots.summary_table(configs, summaries, metrics, {"r2": {"state": "running"}})
     r1, r2 = table.iloc[0], table.iloc[1]
@@ -218,10 +258,16 @@ def test_accuracy_vs_cost_puts_one_marker_per_run():
 
 
 def test_per_class_and_confusion_charts_show_each_run_side_by_side():
-    s1 = {"classes": ["a", "b"], "per_class_acc": {"a": 1.0, "b": 0.5},
-          "confusion_matrix": [[4, 0], [2, 2]]}  # fmt: skip
-    s2 = {"classes": ["a", "b"], "per_class_acc": {"a": 0.75, "b": 0.25},
-          "confusion_matrix": [[3, 1], [3, 1]]}  # fmt: skip
+    s1 = {
+        "classes": ["a", "b"],
+        "per_class_acc": {"a": 1.0, "b": 0.5},
+        "confusion_matrix": [[4, 0], [2, 2]],
+    }
+    s2 = {
+        "classes": ["a", "b"],
+        "per_class_acc": {"a": 0.75, "b": 0.25},
+        "confusion_matrix": [[3, 1], [3, 1]],
+    }
     bars = plots.per_class_chart({"full": s1, "probe": s2})
     assert [(t.name, list(t.y)) for t in bars.data] == [("full", [100, 50]), ("probe", [75, 25])]
     cm = plots.confusion_chart({"full": s1, "probe": s2})

@@ -52,8 +52,9 @@ def test_a_run_survives_a_server_kill_and_a_new_server_shows_and_stops_it(tmp_pa
         FINETUNE_REFRESH_S="1",
         OMP_WAIT_POLICY="PASSIVE",  # see test_e2e_browser: 2 shared cores
     )
-    cfg = RunConfig(weights="none", image_size=32, batch_size=16, epochs=30, augment="none",
-                    name="survivor")  # fmt: skip
+    cfg = RunConfig(
+        weights="none", image_size=32, batch_size=16, epochs=30, augment="none", name="survivor"
+    )
     run_dir = store.create_run(cfg, runs)  # queued; no supervisor runs yet
     port = free_port()
     first = start_server(env, port, tmp_path / "server1.log")
@@ -99,8 +100,11 @@ def test_a_run_survives_a_server_kill_and_a_new_server_shows_and_stops_it(tmp_pa
                 browser.close()
         finally:
             kill_server(second)
-        _wait(lambda: not process_alive(worker_pid, status["pid_started_at"]), 30,
-              "the worker to exit")  # fmt: skip
+        _wait(
+            lambda: not process_alive(worker_pid, status["pid_started_at"]),
+            30,
+            "the worker to exit",
+        )
         assert store.read_summary(run_dir)["state"] == "stopped"
         assert (run_dir / "checkpoints" / "last_state.pt").exists()
     finally:

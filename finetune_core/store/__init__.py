@@ -42,6 +42,7 @@ from finetune_core.store.schema import (
     RunError,
 )
 from finetune_core.store.status import (
+    any_queued,
     is_orphaned,
     read_status,
     set_state,
@@ -71,6 +72,7 @@ __all__ = [
     "SCHEMA_VERSION",
     "STATES",
     "SUMMARY_KEYS",
+    "any_queued",
     "MetricsWriter",
     "RunError",
     "RunReading",

@@ -156,6 +156,21 @@ def write_progress(
     return update_status(run_dir, lambda status: fields if when is None or when(status) else None)
 
 
+def any_queued(root: str | os.PathLike) -> bool:
+    """Returns True when a run in the runs folder root waits in the queue (a cheap look at
+    each status.json: no crash detection)."""
+    try:
+        entries = list(os.scandir(root))
+    except OSError:
+        return False
+    for e in entries:
+        if e.is_dir() and not e.name.startswith("."):
+            status = read_json(Path(e.path) / "status.json")
+            if isinstance(status, dict) and status.get("state") == "queued":
+                return True
+    return False
+
+
 def is_orphaned(status: dict[str, Any]) -> bool:
     """Returns True for a running run whose process is gone (or is another process now)."""
     return status.get("state") == "running" and not process_alive(
