@@ -37,7 +37,7 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             continue
         text = option.help
         if option.choices is not None:
-            text = f"one of {', '.join(option.allowed())}: {text}"
+            text = f"one of {', '.join(option.allowed())}; {text}"
         text = f"{text} (default: {option.default!r})".replace("%", "%%")  # argparse's %
         if isinstance(option.default, bool):
             parser.add_argument(

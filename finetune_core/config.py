@@ -62,7 +62,7 @@ class RunConfig:
     )
     optimizer: str = setting(
         "sgd",
-        "sgd (momentum 0.9) | adam | adamw; adamw decouples weight decay",
+        "sgd uses momentum 0.9; adamw decouples weight decay",
         label="Optimizer",
         choices=("sgd", "adam", "adamw"),
     )
@@ -77,7 +77,7 @@ class RunConfig:
     )
     scheduler: str = setting(
         "cosine",
-        "constant | step | cosine | onecycle, stepped per batch",
+        "the learning-rate schedule, stepped per batch",
         label="Scheduler",
         choices=("constant", "step", "cosine", "onecycle"),
     )
@@ -125,13 +125,13 @@ class RunConfig:
     )
     augment: str = setting(
         "flip",
-        "none | flip | crop (random-resized-crop + flip)",
+        "random changes to the training images: crop = random-resized crop + flip",
         label="Augmentation",
         choices=("none", "flip", "crop"),
     )
     balance: str = setting(
         "none",
-        "none | loss (class-weighted loss) | sampler (balanced sampling)",
+        "for imbalanced classes: loss = class-weighted loss, sampler = balanced sampling",
         label="Class balance",
         choices=("none", "loss", "sampler"),
     )
