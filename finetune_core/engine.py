@@ -54,10 +54,11 @@ class Experiment:
 
 
 def build_model(
-    cfg: RunConfig, num_classes: int, *, backbone_state=None, device=None
+    cfg: RunConfig, num_classes: int, *, backbone_state=None, keep_head=False, device=None
 ) -> models.ModelParts:
     """Returns the model for cfg: torchvision's architecture with the backbone state loaded,
-    a new head for num_classes, as the strategy prepares it for training."""
+    a new head for num_classes (keep_head: the state's own head, when it has one for these
+    classes), as the strategy prepares it for training."""
     parts = models.create_model(
         cfg.model,
         num_classes,
@@ -65,6 +66,11 @@ def build_model(
         backbone_state=backbone_state,
         device=device,
     )
+    if backbone_state is not None and keep_head:
+        # load_backbone_state has already dropped a head trained for another class count
+        head = {k: v for k, v in backbone_state.items() if k.startswith(parts.head + ".")}
+        if head:
+            parts.model.load_state_dict(head, strict=False)
     strategies.get(cfg.strategy).prepare(parts, cfg)
     return parts
 
@@ -86,12 +92,8 @@ def prepare(cfg: RunConfig, *, runs_dir=None, progress=None) -> Experiment:
         cfg.weights, cfg.model, num_classes=len(data.classes), runs_dir=runs_dir, progress=progress
     )
     torch.manual_seed(cfg.seed)  # the new head's initialisation is part of the run's seed
-    parts = build_model(cfg, len(data.classes), backbone_state=state)
-    if state is not None and weights.keeps_trained_head(cfg.weights):
-        # load_backbone_state has already dropped a head trained for another class count
-        head = {k: v for k, v in state.items() if k.startswith(parts.head + ".")}
-        if head:
-            parts.model.load_state_dict(head, strict=False)
+    keep = state is not None and weights.keeps_trained_head(cfg.weights)
+    parts = build_model(cfg, len(data.classes), backbone_state=state, keep_head=keep)
     return Experiment(cfg, parts, data, device, spec)
 
 
