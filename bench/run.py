@@ -105,8 +105,7 @@ class StepClock(engine.Callback):
         self.steps = trainer.step
 
     def on_epoch_end(self, trainer, record):
-        if record.get("split") == "val":
-            self.epoch_ends.append(time.perf_counter())
+        self.epoch_ends.append(time.perf_counter())
 
 
 class Timed(engine.Callback):
