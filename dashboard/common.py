@@ -84,12 +84,6 @@ def training_url(run_id: str) -> str:
     return f"Training?run={run_id}"
 
 
-def show_errors(errors: dict[str, str], field: str) -> None:
-    """Shows the validation message for one field right under it, if there is one."""
-    if field in errors:
-        st.error(f"**{field.replace('_', ' ')}**: {errors[field]}", icon=":material/error:")
-
-
 def run_choice_labels(runs) -> dict[str, str]:
     """Returns {run_id: 'name or strategy (with its option) · model · run_id'} for pickers."""
     return {r.run_id: f"{r.name or r.strategy} · {r.model} · {r.run_id}" for r in runs.itertuples()}

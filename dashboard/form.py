@@ -10,13 +10,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import time
 from pathlib import Path
 from typing import Any
 
 import streamlit as st
 
-from finetune_core import strategies
+from finetune_core import strategies, weights
 from finetune_core.config import OPTIONS, ConfigError, RunConfig, from_dict
 from finetune_core.util.files import read_json, write_json_atomic
 
@@ -51,6 +52,52 @@ def field_help(name: str) -> str:
 def field_label(name: str) -> str:
     """Returns the form's label of a RunConfig field."""
     return OPTIONS[name].label or name.replace("_", " ")
+
+
+_FLAG = re.compile(r"--([a-z0-9]+(?:-[a-z0-9]+)*)(?: ([A-Za-z0-9_.:]+))?")
+_WEIGHT_SPECS = ("default", "none", "builtin")
+# CLI words -> the form's words, for messages the engine writes for both
+_PHRASES = {
+    f"default, {weights.SOURCES_HELP}": "ImageNet, builtin (an offline stand-in), a weights file, "
+    "an earlier run or None (random init)",
+    weights.SOURCES_HELP: "builtin (an offline stand-in), a weights file, an earlier run or None "
+    "(random init)",
+    "run:RUN_ID": "an earlier run",
+    "`python -m finetune_core list`": "the runs on Home",
+    "`python -m finetune_core models`": "the Model list",
+}
+
+
+def in_form_words(message: str) -> str:
+    """Returns a message written for the command line in the form's words: a flag becomes the
+    field's label (with its value: "--weights none" -> "**Weights** = none"), and the CLI's
+    own phrases the form's choices."""
+    for cli, words in _PHRASES.items():
+        message = message.replace(cli, words)
+
+    def label(m: re.Match) -> str:
+        name, value = m.group(1).replace("-", "_"), m.group(2)
+        if name not in OPTIONS:
+            return m.group(0)
+        text = f"**{field_label(name)}**"
+        option = OPTIONS[name]
+        allowed = option.allowed() or (_WEIGHT_SPECS if name == "weights" else ())
+        if value and (value in allowed or re.fullmatch(r"[0-9.]+", value)):
+            return f"{text} = {value.rstrip('.')}" + ("." if value.endswith(".") else "")
+        return text + (f" {value}" if value else "")
+
+    return _FLAG.sub(label, message)
+
+
+def show_errors(errors: dict[str, str], field: str) -> bool:
+    """Shows the validation message of one field (in the form's words) where it is called;
+    returns True when there was one."""
+    if field not in errors:
+        return False
+    st.error(
+        f"**{field.replace('_', ' ')}**: {in_form_words(errors[field])}", icon=":material/error:"
+    )
+    return True
 
 
 def defaults(weights_choice: str) -> dict[str, Any]:
@@ -159,6 +206,13 @@ def _split_under_roots(path: str, roots: list[str]) -> tuple[str, str]:
         if p == rp or rp in p.parents:
             return r, str(p.relative_to(rp))
     return "", path
+
+
+def offline_setting() -> str | None:
+    """Returns why the network is not to be used when $FINETUNE_OFFLINE says so, else None."""
+    if os.environ.get("FINETUNE_OFFLINE", "").strip().lower() in ("1", "true", "yes", "on"):
+        return "FINETUNE_OFFLINE is set, so this server does not download"
+    return None
 
 
 def data_roots() -> list[str]:

@@ -17,7 +17,7 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard import form
-from dashboard.common import PAGES, setup_page, show_errors
+from dashboard.common import PAGES, setup_page
 from finetune_core import config as config_mod
 from finetune_core import data as data_mod
 from finetune_core import estimate, models, plots, preflight, runner, store, strategies, weights
@@ -75,6 +75,23 @@ def availability(spec: str, model: str) -> tuple[str, str]:
 @st.cache_data(ttl=60, show_spinner=False)
 def inspect(spec: str):
     return data_mod.inspect_data(spec)
+
+
+@st.cache_data(ttl=600, show_spinner=False)
+def unreadable(spec: str) -> list[str]:
+    return data_mod.unreadable_files(spec)
+
+
+@st.cache_data(ttl=60, show_spinner=False)
+def previews(spec: str, per_class: int = 4, classes: int = 12) -> tuple[list[str], list[str]]:
+    """Returns (image paths, their classes) to preview: readable files only."""
+    info = inspect(spec)
+    images, captions = [], []
+    for cls in info.classes[:classes]:
+        readable = [p for p in info.samples.get(cls, []) if data_mod.can_read(Path(p))]
+        images += readable[:per_class]
+        captions += [cls] * len(readable[:per_class])
+    return images, captions
 
 
 @st.cache_data(ttl=30, show_spinner=False)
@@ -150,8 +167,19 @@ class Page:
     data_problem: str | None = None
     data_info: data_mod.DataInfo | None = None
     errors: dict[str, str] = field(default_factory=dict)
-    shown: set[str] = field(default_factory=set)  # fields whose messages a section shows
+    displayed: set[str] = field(default_factory=set)  # fields whose message is on the page
+    slots: dict = field(default_factory=dict)  # field -> where its message goes, drawn later
     cfgs: list = field(default_factory=list)
+
+    def show(self, name: str) -> None:
+        """Shows the message of a field here (if it has one) and remembers it is shown."""
+        if form.show_errors(self.errors, name):
+            self.displayed.add(name)
+
+    def fill_slot(self, name: str) -> None:
+        """Shows a field's message in the slot its section kept for it."""
+        with self.slots[name].container():
+            self.show(name)
 
     @property
     def num_classes(self) -> int | None:
@@ -238,28 +266,41 @@ def weights_choice(page: Page, model: str) -> None:
                 help="Its best checkpoint is the starting point; a head for the same classes "
                 "is kept.",
             )
-    if page.weights_spec:
-        kind, sentence = availability(page.weights_spec, model)
-        sentence = sentence[0].upper() + sentence[1:]
-        if kind == "download" and page.offline:
-            target = weights.cache_file("default", model)
-            st.error(
-                f"{sentence}, but {page.offline}. Choose **builtin**, or download the file "
-                f"elsewhere and put it at `{target}`.",
-                icon=":material/wifi_off:",
-            )
-        elif kind == "unavailable":
-            st.error(sentence)
-        elif kind == "train":
-            st.info(sentence, icon=":material/model_training:")
-        else:
-            st.success(sentence)
-    elif page.weights_problem:
-        st.warning(page.weights_problem)
 
 
-def model_section(page: Page, names: list[str]) -> tuple:
-    """Section 1; returns the slots where the model's and weights' messages go."""
+def weights_status(page: Page, model: str) -> None:
+    """Where the weights come from, or why they cannot: one box, its error when it has one."""
+    if "weights" in page.errors:
+        page.show("weights")
+        return
+    if not page.weights_spec:
+        return
+    kind, sentence = availability(page.weights_spec, model)
+    sentence = sentence[0].upper() + sentence[1:]
+    if kind == "train":
+        st.info(sentence, icon=":material/model_training:")
+    else:
+        st.success(sentence)
+
+
+def offline_problem(page: Page, model: str) -> str | None:
+    """Returns why ImageNet weights cannot be had now (offline, not cached), or None."""
+    if page.weights_spec != "default" or not page.offline:
+        return None
+    if availability("default", model)[0] != "download":
+        return None
+    target = weights.cache_file("default", model)
+    url = model_info(model).get("url", "torchvision's weights URL")
+    return (
+        f"the ImageNet weights for {model} are not on this machine and {page.offline}. "
+        f"Download {url} on a machine with internet and put it at {target}, or choose "
+        "builtin (an offline stand-in)."
+    )
+
+
+def model_section(page: Page, names: list[str]) -> str:
+    """Section 1; returns the model chosen (its messages and the weights' status are drawn
+    into slots once the configs are validated)."""
     with st.container(border=True):
         st.subheader("1 · Model and weights")
         c1, c2 = st.columns([2, 3])
@@ -281,8 +322,9 @@ def model_section(page: Page, names: list[str]) -> tuple:
             )
         with c2:
             weights_choice(page, model)
-            weights_slot = st.empty()  # filled with the weights' validation message later
-    return model_slot, weights_slot
+            page.slots["weights"] = st.empty()  # the weights' status, once errors are known
+    page.slots["model"] = model_slot
+    return model
 
 
 # ---------------------------------------------------------------- 2. data
@@ -337,8 +379,8 @@ def data_choice() -> None:
         )
 
 
-def data_summary(info: data_mod.DataInfo) -> None:
-    """Classes, image counts per class and split, and sample images."""
+def data_summary(spec: str, info: data_mod.DataInfo) -> None:
+    """Classes, image counts per class and split, files that will be skipped, and samples."""
     num_classes = len(info.classes)
     total = sum(sum(c.values()) for c in info.counts.values())
     st.markdown(
@@ -353,14 +395,15 @@ def data_summary(info: data_mod.DataInfo) -> None:
             "Not downloaded yet: the run downloads it into "
             f"{data_mod.data_dir() / 'torchvision'} first (needs the network)."
         )
+    bad = unreadable(spec)
+    if bad:
+        shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
+        files = "1 file cannot" if len(bad) == 1 else f"{len(bad)} files cannot"
+        st.warning(f"{files} be read and will be skipped: {shown}.", icon=":material/broken_image:")
     c1, c2 = st.columns([2, 3])
     c1.plotly_chart(plots.class_counts_chart(info.counts), key="class_counts", width="stretch")
     with c2:
-        images, captions = [], []
-        for cls in info.classes[:12]:
-            for path in info.samples.get(cls, [])[:4]:
-                images.append(path)
-                captions.append(cls)
+        images, captions = previews(spec)
         if images:
             st.caption("Samples")
             st.image(images, caption=captions, width=72)
@@ -379,11 +422,9 @@ def data_section(page: Page) -> None:
                     page.data_info = inspect(page.data_spec)
             except data_mod.DataError as e:
                 page.data_problem = str(e)
-        if page.data_problem:
-            st.error(f"**data**: {page.data_problem}", icon=":material/error:")
-        page.shown.add("data")
+        page.slots["data"] = st.empty()  # the data's message, once the configs are validated
         if page.data_info is not None:
-            data_summary(page.data_info)
+            data_summary(page.data_spec, page.data_info)
 
 
 # ---------------------------------------------------------------- 3. strategy
@@ -403,9 +444,8 @@ def _fixed_by_presets(presets: list[str]) -> dict[str, set[str]]:
     return fixed
 
 
-def strategy_choice(page: Page) -> list[str]:
-    """The strategy (or the strategies of a comparison), their options and the modifiers;
-    returns the fields drawn here."""
+def strategy_choice(page: Page) -> None:
+    """The strategy (or the strategies of a comparison), their options and the modifiers."""
     if state[F + "compare"]:
         if not isinstance(state.get(F + "compare_set"), list):
             state[F + "compare_set"] = list(form.DEFAULT_PRESETS)
@@ -421,20 +461,16 @@ def strategy_choice(page: Page) -> list[str]:
         option = OPTIONS["strategy"]
         st.selectbox(option.label, option.allowed(), key=F + "strategy", help=option.help)
         fixed = {state[F + "strategy"]: set()}
-    drawn = ["strategy"]
     for name, fixed_options in fixed.items():
         for option in strategies.get(name).options:
             if option.name not in fixed_options:
                 number_input(option.name)
-                drawn.append(option.name)
     with st.expander("Modifiers (layer-wise lr decay, L2-SP, frozen BatchNorm)"):
         for option in strategies.MODIFIERS:
             if isinstance(option.default, bool):
                 st.checkbox(option.label, key=F + option.name, help=form.field_help(option.name))
             else:
                 number_input(option.name)
-            drawn.append(option.name)
-    return drawn
 
 
 def trainable_maps(page: Page) -> None:
@@ -461,7 +497,7 @@ def strategy_section(page: Page):
         )
         c1, c2 = st.columns([1, 2])
         with c1:
-            page.shown.update(strategy_choice(page))
+            strategy_choice(page)
     return c2
 
 
@@ -490,6 +526,9 @@ def collect_errors(page: Page) -> None:
                 errors[name] = f"{label}: {message}" if of_one else message
     if page.weights_problem:
         errors["weights"] = page.weights_problem
+    offline = offline_problem(page, state[F + "model"])
+    if offline:
+        errors["weights"] = offline
     if page.data_problem:
         errors["data"] = page.data_problem
 
@@ -531,8 +570,7 @@ def settings_section(page: Page) -> None:
                         )
                     else:
                         number_input(name)
-                    show_errors(page.errors, name)
-                    page.shown.add(name)
+                    page.show(name)
 
 
 # ---------------------------------------------------------------- 5. estimate and launch
@@ -599,9 +637,9 @@ def launch_section(page: Page) -> None:
     """Section 5: messages no section showed, the estimate, and Launch."""
     with st.container(border=True):
         st.subheader("5 · Estimate and launch")
-        for name, message in page.errors.items():
-            if name not in page.shown:
-                st.error(f"**{name}**: {message}", icon=":material/error:")
+        for name in page.errors:
+            if name not in page.displayed:  # no section shows it: here, then
+                page.show(name)
         if page.cfgs and page.data_info is not None and not page.errors:
             estimate_part(page)
         labels = [label for label, _ in page.cfgs]
@@ -638,27 +676,23 @@ def launch_section(page: Page) -> None:
 # ---------------------------------------------------------------- the page
 
 names = model_names()
-page = Page(offline=network_problem())
+page = Page(offline=form.offline_setting() or network_problem())
 restore_form(page.offline, names)
 page.weights_spec, page.weights_problem = form.weights_spec(state)
 page.data_spec, page.data_problem = form.data_spec(state, roots)
 
-model_slot, weights_slot = model_section(page, names)
+model = model_section(page, names)
 data_section(page)
 strategy_column = strategy_section(page)
 collect_errors(page)
+page.fill_slot("model")
+with page.slots["weights"].container():
+    weights_status(page, model)
+page.fill_slot("data")
 with strategy_column:
     for name in ("strategy", *(o.name for o in strategies.all_options())):
-        show_errors(page.errors, name)
-        page.shown.add(name)
+        page.show(name)
     trainable_maps(page)
 settings_section(page)
 form.save(root)
-with model_slot.container():
-    show_errors(page.errors, "model")
-page.shown.add("model")
-if page.errors.get("weights") and page.errors["weights"] != page.weights_problem:
-    with weights_slot.container():
-        show_errors(page.errors, "weights")
-page.shown.add("weights")
 launch_section(page)

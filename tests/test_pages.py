@@ -578,3 +578,77 @@ def test_headline_on_the_page_is_the_plots_headline(runs):
     metrics = {r: store.read_metrics(runs / r) for r in ids}
     expected = plots.headline(plots.summary_table(configs, summaries, metrics))
     assert texts(page("pages/3_Compare.py").subheader)[0] == expected
+
+
+# ---------------------------------------------------------------- what a new user hit (issue 8)
+
+
+def _zip_of(path: Path, files: dict[str, bytes]) -> Path:
+    with zipfile.ZipFile(path, "w") as z:
+        for name, content in files.items():
+            z.writestr(name, content)
+    return path
+
+
+def _png(colour: str, size: int = 20) -> bytes:
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.new("RGB", (size, size), colour).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def _use_zip(runs: Path, archive: Path) -> None:
+    """What the upload widget leaves behind: the saved file's path in the form state."""
+    (runs / ".form_state.json").write_text(
+        json.dumps({"f_data_choice": "zip", "f_data_zip": str(archive)})
+    )
+
+
+def test_new_run_with_an_unreadable_file_previews_the_rest_and_says_it_will_be_skipped(
+    runs, tmp_path
+):
+    files = {f"pets/cat/{i}.png": _png("red") for i in range(1, 6)}
+    files["pets/cat/0.png"] = b"not an image at all"  # the first file of its class
+    files.update({f"pets/dog/{i}.png": _png("blue") for i in range(6)})
+    _use_zip(runs, _zip_of(tmp_path / "pets.zip", files))
+    at = page("pages/1_New_run.py")
+    assert not at.exception, at.exception
+    grid = at.get("image")[0]
+    assert grid.captions == ["cat"] * 4 + ["dog"] * 4  # previews from readable files only
+    assert "1 file cannot be read and will be skipped: cat/0.png" in all_text(at)
+    assert at.get("plotly_chart") and not at.button(key="launch").disabled
+
+
+def test_new_run_shows_the_data_split_message_that_disables_launch(new_run):
+    at = new_run
+    at.number_input(key="f_val_fraction").set_value(0.0).run()
+    assert at.button(key="launch").disabled
+    shown = [e for e in texts(at.error) if "val/ folder" in e]
+    assert shown and "Validation fraction" in shown[0] and "--val-fraction" not in shown[0]
+
+
+def test_new_run_with_a_one_class_zip_names_that_class_and_no_server_path(runs, tmp_path):
+    archive = _zip_of(tmp_path / "digits.zip", {f"digit_3/{i}.png": _png("red") for i in range(4)})
+    _use_zip(runs, archive)
+    at = page("pages/1_New_run.py")
+    assert not at.exception
+    messages = [e for e in texts(at.error) if "class" in e]
+    assert messages and "only 1 class (digit_3) found; a classifier needs at least 2" in messages[0]
+    assert str(tmp_path) not in messages[0] and ".cache" not in messages[0]
+    assert "finetune_dashboard" not in "\n".join(texts(at.error))
+
+
+def test_new_run_refuses_imagenet_weights_it_cannot_download_and_says_where_they_go(
+    runs, monkeypatch
+):
+    monkeypatch.setenv("FINETUNE_OFFLINE", "1")
+    at = page("pages/1_New_run.py")
+    at.radio(key="f_weights_choice").set_value("default").run()
+    assert not at.exception
+    assert at.button(key="launch").disabled
+    message = next(e for e in texts(at.error) if "ImageNet weights" in e)
+    target = str(weights.cache_file("default", "resnet18"))
+    assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
+    assert target in message and "builtin" in message
+    assert not texts(at.success)  # no green box beside the red one

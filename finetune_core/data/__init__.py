@@ -18,9 +18,16 @@ from finetune_core.data.base import (
     class_counts,
     data_dir,
 )
-from finetune_core.data.decode import decode_image
+from finetune_core.data.decode import can_read, decode_image
 from finetune_core.data.loader import TensorLoader
-from finetune_core.data.sources import BUILTIN, PREFIXES, inspect_data, load_data, resolve
+from finetune_core.data.sources import (
+    BUILTIN,
+    PREFIXES,
+    inspect_data,
+    load_data,
+    resolve,
+    unreadable_files,
+)
 from finetune_core.data.splits import check_split
 from finetune_core.data.torchvision_sets import TORCHVISION
 
@@ -35,6 +42,7 @@ __all__ = [
     "TensorLoader",
     "TensorSplit",
     "augment_batch",
+    "can_read",
     "check_split",
     "class_counts",
     "data_dir",
@@ -43,4 +51,5 @@ __all__ = [
     "load_data",
     "normalize",
     "resolve",
+    "unreadable_files",
 ]

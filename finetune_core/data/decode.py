@@ -71,6 +71,24 @@ def decode_image(path: Path, size: int, resample=Image.Resampling.BILINEAR) -> n
         return np.array(im, dtype=np.uint8)  # a writable copy for torch.from_numpy
 
 
+def can_read(path: Path) -> bool:
+    """Returns True when PIL recognises the file as an image whose data is intact (its
+    header and, for PNG, every chunk's checksum); cheap: nothing is decoded."""
+    try:
+        with Image.open(path) as im:
+            im.verify()
+        return True
+    except Exception:  # not an image, truncated, or unreadable
+        return False
+
+
+def unreadable(paths: list[Path]) -> list[int]:
+    """Returns the indices of the paths can_read refuses, in order (threads: the files)."""
+    with ThreadPoolExecutor(_workers()) as ex:
+        ok = list(ex.map(can_read, paths, chunksize=64))
+    return [i for i, good in enumerate(ok) if not good]
+
+
 def _workers() -> int:
     try:
         n = len(os.sched_getaffinity(0))

@@ -11,7 +11,7 @@ import torch
 
 from finetune_core.data import cache
 from finetune_core.data.base import SAMPLES_PER_CLASS, DataError, DataInfo
-from finetune_core.data.decode import decode_files, resample
+from finetune_core.data.decode import decode_files, resample, unreadable
 
 _SPLIT_DIRS = {"train": "train", "val": "val", "valid": "val", "validation": "val", "test": "test"}
 _IGNORED_FILES = {"thumbs.db", "desktop.ini"}
@@ -52,7 +52,7 @@ def _class_folders(folder: Path, label: str) -> dict[str, list[Path]]:
         what = "image files but no class subfolders" if has_files else "no class subfolders"
         raise DataError(
             f"{label} has {what}: put the images of each class in its own subfolder "
-            f"({folder}/cat/1.jpg, {folder}/dog/2.jpg, ...), optionally under train/ and val/."
+            f"({label}/cat/1.jpg, {label}/dog/2.jpg, ...), optionally under train/ and val/."
         )
     return {d.name: _files_under(d) for d in dirs}
 
@@ -76,12 +76,14 @@ def index_folder(root: Path, label: str) -> FolderIndex:
         for c in classes:
             if not per_split["train"].get(c):
                 raise DataError(
-                    f"class {c!r} has no training images: {named['train'] / c} is missing or "
-                    f"empty. Add images there or remove the class from every split."
+                    f"class {c!r} has no training images: {label}/{named['train'].name}/{c} is "
+                    f"missing or empty. Add images there or remove the class from every split."
                 )
         for s, per_class in per_split.items():
             if not any(per_class.values()):
-                raise DataError(f"{named[s]} holds no images; add images or remove the folder.")
+                raise DataError(
+                    f"{label}/{named[s].name} holds no images; add images or remove the folder."
+                )
         files = {
             s: [(p, classes.index(c)) for c in sorted(pc) for p in pc[c]]
             for s, pc in per_split.items()
@@ -93,26 +95,37 @@ def index_folder(root: Path, label: str) -> FolderIndex:
         for c in classes:
             if not per_class[c]:
                 raise DataError(
-                    f"class {c!r} is empty: {root / c} holds no files. Add images or remove "
+                    f"class {c!r} is empty: {label}/{c} holds no files. Add images or remove "
                     f"the folder."
                 )
         files = {"all": [(p, i) for i, c in enumerate(classes) for p in per_class[c]]}
         index = FolderIndex(root, classes, files, False, label)
-    if len(index.classes) < 2:
-        found = f" (only {index.classes[0]!r})" if index.classes else ""
+    if len(index.classes) == 1:
+        name = index.classes[0]
         raise DataError(
-            f"{label} has fewer than two classes{found}; a classifier needs at least two class "
-            f"subfolders, one per class."
+            f"only 1 class ({name}) found; a classifier needs at least 2: {label} has fewer "
+            f"than two classes ({name!r}). Put the images of each class in a subfolder of "
+            f"its own, beside {name}."
         )
+    if not index.classes:
+        raise DataError(f"{label} has fewer than two classes: no class subfolder was found.")
     return index
 
 
 def dataset_root(folder: Path) -> Path:
-    """Returns the folder that holds the classes: a zip often wraps them in one top folder."""
+    """Returns the folder that holds the classes: a zip often wraps them in one top folder.
+
+    A lone folder that holds subfolders is such a wrapper; a lone folder of image files is a
+    class (a zip of one class)."""
     while True:
         entries = [p for p in folder.iterdir() if _visible(p)]
         dirs = [p for p in entries if p.is_dir()]
-        if len(dirs) == 1 and len(entries) == 1 and _SPLIT_DIRS.get(dirs[0].name.lower()) is None:
+        if (
+            len(dirs) == 1
+            and len(entries) == 1
+            and _SPLIT_DIRS.get(dirs[0].name.lower()) is None
+            and _subdirs(dirs[0])
+        ):
             folder = dirs[0]
         else:
             return folder
@@ -178,3 +191,8 @@ class FolderSource:
     def decode(self, size: int, interpolation: str, progress):
         """Returns (classes, images, labels, split tags, keep mask, skipped files)."""
         return (self.index.classes, *decode_folder(self.index, size, interpolation, progress))
+
+    def unreadable(self) -> list[str]:
+        """Returns the files that are not readable images, relative to the data's folder."""
+        paths = [p for files in self.index.files.values() for p, _ in files]
+        return [paths[i].relative_to(self.index.root).as_posix() for i in unreadable(paths)]

@@ -57,8 +57,8 @@ def _path(spec: str, path: Path) -> FolderSource:
                 f"{path} is a file but not a .zip; give a folder with one subfolder per class, "
                 f"or a .zip of such a folder."
             )
-        label = f"{path} (extracted)"
-        return FolderSource(spec, index_folder(dataset_root(extract_zip(path, str(path))), label))
+        label = path.name  # the zip's own name: its extraction folder is the server's
+        return FolderSource(spec, index_folder(dataset_root(extract_zip(path, label)), label))
     return FolderSource(spec, index_folder(path, str(path)))
 
 
@@ -97,6 +97,12 @@ def inspect_data(spec: str) -> DataInfo:
     the first time, since both are caches that the run needs anyway.
     """
     return resolve(spec).inspect()
+
+
+def unreadable_files(spec: str) -> list[str]:
+    """Returns the files of a spec that are not readable images (they are skipped when the
+    run decodes the data), relative to the data's folder; reads headers, decodes nothing."""
+    return resolve(spec).unreadable()
 
 
 def load_data(

@@ -308,3 +308,7 @@ class TorchvisionSource:
 
     def decode(self, size: int, interpolation: str, progress):
         return decode(self.entry, self.entry.cls, size, interpolation, progress)
+
+    def unreadable(self) -> list[str]:
+        """torchvision's datasets are checked by torchvision (checksums): nothing to list."""
+        return []

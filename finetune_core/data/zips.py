@@ -41,24 +41,24 @@ def _zip_digest(path: Path) -> str:
     return digest
 
 
-def _safe_member(info: zipfile.ZipInfo, zip_path: Path) -> str | None:
+def _safe_member(info: zipfile.ZipInfo, label: str) -> str | None:
     """Returns the member's relative path to extract, None to skip it; DataError when unsafe."""
     name = info.filename.replace("\\", "/")
     parts = [p for p in name.split("/") if p not in ("", ".")]
     if name.startswith("/") or (len(name) > 1 and name[1] == ":") or any(p == ".." for p in parts):
         raise DataError(
-            f"{zip_path} is not safe to extract: member {info.filename!r} points outside the "
+            f"{label} is not safe to extract: member {info.filename!r} points outside the "
             f"folder (absolute path or '..'). Re-create the zip from the dataset folder."
         )
     mode = info.external_attr >> 16
     if mode and stat.S_ISLNK(mode):
         raise DataError(
-            f"{zip_path} contains a symbolic link ({info.filename!r}), which is refused for "
+            f"{label} contains a symbolic link ({info.filename!r}), which is refused for "
             f"safety. Re-create the zip with the real files."
         )
     if info.flag_bits & 0x1:
         raise DataError(
-            f"{zip_path} is password protected ({info.filename!r}); unzip it yourself and "
+            f"{label} is password protected ({info.filename!r}); unzip it yourself and "
             f"give the folder instead."
         )
     if not parts or parts[0] == "__MACOSX":
@@ -81,7 +81,7 @@ def extract_zip(path: Path, label: str) -> Path:
         infos = zf.infolist()
         if len(infos) > ZIP_MAX_FILES:
             raise DataError(f"{label} has {len(infos)} entries, more than {ZIP_MAX_FILES}.")
-        members = [(info, _safe_member(info, path)) for info in infos]
+        members = [(info, _safe_member(info, label)) for info in infos]
         total = sum(info.file_size for info in infos)
         if total > ZIP_MAX_BYTES:
             raise DataError(
