@@ -257,6 +257,26 @@ def run_progress(
     return fraction, " · ".join(parts) if parts else str(state)
 
 
+def result_sentence(summary: Mapping[str, Any]) -> str:
+    """Returns "best val acc 84.0 %, final 83.5 %, 3.08k of 11.2M parameters trained, 42 s."
+    with the parts the summary knows ("" when it knows none: a run that ended before it
+    trained)."""
+    parts = []
+    for key, label in (
+        ("best_val_acc", "best val acc"),
+        ("final_val_acc", "final"),
+        ("test_acc", "test"),
+    ):
+        if summary.get(key) is not None:
+            parts.append(f"{label} {fmt_pct(summary[key])}")
+    trainable, total = summary.get("trainable_params"), summary.get("total_params")
+    if trainable is not None and total:
+        parts.append(f"{fmt_count(trainable)} of {fmt_count(total)} parameters trained")
+    if summary.get("train_time_s") is not None:
+        parts.append(fmt_duration(summary["train_time_s"]))
+    return ", ".join(parts) + "." if parts else ""
+
+
 # ---------------------------------------------------------------- the trainable map
 
 

@@ -367,6 +367,12 @@ def resume_run(
             f"run {run_dir.name} is {status.get('state')}; only a stopped, crashed or failed "
             "run can be resumed"
         )
+    if not store.can_resume(status):
+        raise store.RunError(
+            f"run {run_dir.name} failed on its input ({status.get('message')}); a resume "
+            "would fail the same way: clone it (Home > Clone into New run), change what the "
+            "message names, and launch it again"
+        )
     has_checkpoint = (run_dir / "checkpoints" / "last_state.pt").exists()
     fields: dict[str, Any] = {"resume": has_checkpoint, "cancelled": False}
     if owner_pid is not None:

@@ -21,11 +21,22 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from finetune_core import engine, pretrain, store, weights
+from finetune_core import data, engine, pretrain, store, weights
 from finetune_core.callbacks import Callback, StopTraining
 from finetune_core.config import ConfigError, validate_fields
+from finetune_core.device import DeviceError
 from finetune_core.runner import EXIT_INVALID, exit_code
 from finetune_core.util.durations import Eta
+
+# Failures that come from the run's own input (data, weights, settings, a diverging loss): a
+# resume would repeat them, so the run is not offered one; a clone with the input fixed is.
+INPUT_FAILURES = (
+    data.DataError,
+    weights.WeightsError,
+    ConfigError,
+    DeviceError,
+    engine.TrainingFailed,
+)
 
 
 class StopRequested(BaseException):
@@ -252,6 +263,7 @@ def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bo
     metrics = store.MetricsWriter(run_dir)
     exp = None
     summary: dict[str, Any] = {}
+    resumable = True
     try:
         cfg = store.run_config(run_dir)
         errors = validate_fields(cfg)
@@ -295,18 +307,21 @@ def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bo
         log.traceback()
     except Exception as error:  # noqa: BLE001 - every failure must end as a final state
         state, message = "failed", _failure_message(error)
+        resumable = not isinstance(error, INPUT_FAILURES)
         log.traceback()
     finally:
         metrics.close()
 
     try:
-        _finish_run(run_dir, exp, summary, state, message)
+        _finish_run(run_dir, exp, summary, state, message, resumable)
     finally:
         flag.restore()  # only now: a SIGTERM while the final state is written must not kill it
     return exit_code(state)
 
 
-def _finish_run(run_dir: Path, exp, summary: dict[str, Any], state: str, message: str) -> None:
+def _finish_run(
+    run_dir: Path, exp, summary: dict[str, Any], state: str, message: str, resumable: bool
+) -> None:
     """Writes summary.json, then the final status (readers that see it find the summary)."""
     summary = dict(summary)
     summary["state"] = state
@@ -322,6 +337,7 @@ def _finish_run(run_dir: Path, exp, summary: dict[str, Any], state: str, message
         when=lambda s: s.get("pid") == os.getpid(),
         message=message,
         exit_code=exit_code(state),
+        resumable=resumable,
     )
     _Log(run_dir / "worker.log", echo=False)(
         message if message.startswith(state) else f"{state}: {message}"

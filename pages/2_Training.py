@@ -112,7 +112,16 @@ def _actions(status: dict) -> None:
             on_click=_cancel,
             help="Takes the run out of the queue.",
         )
-    if state in store.RESUMABLE_STATES:
+    if state == "failed" and not store.can_resume(status):
+        c3.button(
+            "Clone into New run",
+            icon=":material/content_copy:",
+            key="clone_failed",
+            on_click=lambda: st.session_state.update(_clone=True),
+            help="A resume would fail the same way: change what the message names and launch "
+            "it again.",
+        )
+    elif state in store.RESUMABLE_STATES:
         has_ckpt = (run_dir / "checkpoints" / "last_state.pt").exists()
         c3.button(
             "Resume",
@@ -140,30 +149,30 @@ def live_view(was_live: bool) -> None:
     head[0].markdown(f"### {state_text(state)}")
     with head[1]:
         st.progress(fraction, text=text)
-        if status.get("message"):
+        if status.get("message") and state != "failed":  # a failure says it below, once
             st.caption(status["message"])
     if state == "failed":
+        then = "or Resume." if store.can_resume(status) else "and launch it again."
         st.error(
-            f"The run failed: {status.get('message')}. The traceback is in worker.log "
-            "below; fix the setting it names and clone the run from Home, or Resume."
+            f"The run failed: {status.get('message')}. The traceback is in worker.log below; "
+            f"clone the run into New run, change what the message names, {then}"
         )
     elif state == "crashed":
         st.warning(f"{status.get('message')}. Resume continues from the last checkpoint.")
     _actions(status)
-    charts = plots.training_charts(metrics)
-    top, bottom = st.columns(2), st.columns(2)
-    for slot, key in zip((*top, *bottom), ("loss", "accuracy", "lr", "throughput"), strict=True):
-        slot.plotly_chart(charts[key], key=f"chart_{key}", width="stretch")
+    if st.session_state.pop("_clone", False):
+        st.switch_page(PAGES["new"], query_params={"clone": run_id})
+    if live or not metrics.empty:  # a run that ended before its first step has no curves
+        charts = plots.training_charts(metrics)
+        top, bottom = st.columns(2), st.columns(2)
+        keys = ("loss", "accuracy", "lr", "throughput")
+        for slot, key in zip((*top, *bottom), keys, strict=True):
+            slot.plotly_chart(charts[key], key=f"chart_{key}", width="stretch")
     summary = store.read_summary(run_dir)
     if summary:
-        st.markdown(
-            f"**Result:** best val acc {plots.fmt_pct(summary.get('best_val_acc'))}, final "
-            f"{plots.fmt_pct(summary.get('final_val_acc'))}, test "
-            f"{plots.fmt_pct(summary.get('test_acc'))}, "
-            f"{plots.fmt_count(summary.get('trainable_params'))} of "
-            f"{plots.fmt_count(summary.get('total_params'))} parameters trained, "
-            f"{plots.fmt_duration(summary.get('train_time_s'))}."
-        )
+        result = plots.result_sentence(summary)
+        if result:
+            st.markdown(f"**Result:** {result}")
         if summary.get("skipped_files"):
             with st.expander(f"{len(summary['skipped_files'])} files were skipped (unreadable)"):
                 st.write(summary["skipped_files"])

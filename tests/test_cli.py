@@ -11,7 +11,7 @@ from pathlib import Path
 
 import pytest
 
-from finetune_core import cli, store
+from finetune_core import cli, config, runner, store
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = [
@@ -306,3 +306,22 @@ def test_list_show_and_compare_open_runs_written_before_format_versions(tmp_path
     assert cli.main(["compare", *ids, "--runs-dir", str(runs)]) == 0
     out = capsys.readouterr().out
     assert all(i in out for i in ids)
+
+
+def test_a_run_that_fails_on_its_input_is_not_offered_a_resume_that_would_fail_again(
+    tmp_path, capsys
+):
+    runs = tmp_path / "runs"
+    code = cli.main(["train", *TINY, "--weights", "run:nope", "--runs-dir", str(runs)])
+    assert code == 2  # caught before a run folder exists
+    missing = tmp_path / "gone.safetensors"
+    (run_dir,) = [store.create_run(config.RunConfig(weights=str(missing)), runs)]
+    from finetune_core import worker
+
+    assert worker.run_worker(run_dir) == runner.EXIT_FAILED
+    status = store.read_status(run_dir)
+    assert status["state"] == "failed" and status["resumable"] is False
+    capsys.readouterr()
+    assert cli.main(["resume", run_dir.name, "--runs-dir", str(runs)]) == 2
+    err = capsys.readouterr().err
+    assert "would fail the same way" in err and "clone" in err

@@ -652,3 +652,20 @@ def test_new_run_refuses_imagenet_weights_it_cannot_download_and_says_where_they
     assert "https://download.pytorch.org/models/resnet18-f37072fd.pth" in message
     assert target in message and "builtin" in message
     assert not texts(at.success)  # no green box beside the red one
+
+
+def test_training_of_a_run_that_failed_before_training_says_it_once_and_offers_no_resume(runs):
+    run_dir = write_run(runs, "20250101-000000-ffffff", state="failed", accs=(0.5,))
+    (run_dir / "metrics.jsonl").write_text("")
+    message = "could not download the ImageNet weights for resnet18 (no network?)"
+    status = json.loads((run_dir / "status.json").read_text())
+    status.update(message=message, resumable=False, step=0, total_steps=None)
+    (run_dir / "status.json").write_text(json.dumps(status))
+    (run_dir / "summary.json").write_text(json.dumps({"state": "failed", "message": message}))
+    at = page("pages/2_Training.py", run="20250101-000000-ffffff")
+    assert not at.exception
+    assert sum(message in t for t in [*texts(at.error), *texts(at.caption)]) == 1
+    assert not plotly_figures(at)  # no empty charts
+    assert "–" not in all_text(at) and "Result" not in all_text(at)
+    assert not [b for b in at.button if b.key == "resume"]
+    assert at.button(key="clone_failed")

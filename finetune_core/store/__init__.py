@@ -43,6 +43,7 @@ from finetune_core.store.schema import (
 )
 from finetune_core.store.status import (
     any_queued,
+    can_resume,
     is_orphaned,
     read_status,
     set_state,
@@ -73,6 +74,7 @@ __all__ = [
     "STATES",
     "SUMMARY_KEYS",
     "any_queued",
+    "can_resume",
     "MetricsWriter",
     "RunError",
     "RunReading",

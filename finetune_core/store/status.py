@@ -18,6 +18,7 @@ from typing import Any
 from finetune_core.store.schema import (
     CRASHED_MESSAGE,
     FINAL_STATES,
+    RESUMABLE_STATES,
     TRANSITIONS,
     RunError,
     stamped,
@@ -91,6 +92,7 @@ def _implied(to: str, now: float) -> dict[str, Any]:
             "exit_code": None,
             "eta_s": None,
             "stop_requested_at": None,
+            "resumable": None,
         }
     if to == "queued":
         return {
@@ -100,6 +102,7 @@ def _implied(to: str, now: float) -> dict[str, Any]:
             "exit_code": None,
             "eta_s": None,
             "stop_requested_at": None,
+            "resumable": None,
         }
     if to in FINAL_STATES:
         return {"finished_at": now, "eta_s": None}
@@ -169,6 +172,12 @@ def any_queued(root: str | os.PathLike) -> bool:
             if isinstance(status, dict) and status.get("state") == "queued":
                 return True
     return False
+
+
+def can_resume(status: dict[str, Any]) -> bool:
+    """Returns True for a stopped, crashed or failed run that a resume may continue: not one
+    that failed on its own input (the worker marks those resumable: false)."""
+    return status.get("state") in RESUMABLE_STATES and status.get("resumable", True) is not False
 
 
 def is_orphaned(status: dict[str, Any]) -> bool:
