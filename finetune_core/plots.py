@@ -591,9 +591,11 @@ def confusion_chart(summaries: Mapping[str, Mapping[str, Any]]) -> go.Figure:
     fig = make_subplots(
         rows=1, cols=n, subplot_titles=[str(k) for k in have], horizontal_spacing=0.04
     )
+    first = None
     for col, (_label, s) in enumerate(have.items(), start=1):
         cm = [[float(v) for v in row] for row in s["confusion_matrix"]]
         classes = list(s.get("classes") or range(len(cm)))
+        first = classes if first is None else first
         norm = [[v / sum(row) if sum(row) else 0.0 for v in row] for row in cm]
         fig.add_heatmap(
             z=norm,
@@ -606,7 +608,9 @@ def confusion_chart(summaries: Mapping[str, Mapping[str, Any]]) -> go.Figure:
             col=col,
         )
         fig.update_xaxes(title_text="predicted", row=1, col=col)
-        fig.update_yaxes(autorange="reversed", showticklabels=col == 1, row=1, col=col)
+        # a panel names its rows unless they are the first panel's classes, named beside it
+        own_names = col == 1 or classes != first
+        fig.update_yaxes(autorange="reversed", showticklabels=own_names, row=1, col=col)
     fig.update_yaxes(title_text="true", row=1, col=1)
     fig.update_layout(
         title="Confusion matrices",
@@ -614,6 +618,39 @@ def confusion_chart(summaries: Mapping[str, Mapping[str, Any]]) -> go.Figure:
         hovermode="closest",
     )
     return _style(fig, height=360)
+
+
+def data_name(spec: Any) -> str:
+    """Returns how to name a run's data for people: builtin:/torchvision: specs as they are,
+    a folder or a zip by its own name (not where the server keeps it)."""
+    text = str(spec)
+    if text.startswith(("builtin:", "torchvision:")):
+        return text
+    return text.rstrip("/").rsplit("/", 1)[-1] or text
+
+
+# Settings whose difference makes accuracies of two runs not comparable, in the user's words.
+_NOT_COMPARABLE = {"data": "data", "model": "model", "epochs": "epochs"}
+
+
+def comparison_warnings(configs: Mapping[str, Mapping[str, Any]]) -> list[str]:
+    """Returns a sentence per setting that makes the runs' accuracies not comparable (other
+    data, another model, another number of epochs), naming each value and its runs."""
+    labels = run_labels(configs)
+    found = []
+    for key, words in _NOT_COMPARABLE.items():
+        by_value: dict[str, list[str]] = {}
+        for rid, cfg in configs.items():
+            value = cfg.get(key)
+            shown = data_name(value) if key == "data" else str(value)
+            by_value.setdefault(shown, []).append(labels[rid])
+        if len(by_value) > 1:
+            parts = "; ".join(f"{value} ({', '.join(runs)})" for value, runs in by_value.items())
+            found.append(
+                f"These runs differ in {words}: {parts}. Their accuracies do not compare "
+                "strategies alone."
+            )
+    return found
 
 
 def config_diff(configs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:

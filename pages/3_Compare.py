@@ -91,6 +91,8 @@ def comparison(was_live: bool) -> None:
     label = dict(zip(table["run_id"], table["run"], strict=True))
 
     st.subheader(plots.headline(table))
+    for warning in plots.comparison_warnings(configs):
+        st.warning(warning, icon=":material/warning:")
     if live:
         st.info(
             f"{len(live)} of {len(chosen)} runs are still training; this page updates as "

@@ -301,3 +301,25 @@ def test_class_counts_chart_stacks_splits_per_class():
         ("val", ["a", "b"], [2, 1]),
     ]
     assert fig.layout.title.text == "Images per class (16 in all)"
+
+
+def test_confusion_matrices_of_runs_on_other_classes_label_their_own_rows():
+    a = {"classes": ["cat", "dog"], "confusion_matrix": [[5, 1], [2, 4]]}
+    b = {"classes": ["one", "two", "three"], "confusion_matrix": [[3, 0, 0], [0, 3, 0], [1, 0, 2]]}
+    fig = plots.confusion_chart({"a": a, "b": b})
+    assert [list(t.y) for t in fig.data] == [["cat", "dog"], ["one", "two", "three"]]
+    assert fig.layout.yaxis.showticklabels is not False
+    assert fig.layout.yaxis2.showticklabels is not False  # not the first run's names
+    same = plots.confusion_chart({"a": a, "c": a})
+    assert same.layout.yaxis2.showticklabels is False  # shared classes: one set of names
+
+
+def test_comparison_warns_when_runs_differ_in_data_model_or_epochs():
+    base = {"data": "builtin:shapes", "model": "resnet18", "epochs": 3, "strategy": "full"}
+    assert plots.comparison_warnings({"a": base, "b": {**base, "strategy": "bitfit"}}) == []
+    found = plots.comparison_warnings(
+        {"a": base, "b": {**base, "data": "/data/digits.zip", "epochs": 5}}
+    )
+    assert len(found) == 2
+    assert "data" in found[0] and "builtin:shapes" in found[0] and "digits.zip" in found[0]
+    assert "epochs" in found[1] and "3" in found[1] and "5" in found[1]
