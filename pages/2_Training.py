@@ -1,7 +1,9 @@
 """Training: one run's state, progress and live charts; Stop, Resume, Cancel; config and log.
 
 ?run=<id> selects the run; without it the newest live run (else the newest run) is shown.
-The live part is a fragment that refreshes itself while the run is queued or running.
+?follow=1 (how Launch opens it) moves on to the group's next live run when one ends; picking
+a run by hand stops that. The live part is a fragment that refreshes itself while the run or
+another run of its group is queued or running.
 """
 
 from __future__ import annotations
@@ -50,6 +52,7 @@ labels = run_choice_labels(runs)
 
 def _pick() -> None:
     st.query_params["run"] = st.session_state["training_run"]
+    st.query_params.pop("follow", None)  # a run picked by hand stays shown
     st.session_state["_training_shown"] = st.session_state["training_run"]
 
 
@@ -137,10 +140,56 @@ def _actions(status: dict) -> None:
         st.toast(note)
 
 
+def group_members() -> dict[str, dict]:
+    """Returns {run id: status} of the runs launched with this one, in launch order."""
+    group = config.get("group")
+    if not group:
+        return {}
+    ids_in_group = list(runs.loc[runs["group"] == group, "run_id"])[::-1]  # oldest first
+    return {m: store.read_status(root / m) for m in ids_in_group}
+
+
+def group_progress(members: dict[str, dict]) -> None:
+    """Every run of the group with its progress, each a link to its own view."""
+    group = config.get("group")
+    names = plots.run_labels({m: store.read_config(root / m) for m in members})
+    st.markdown(f"**Group** `{group}`: {len(members)} runs launched together")
+    for m, status in members.items():
+        c1, c2 = st.columns([1, 3])
+        c1.page_link(
+            PAGES["training"],
+            label=names[m],
+            query_params={"run": m},
+            disabled=m == run_id,
+        )
+        fraction, text = plots.run_progress(status)
+        c2.progress(fraction, text=f"{names[m]}: {status.get('state', '?')} · {text}")
+    st.page_link(
+        PAGES["compare"],
+        label="Compare this group",
+        icon=":material/compare:",
+        query_params={"group": group},
+    )
+
+
+def _live_member(members: dict[str, dict]) -> str | None:
+    for wanted in ("running", "queued"):
+        for m, status in members.items():
+            if status.get("state") == wanted:
+                return m
+    return None
+
+
 def live_view(was_live: bool) -> None:
     status = store.read_status(run_dir)
     state = status.get("state")
-    live = state in store.LIVE_STATES
+    members = group_members()
+    live = state in store.LIVE_STATES or _live_member(members) is not None
+    if st.query_params.get("follow") == "1" and state in store.FINAL_STATES:
+        nxt = _live_member(members)
+        if nxt is not None and nxt != run_id:
+            st.query_params["run"] = nxt  # the group goes on: show the run that trains now
+            st.rerun()
     if live != was_live:
         st.rerun()  # it ended or (re)started: redraw the page so refreshing stops or starts
     metrics = store.read_metrics(run_dir)
@@ -162,7 +211,7 @@ def live_view(was_live: bool) -> None:
     _actions(status)
     if st.session_state.pop("_clone", False):
         st.switch_page(PAGES["new"], query_params={"clone": run_id})
-    if live or not metrics.empty:  # a run that ended before its first step has no curves
+    if state in store.LIVE_STATES or not metrics.empty:  # no step taken: no curves
         charts = plots.training_charts(metrics)
         top, bottom = st.columns(2), st.columns(2)
         keys = ("loss", "accuracy", "lr", "throughput")
@@ -176,31 +225,15 @@ def live_view(was_live: bool) -> None:
         if summary.get("skipped_files"):
             with st.expander(f"{len(summary['skipped_files'])} files were skipped (unreadable)"):
                 st.write(summary["skipped_files"])
-    group = config.get("group")
-    if group:
-        members = runs[runs["group"] == group].iloc[::-1]  # oldest first: launch order
-        st.markdown(f"**Group** `{group}`: {len(members)} runs launched together")
-        cols = st.columns(min(len(members), 4) + 1)
-        names = plots.run_labels({m: store.read_config(root / m) for m in members["run_id"]})
-        for i, m in enumerate(members.itertuples()):
-            member_state = store.read_status(root / m.run_id).get("state")
-            cols[i % 4].page_link(
-                PAGES["training"],
-                label=f"{names[m.run_id]}: {state_text(member_state)}",
-                query_params={"run": m.run_id},
-                disabled=m.run_id == run_id,
-            )
-        cols[-1].page_link(
-            PAGES["compare"],
-            label="Compare this group",
-            icon=":material/compare:",
-            query_params={"group": group},
-        )
+    if members:
+        group_progress(members)
     with st.expander("worker.log (last 40 lines)", expanded=state == "failed"):
         st.code(store.read_log_tail(run_dir, 40) or "(empty)", language=None)
 
 
-is_live = store.read_status(run_dir).get("state") in store.LIVE_STATES
+is_live = store.read_status(run_dir).get("state") in store.LIVE_STATES or any(
+    s.get("state") in store.LIVE_STATES for s in group_members().values()
+)
 st.fragment(live_view, run_every=LIVE_REFRESH_S if is_live else None)(is_live)
 
 with st.expander("Config"):

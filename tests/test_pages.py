@@ -669,3 +669,17 @@ def test_training_of_a_run_that_failed_before_training_says_it_once_and_offers_n
     assert "–" not in all_text(at) and "Result" not in all_text(at)
     assert not [b for b in at.button if b.key == "resume"]
     assert at.button(key="clone_failed")
+
+
+def test_training_follows_a_group_to_its_live_run_and_shows_every_members_progress(runs, worker):
+    ids = write_group(runs)
+    make_live(runs / ids[1], worker.pid)  # the first has finished, the second trains
+    at = page("pages/2_Training.py", run=ids[0], follow="1")
+    assert not at.exception
+    assert at.selectbox(key="training_run").value == ids[1]  # followed the live one
+    bars = [p.text for p in at.get("progress")]
+    assert len(bars) == 1 + 3  # the run's own bar and one per member of its group
+    assert any("full" in t and "completed" in t for t in bars)
+    at = page("pages/2_Training.py", run=ids[0])  # picked by hand: it stays
+    assert at.selectbox(key="training_run").value == ids[0]
+    assert len(at.get("progress")) == 4
