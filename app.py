@@ -6,7 +6,16 @@ import os
 
 import streamlit as st
 
-from dashboard.common import LIVE_REFRESH_S, PAGES, device_text, setup_page
+from dashboard.common import (
+    LIVE_REFRESH_S,
+    PAGES,
+    device_text,
+    labelled_picker,
+    setup_page,
+    share_column,
+    shown_or_blank,
+    table_height,
+)
 from finetune_core import plots, runner, store
 
 root = setup_page("Home")
@@ -42,10 +51,10 @@ def _runs_table(was_live: bool) -> None:
         return
     table = runs.assign(
         open=[f"Training?run={r}" for r in runs["run_id"]],
-        compare=[f"Compare?group={g}" if g else None for g in runs["group"]],
+        compare=[f"Compare?group={g}" if g else "" for g in runs["group"]],
         state=list(runs["state"]),
         best_val_acc=100 * runs["best_val_acc"],
-        time=[plots.fmt_duration(t) if t == t else "–" for t in runs["train_time_s"]],
+        time=shown_or_blank(runs["train_time_s"], plots.fmt_duration),
         disk=[plots.fmt_bytes(b) for b in runs["disk_bytes"]],
     )
     columns = [
@@ -65,13 +74,14 @@ def _runs_table(was_live: bool) -> None:
         table[columns],
         hide_index=True,
         width="stretch",
+        height=table_height(len(table)),
         column_config={
             "open": st.column_config.LinkColumn(
                 "run", display_text=r"Training\?run=(.*)", help="Open the run's Training view"
             ),
             "name": "name",
-            "best_val_acc": st.column_config.NumberColumn("best val acc", format="%.1f %%"),
-            "trainable_pct": st.column_config.NumberColumn("trainable", format="%.2f %%"),
+            "best_val_acc": share_column("best val acc", width="small"),
+            "trainable_pct": share_column("trainable", digits=2, width="small"),
             "time": "train time",
             "disk": "disk use",
             "compare": st.column_config.LinkColumn(
@@ -94,9 +104,7 @@ if not runs.empty:
         r.run_id: f"{r.name or r.strategy} · {r.model} · {r.state} · {r.run_id}"
         for r in runs.itertuples()
     }
-    if st.session_state.get("manage_run") not in ids:
-        st.session_state["manage_run"] = ids[0]
-    run_id = st.selectbox("Run", ids, format_func=label.get, key="manage_run")
+    run_id = labelled_picker("Run", ids, label, "manage_run")
     run_dir = root / run_id
     row = runs.set_index("run_id").loc[run_id]
     c1, c2, c3 = st.columns(3)
@@ -128,7 +136,7 @@ if not runs.empty:
                 "This cannot be undone."
             )
             y, n = st.columns(2)
-            if y.button("Yes, delete", type="primary", key="delete_yes"):
+            if y.button("Yes, delete", key="delete_yes", icon=":material/delete:"):
                 try:
                     store.delete_run(run_dir)
                     st.session_state.pop("confirm_delete", None)

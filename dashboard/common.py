@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import os
 from pathlib import Path
 
@@ -32,15 +33,16 @@ STATE_ICONS = {
     "crashed": ":material/heart_broken:",
 }
 
+ICON = Path(__file__).resolve().parent / "icon.png"
+
 # Seconds between refreshes of the live parts of a page.
 LIVE_REFRESH_S = float(os.environ.get("FINETUNE_REFRESH_S", "1.5"))
 
 
 def setup_page(title: str) -> Path:
     """Configures the page, makes sure the queue is served, and returns the runs folder."""
-    st.set_page_config(
-        page_title=f"{title} · Fine-tuning", page_icon=":material/model_training:", layout="wide"
-    )
+    # a bundled icon: a :material/...: page icon is fetched from Google's font CDN
+    st.set_page_config(page_title=f"{title} · Fine-tuning", page_icon=str(ICON), layout="wide")
     with st.sidebar:  # our own navigation: the entry script would otherwise be called "app"
         for key, label, icon in NAV:
             st.page_link(PAGES[key], label=label, icon=icon)
@@ -82,6 +84,44 @@ def state_text(state: str | None) -> str:
 def training_url(run_id: str) -> str:
     """Returns the Training view's URL for a run (relative, so it works behind a proxy)."""
     return f"Training?run={run_id}"
+
+
+def labelled_picker(label: str, ids: list[str], labels: dict[str, str], key: str, **kwargs):
+    """A selectbox of ids shown by their labels; returns the id chosen (kept in
+    st.session_state[key]). The widget's own key carries a digest of the labels: Streamlit
+    keeps showing a keyed selectbox's old label when only its format_func output changes
+    (streamlit#13788), so a renamed or finished run would read as it was."""
+    if st.session_state.get(key) not in ids:
+        st.session_state[key] = ids[0]
+    digest = hashlib.sha1("\n".join(labels[i] for i in ids).encode()).hexdigest()[:10]
+    chosen = st.selectbox(
+        label,
+        ids,
+        index=ids.index(st.session_state[key]),
+        format_func=labels.get,
+        key=f"{key}_{digest}",
+        **kwargs,
+    )
+    st.session_state[key] = chosen
+    return chosen
+
+
+def share_column(label: str, digits: int = 1, **kwargs):
+    """A 0-100 % column drawn as a bar; a missing value is an empty cell (as every missing
+    value in the dashboard's tables: Streamlit writes "None" in a number column)."""
+    return st.column_config.ProgressColumn(
+        label, format=f"%.{digits}f %%", min_value=0, max_value=100, **kwargs
+    )
+
+
+def shown_or_blank(values, fmt) -> list[str]:
+    """Returns fmt(value) for each value, "" where it is missing (None or NaN)."""
+    return ["" if v is None or v != v else fmt(v) for v in values]
+
+
+def table_height(rows: int, most: int = 25) -> int:
+    """Returns a dataframe height in pixels that shows every row up to `most` (then scrolls)."""
+    return 35 * (min(rows, most) + 1) + 3
 
 
 def run_choice_labels(runs) -> dict[str, str]:

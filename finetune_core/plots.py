@@ -351,7 +351,7 @@ def _phase_title(rows: pd.DataFrame, phase: Any) -> str:
     trainable = int(rows["trainable_params"].sum())
     total = int(rows["params"].sum())
     share = trainable / total if total else 0.0
-    return f"{phase}: {fmt_count(trainable)} of {fmt_count(total)} train ({_share(share)})"
+    return f"{phase}: {fmt_count(trainable)} of {fmt_count(total)} train ({fmt_share(share)})"
 
 
 # ---------------------------------------------------------------- data
@@ -486,11 +486,12 @@ def _cost(run: pd.Series, ref: pd.Series) -> str:
         parts.append(f"{t:.2g}× the training time")
     p = _ratio(run["trainable_params"], ref["trainable_params"])
     if p is not None:
-        parts.append(f"{_share(p)} of the trainable parameters")
+        parts.append(f"{fmt_share(p)} of the trainable parameters")
     return ", using " + " and ".join(parts) if parts else ""
 
 
-def _share(p: float) -> str:
+def fmt_share(p: float) -> str:
+    """Returns a fraction 0..1 as a percentage with the digits it needs: 76 %, 1.4 %, 0.014 %."""
     if p >= 0.1:
         return f"{100 * p:.0f} %"
     if p >= 0.001:

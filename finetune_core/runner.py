@@ -20,6 +20,7 @@ import os
 import signal
 import subprocess
 import sys
+import threading
 import time
 from collections.abc import Iterable
 from datetime import datetime
@@ -76,19 +77,14 @@ class LocalProcesses:
     """The backend that runs each worker (and the supervisor) as a detached local process."""
 
     def __init__(self):
-        self._children: list[subprocess.Popen] = []  # started here, reaped when done
-
-    def _reap(self) -> None:
-        for proc in list(self._children):
-            if proc.poll() is not None:
-                self._children.remove(proc)
+        self.children: list[subprocess.Popen] = []  # started here and not yet ended
 
     def spawn(
         self, args: list[str], log_path: Path, cwd: Path, extra_env: dict[str, str] | None = None
     ) -> subprocess.Popen:
         """Starts `python -m finetune_core ARGS` in its own session, output appended to
-        log_path."""
-        self._reap()
+        log_path. A thread waits for it, so that it never lingers as a defunct process
+        after it exits (a dashboard server starts a supervisor now and then)."""
         with open(log_path, "a") as log:
             proc = subprocess.Popen(
                 [sys.executable, "-m", "finetune_core", *args],
@@ -99,8 +95,14 @@ class LocalProcesses:
                 env=child_env(extra_env),
                 start_new_session=True,  # no SIGINT/SIGHUP from the terminal or server
             )
-        self._children.append(proc)
+        self.children.append(proc)
+        threading.Thread(target=self._wait, args=(proc,), daemon=True).start()
         return proc
+
+    def _wait(self, proc: subprocess.Popen) -> None:
+        proc.wait()
+        with contextlib.suppress(ValueError):
+            self.children.remove(proc)
 
     def start_worker(self, run_dir: Path, parallel: int) -> subprocess.Popen:
         """Starts the worker of a run."""
@@ -191,7 +193,12 @@ def supervisor_running(runs_dir: str | os.PathLike) -> bool:
     return FileLock(Path(runs_dir) / SUPERVISOR_LOCK).held_elsewhere()
 
 
-def ensure_supervisor(runs_dir: str | os.PathLike, max_parallel: int | None = None) -> bool:
+def ensure_supervisor(
+    runs_dir: str | os.PathLike,
+    max_parallel: int | None = None,
+    *,
+    idle_exit_s: float | None = None,
+) -> bool:
     """Starts a detached supervisor for runs_dir unless one runs; returns True when started."""
     root = Path(runs_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -200,6 +207,8 @@ def ensure_supervisor(runs_dir: str | os.PathLike, max_parallel: int | None = No
     args = ["queue", "--runs-dir", str(root)]
     if max_parallel is not None:
         args += ["--max-parallel", str(int(max_parallel))]
+    if idle_exit_s is not None:
+        args += ["--idle-exit", str(idle_exit_s)]
     BACKEND.spawn(args, root / "supervisor.log", root)
     return True
 

@@ -9,7 +9,14 @@ from __future__ import annotations
 import pandas as pd
 import streamlit as st
 
-from dashboard.common import LIVE_REFRESH_S, PAGES, run_choice_labels, setup_page
+from dashboard.common import (
+    LIVE_REFRESH_S,
+    PAGES,
+    run_choice_labels,
+    setup_page,
+    share_column,
+    shown_or_blank,
+)
 from finetune_core import plots, store
 
 root = setup_page("Compare")
@@ -119,25 +126,36 @@ def comparison(was_live: bool) -> None:
     c2.plotly_chart(plots.compare_curves(frame, "loss", x), key="curve_loss", width="stretch")
 
     st.markdown("#### Final metrics")
-    shown = table.assign(
-        best_val_acc=100 * table["best_val_acc"],
-        final_val_acc=100 * table["final_val_acc"],
-        test_acc=100 * table["test_acc"].astype(float),
+    shown = pd.DataFrame(
+        {
+            "run": table["run"],
+            "state": table["state"],
+            "best_val_acc": 100 * table["best_val_acc"],
+            "final_val_acc": 100 * table["final_val_acc"],
+            "test_acc": 100 * table["test_acc"].astype(float),
+            "trainable": [
+                ""
+                if n is None or n != n
+                else f"{plots.fmt_count(n)} · {plots.fmt_share(pct / 100)}"
+                for n, pct in zip(table["trainable_params"], table["trainable_pct"], strict=True)
+            ],
+            "train_time": shown_or_blank(table["train_time_s"], plots.fmt_duration),
+            "images_per_s": shown_or_blank(table["images_per_s"], lambda v: f"{v:,.0f}"),
+        }
     )
     st.dataframe(
-        shown.drop(columns=["strategy"]),
+        shown,
         hide_index=True,
         width="stretch",
         column_config={
-            "run_id": st.column_config.TextColumn("run id"),
-            "best_val_acc": st.column_config.NumberColumn("best val acc", format="%.1f %%"),
-            "final_val_acc": st.column_config.NumberColumn("final val acc", format="%.1f %%"),
-            "test_acc": st.column_config.NumberColumn("test acc", format="%.1f %%"),
-            "trainable_params": st.column_config.NumberColumn("trainable params", format="%d"),
-            "trainable_pct": st.column_config.NumberColumn("trainable", format="%.2f %%"),
-            "total_params": st.column_config.NumberColumn("total params", format="%d"),
-            "train_time_s": st.column_config.NumberColumn("train time", format="%.1f s"),
-            "images_per_s": st.column_config.NumberColumn("images/s", format="%.0f"),
+            "best_val_acc": share_column("best val acc", width="small"),
+            "final_val_acc": share_column("final val acc", width="small"),
+            "test_acc": share_column("test acc", width="small"),
+            "trainable": st.column_config.TextColumn(
+                "trainable", help="parameters that train, and their share of all"
+            ),
+            "train_time": "train time",
+            "images_per_s": "images/s",
         },
     )
     st.download_button(

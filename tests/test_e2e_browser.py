@@ -177,3 +177,36 @@ def user_journey(page, url: str, runs: Path) -> None:
     for expected in wanted:
         assert sum(t.startswith(expected) for t in titles) == 1, (expected, titles)
     assert points == 3 * 2, points  # three runs, two epochs
+
+
+def test_home_rename_reads_back_in_the_picker_and_no_page_asks_another_host(server):
+    from dashboard_fixtures import write_run
+
+    url, runs = server
+    runs.mkdir(parents=True, exist_ok=True)
+    write_run(runs, "20250101-000000-aaaaaa", name="before")
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+        page = browser.new_page(viewport={"width": 1400, "height": 1000})
+        elsewhere = []
+        page.on(
+            "request",
+            lambda r: elsewhere.append(r.url) if not r.url.startswith(url) else None,
+        )
+        drawn = {"Training": "stSelectbox", "Compare": "stMultiSelect", "New_run": "stSelectbox"}
+        for path, element in (*drawn.items(), ("", "stDataFrame")):
+            page.goto(f"{url}/{path}")
+            page.wait_for_selector(f'[data-testid="{element}"]', timeout=90_000)
+            wait_idle(page)
+        page.get_by_role("textbox", name="New name").fill("after")
+        page.get_by_role("button", name="Rename").click()
+        deadline = time.time() + 30
+        while store.read_config(runs / "20250101-000000-aaaaaa")["name"] != "after":
+            assert time.time() < deadline, "the rename did not happen"
+            time.sleep(0.2)
+        time.sleep(1)
+        wait_idle(page)
+        picker = page.get_by_role("combobox", name="Run")
+        assert picker.input_value().startswith("after ·"), picker.input_value()
+        browser.close()
+    assert elsewhere == []  # no font CDN, no telemetry: a local tool stays local

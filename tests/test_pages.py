@@ -77,6 +77,11 @@ def all_text(at) -> str:
     return "\n".join(parts)
 
 
+def picker(at):
+    """Home's "Manage a run" picker (its widget key carries a digest of its labels)."""
+    return next(s for s in at.selectbox if s.label == "Run")
+
+
 def traces(fig: dict) -> dict[str, dict]:
     return {t.get("name"): t for t in fig["data"]}
 
@@ -128,7 +133,7 @@ def test_home_lists_every_run_with_a_link_to_its_training_view(runs, worker):
 def test_home_renames_and_deletes_only_after_confirmation(runs):
     ids = write_group(runs)
     at = page("app.py")
-    at.selectbox(key="manage_run").set_value(ids[0]).run()
+    picker(at).set_value(ids[0]).run()
     at.text_input(key=f"rename_{ids[0]}").set_value("baseline")
     at.button(key="rename").click().run()
     assert store.read_config(runs / ids[0])["name"] == "baseline"
@@ -159,7 +164,7 @@ def test_home_works_with_a_hundred_runs(runs):
     at = page("app.py")
     assert not at.exception
     assert len(at.dataframe[0].value) == 100
-    assert len(at.selectbox(key="manage_run").options) == 100
+    assert len(picker(at).options) == 100
 
 
 def test_a_page_starts_the_queue_for_waiting_runs_when_no_supervisor_runs(tmp_path, monkeypatch):
@@ -683,3 +688,11 @@ def test_training_follows_a_group_to_its_live_run_and_shows_every_members_progre
     at = page("pages/2_Training.py", run=ids[0])  # picked by hand: it stays
     assert at.selectbox(key="training_run").value == ids[0]
     assert len(at.get("progress")) == 4
+
+
+def test_home_delete_confirmation_is_not_styled_as_the_primary_action(runs):
+    write_run(runs, "20250101-000000-aaaaaa", name="before")
+    at = page("app.py")
+    at.button(key="delete").click().run()
+    assert not at.exception
+    assert at.button(key="delete_yes").proto.type != "primary"

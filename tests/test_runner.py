@@ -174,3 +174,16 @@ def test_parallel_cpu_workers_share_the_cores_instead_of_each_taking_all(monkeyp
     assert runner.worker_threads(16) == {"OMP_NUM_THREADS": "1"}
     monkeypatch.setenv("OMP_NUM_THREADS", "3")  # the user's choice wins
     assert runner.worker_threads(2) == {}
+
+
+def test_a_supervisor_that_exits_leaves_no_defunct_process_behind(tmp_path):
+    root = tmp_path / "runs"
+    assert runner.ensure_supervisor(root, idle_exit_s=0.3)
+    proc = runner.BACKEND.children[-1]
+    deadline = time.time() + 30
+    while runner.supervisor_running(root) and time.time() < deadline:
+        time.sleep(0.1)
+    assert not runner.supervisor_running(root)
+    time.sleep(1)  # the reaper's turn
+    stat = Path(f"/proc/{proc.pid}/stat")
+    assert not stat.exists() or stat.read_text().rsplit(")", 1)[1].split()[0] != "Z"
