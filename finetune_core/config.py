@@ -58,7 +58,7 @@ class RunConfig:
         "the head's learning rate; backbone groups may get less (layer_decay)",
         label="Learning rate (head)",
         step=0.001,
-        format="%.5f",
+        format="%g",  # 1e-06 stays readable (a fixed number of decimals shows 0.00000)
     )
     optimizer: str = setting(
         "sgd",
@@ -73,7 +73,7 @@ class RunConfig:
         min=0.0,
         max=1.0,
         step=1e-4,
-        format="%.5f",
+        format="%g",
     )
     scheduler: str = setting(
         "cosine",

@@ -249,7 +249,7 @@ class Trainer:
             shuffle=True,
             seed=self.cfg.seed,
             balanced=self.cfg.balance == "sampler",
-            drop_last=len(split) > self.cfg.batch_size,
+            drop_last=data_mod.drops_last(len(split), self.cfg.batch_size),
         )
 
     # --- small helpers -------------------------------------------------------------------

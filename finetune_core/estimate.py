@@ -9,7 +9,6 @@ memory is the process's own, and the server stays responsive. Prints one JSON ob
 from __future__ import annotations
 
 import json
-import math
 import resource
 import subprocess
 import sys
@@ -101,7 +100,7 @@ def run_measurement(cfg_dict: dict, num_classes: int, timeout_s: float = 300) ->
 
 def epoch_estimate(step_s: float, train_images: int, batch_size: int) -> tuple[int, float]:
     """Returns (steps per epoch, seconds per epoch) for a measured step time."""
-    steps = max(1, math.ceil(train_images / batch_size))
+    steps = max(1, data.steps_per_epoch(train_images, batch_size))
     return steps, steps * step_s
 
 

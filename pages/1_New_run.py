@@ -8,7 +8,6 @@ function below; the page calls them in order.
 from __future__ import annotations
 
 import json
-import math
 import re
 import socket
 from dataclasses import dataclass, field
@@ -22,6 +21,7 @@ from finetune_core import config as config_mod
 from finetune_core import data as data_mod
 from finetune_core import estimate, models, plots, preflight, runner, store, strategies, weights
 from finetune_core.config import OPTIONS, ConfigError
+from finetune_core.util.durations import plural
 from finetune_core.util.files import atomic_write
 
 F = form.PREFIX
@@ -577,11 +577,7 @@ def settings_section(page: Page) -> None:
 
 
 def train_images(page: Page, cfg) -> int:
-    info = page.data_info
-    if info.has_splits:
-        return sum(info.counts.get("train", {}).values())
-    all_images = sum(sum(c.values()) for c in info.counts.values())
-    return int(all_images * (1 - cfg.val_fraction - cfg.test_fraction))
+    return data_mod.split_sizes(page.data_info, cfg.val_fraction, cfg.test_fraction)["train"]
 
 
 def estimate_part(page: Page) -> None:
@@ -590,7 +586,7 @@ def estimate_part(page: Page) -> None:
     n_train = train_images(page, first)
     st.caption(
         f"{n_train:,} training images · batch {first.batch_size} → "
-        f"{math.ceil(n_train / max(1, first.batch_size))} steps per epoch. "
+        f"{data_mod.steps_per_epoch(n_train, max(1, first.batch_size))} steps per epoch. "
         "A short measured step on this machine gives the time per epoch and the memory."
     )
     keys = [form.to_json(c) for _, c in page.cfgs]
@@ -615,7 +611,7 @@ def estimate_part(page: Page) -> None:
             lines.append(
                 f"- **{label}**: about {plots.fmt_duration(per_epoch)} per epoch "
                 f"({steps} steps × {m['step_s']:.2f} s on {m['device']}), "
-                f"{plots.fmt_duration(per_epoch * cfg.epochs)} for {cfg.epochs} epochs; "
+                f"{plots.fmt_duration(per_epoch * cfg.epochs)} for {plural(cfg.epochs, 'epoch')}; "
                 f"memory about {plots.fmt_bytes(mem)} (model, optimizer and activations "
                 "measured, plus the decoded images)"
             )
@@ -650,7 +646,7 @@ def launch_section(page: Page) -> None:
             c0 = page.cfgs[0][1]
             st.markdown(
                 f"**Launch {what}**: {c0.model}, weights `{c0.weights}`, data `{c0.data}`, "
-                f"{c0.epochs} epochs at {c0.image_size} px."
+                f"{plural(c0.epochs, 'epoch')} at {c0.image_size} px."
             )
         if page.errors:
             names = ", ".join(f.replace("_", " ") for f in page.errors)

@@ -12,6 +12,7 @@ import streamlit as st
 
 from dashboard.common import LIVE_REFRESH_S, PAGES, run_choice_labels, setup_page, state_text
 from finetune_core import plots, runner, store, strategies
+from finetune_core.util.durations import plural
 
 root = setup_page("Training")
 st.title("Training")
@@ -69,7 +70,7 @@ except store.RunError as e:
 
 st.caption(
     f"**{strategies.label(config)}** · {config.get('model')} · weights `{config.get('weights')}`"
-    f" · data `{config.get('data')}` · {config.get('epochs')} epochs · image {config.get('image_size')}"
+    f" · data `{config.get('data')}` · {plural(config.get('epochs') or 0, 'epoch')} · image {config.get('image_size')}"
     f" px · batch {config.get('batch_size')} · lr {config.get('lr')} · id `{run_id}`"
 )
 

@@ -696,3 +696,25 @@ def test_home_delete_confirmation_is_not_styled_as_the_primary_action(runs):
     at.button(key="delete").click().run()
     assert not at.exception
     assert at.button(key="delete_yes").proto.type != "primary"
+
+
+def test_new_run_counts_the_steps_per_epoch_the_run_will_take(new_run):
+    from finetune_core import data
+
+    at = new_run
+    at.number_input(key="f_epochs").set_value(1).run()
+    loaded = data.load_data("builtin:shapes", image_size=16, val_fraction=0.2)
+    loader = data.TensorLoader(
+        loaded.train, 64, shuffle=True, drop_last=data.drops_last(len(loaded.train), 64)
+    )
+    expected = f"{len(loaded.train):,} training images · batch 64 → {len(loader)} steps per epoch"
+    assert expected in all_text(at), all_text(at)
+    assert "1 epochs" not in all_text(at)
+
+
+def test_new_run_shows_small_learning_rates_as_they_are(new_run):
+    at = new_run
+    at.number_input(key="f_lr").set_value(1e-6).run()
+    assert not at.exception
+    assert at.number_input(key="f_lr").value == 1e-6
+    assert at.number_input(key="f_lr").proto.format == "%g"  # 1e-06, not 0.00000

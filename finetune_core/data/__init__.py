@@ -19,7 +19,7 @@ from finetune_core.data.base import (
     data_dir,
 )
 from finetune_core.data.decode import can_read, decode_image
-from finetune_core.data.loader import TensorLoader
+from finetune_core.data.loader import TensorLoader, drops_last, steps_per_epoch
 from finetune_core.data.sources import (
     BUILTIN,
     PREFIXES,
@@ -28,7 +28,7 @@ from finetune_core.data.sources import (
     resolve,
     unreadable_files,
 )
-from finetune_core.data.splits import check_split
+from finetune_core.data.splits import check_split, split_sizes
 from finetune_core.data.torchvision_sets import TORCHVISION
 
 __all__ = [
@@ -47,9 +47,12 @@ __all__ = [
     "class_counts",
     "data_dir",
     "decode_image",
+    "drops_last",
     "inspect_data",
     "load_data",
     "normalize",
     "resolve",
+    "split_sizes",
+    "steps_per_epoch",
     "unreadable_files",
 ]

@@ -14,6 +14,17 @@ def _seed_for(seed: int, epoch: int) -> int:
     return int.from_bytes(hashlib.sha256(f"{seed}:{epoch}".encode()).digest()[:8], "little")
 
 
+def drops_last(n: int, batch_size: int) -> bool:
+    """Returns True when training drops the last, short batch of an epoch: always, unless
+    the data holds a single batch or less (then that batch is the epoch)."""
+    return n > batch_size
+
+
+def steps_per_epoch(n: int, batch_size: int) -> int:
+    """Returns the optimizer steps of a training epoch over n images."""
+    return n // batch_size if drops_last(n, batch_size) else math.ceil(n / batch_size)
+
+
 class TensorLoader:
     """Iterates (uint8 images [B,3,S,S], int64 labels [B]) over a TensorSplit.
 
@@ -55,7 +66,9 @@ class TensorLoader:
 
     def __len__(self) -> int:
         n = len(self.split)
-        return n // self.batch_size if self.drop_last else math.ceil(n / self.batch_size)
+        if self.drop_last:
+            return n // self.batch_size
+        return math.ceil(n / self.batch_size)
 
     def order(self) -> torch.Tensor:
         """Returns the indices of this epoch, in the order they are served."""

@@ -21,6 +21,24 @@ def carve(counts: dict[str, dict[str, int]]) -> tuple[str, bool, bool]:
     return "train", "val" not in counts, "test" not in counts
 
 
+def split_sizes(info: DataInfo, val_fraction: float, test_fraction: float) -> dict[str, int]:
+    """Returns {"train", "val", "test": images} as load_data will split the data (per class,
+    rounded as it rounds), from the counts alone (files it cannot read still count)."""
+    pool, carve_val, carve_test = carve(info.counts)
+    vf = val_fraction if carve_val else 0.0
+    tf = test_fraction if carve_test else 0.0
+    sizes = {"train": 0, "val": 0, "test": 0}
+    for n in info.counts[pool].values():
+        val, test = _portion(n, vf), _portion(n, tf)
+        sizes["train"] += n - val - test
+        sizes["val"] += val
+        sizes["test"] += test
+    for split in ("val", "test"):
+        if split in info.counts:  # given by its own folder
+            sizes[split] = sum(info.counts[split].values())
+    return sizes
+
+
 def check_split(info: DataInfo, val_fraction: float, test_fraction: float) -> str | None:
     """Returns a message when a class has too few images for the split, else None."""
     pool, carve_val, carve_test = carve(info.counts)

@@ -99,7 +99,7 @@ MODIFIERS = (
         label="L2-SP λ",
         min=0.0,
         step=0.001,
-        format="%.4f",
+        format="%g",
         tag="l2sp {:g}",
     ),
     Option(

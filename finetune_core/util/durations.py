@@ -6,6 +6,11 @@ import math
 import time
 
 
+def plural(n: int | float, word: str) -> str:
+    """Returns "1 epoch", "3 epochs", "0.5 epochs" (a regular English plural)."""
+    return f"{n:g} {word}" if n == 1 else f"{n:g} {word}s"
+
+
 def fmt_duration(seconds: float | None) -> str:
     """Returns 42 s, 3 min 05 s or 1 h 02 min (– when unknown)."""
     if seconds is None or (isinstance(seconds, float) and math.isnan(seconds)):
