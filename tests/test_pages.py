@@ -718,3 +718,18 @@ def test_new_run_shows_small_learning_rates_as_they_are(new_run):
     assert not at.exception
     assert at.number_input(key="f_lr").value == 1e-6
     assert at.number_input(key="f_lr").proto.format == "%g"  # 1e-06, not 0.00000
+
+
+def test_new_run_says_once_that_a_weights_file_does_not_fit(runs, tmp_path):
+    import torch
+    from safetensors.torch import save_file
+
+    bad = tmp_path / "other.safetensors"
+    save_file({"encoder.weight": torch.zeros(3, 3)}, str(bad))
+    (runs / ".form_state.json").write_text(
+        json.dumps({"f_weights_choice": "file", "f_weights_file": str(bad)})
+    )
+    at = page("pages/1_New_run.py")
+    assert not at.exception
+    assert [e for e in texts(at.error) if str(bad) in e]
+    assert not [s for s in texts(at.success) if str(bad) in s]  # no green box beside it
