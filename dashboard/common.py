@@ -9,6 +9,7 @@ from pathlib import Path
 import streamlit as st
 
 from finetune_core import runner, store
+from finetune_core.util import hardware
 
 PAGES = {
     "home": "app.py",
@@ -35,6 +36,22 @@ STATE_ICONS = {
 
 ICON = Path(__file__).resolve().parent / "icon.png"
 
+# The app hides Streamlit's toolbar, and with it the "running" indicator: a thin bar slides
+# along the top while a script run takes longer than 0.4 s (the live parts' quick refreshes
+# never show it).
+BUSY_CSS = """
+<style>
+.stApp[data-test-script-state="running"]::before {
+  content: ""; position: fixed; top: 0; left: 0; right: 0; height: 4px; z-index: 1000002;
+  background: linear-gradient(90deg, transparent, #0072B2, transparent) no-repeat;
+  background-size: 40% 100%; opacity: 0;
+  animation: busy-show 0s linear 0.4s forwards, busy-slide 1.2s linear infinite;
+}
+@keyframes busy-show { to { opacity: 1; } }
+@keyframes busy-slide { from { background-position: -60% 0; } to { background-position: 160% 0; } }
+</style>
+"""
+
 # Seconds between refreshes of the live parts of a page.
 LIVE_REFRESH_S = float(os.environ.get("FINETUNE_REFRESH_S", "1.5"))
 
@@ -43,6 +60,7 @@ def setup_page(title: str) -> Path:
     """Configures the page, makes sure the queue is served, and returns the runs folder."""
     # a bundled icon: a :material/...: page icon is fetched from Google's font CDN
     st.set_page_config(page_title=f"{title} · Fine-tuning", page_icon=str(ICON), layout="wide")
+    st.html(BUSY_CSS)
     with st.sidebar:  # our own navigation: the entry script would otherwise be called "app"
         for key, label, icon in NAV:
             st.page_link(PAGES[key], label=label, icon=icon)
@@ -68,12 +86,9 @@ def _ensure_supervisor(root: str) -> None:
         )
 
 
-@st.cache_resource(show_spinner="Looking for a GPU (the first page load imports torch)…")
 def device_text() -> str:
     """Returns the device runs use by default: the GPU's name and memory, else the CPU."""
-    from finetune_core import device  # torch, once per server
-
-    return device.summary()
+    return hardware.summary()
 
 
 def state_text(state: str | None) -> str:

@@ -1,5 +1,6 @@
-"""The device a run trains on: picking it, the speed settings the engine uses there, and
-one description of it (config.json's "env", the dashboard's device line).
+"""The device a run trains on: picking it, the speed settings the engine uses there, and its
+name in config.json's "env" (the dashboard's device line, which must not wait for torch, is
+util/hardware.py's).
 
 Asks CUDA about the GPU only when CUDA is available, so that describing a machine without
 a GPU never initialises CUDA.
@@ -10,7 +11,7 @@ from __future__ import annotations
 import os
 import platform
 import time
-from functools import cache, lru_cache
+from functools import lru_cache
 
 import torch
 import torchvision
@@ -53,18 +54,6 @@ def speed_settings(device: torch.device) -> tuple[torch.dtype | None, bool]:
     return amp, device.type in ("cuda", "cpu")
 
 
-def memory_gib() -> float | None:
-    """Returns the machine's memory in GiB (Linux), or None."""
-    try:
-        with open("/proc/meminfo") as f:
-            for line in f:
-                if line.startswith("MemTotal:"):
-                    return int(line.split()[1]) / 2**20
-    except OSError:
-        pass
-    return None
-
-
 @lru_cache(maxsize=8)
 def name(device: str = "auto") -> str:
     """Returns a short name of the device a run with `device` uses (config.json's env)."""
@@ -73,23 +62,6 @@ def name(device: str = "auto") -> str:
     if device in ("auto", "mps") and _mps_available():
         return "Apple MPS"
     return f"cpu ({os.cpu_count()} cores, {platform.processor() or platform.machine()})"
-
-
-@cache
-def summary() -> str:
-    """Returns what runs train on by default, for people: the GPU's name and memory, else the
-    CPU's cores and the machine's memory."""
-    if torch.cuda.is_available():
-        props = torch.cuda.get_device_properties(0)
-        count = torch.cuda.device_count()
-        more = f" (+{count - 1} more)" if count > 1 else ""
-        return f"GPU: {props.name}, {props.total_memory / 2**30:.0f} GiB memory{more}"
-    if _mps_available():
-        return "Apple GPU (MPS)"
-    cores = os.cpu_count() or 1
-    mem = memory_gib()
-    mem_text = f", {mem:.0f} GiB memory" if mem else ""
-    return f"CPU: {cores} core{'s' if cores != 1 else ''}{mem_text} (no GPU found)"
 
 
 def environment(device: str = "auto") -> dict[str, str]:

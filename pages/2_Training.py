@@ -8,6 +8,8 @@ another run of its group is queued or running.
 
 from __future__ import annotations
 
+import time
+
 import streamlit as st
 
 from dashboard.common import LIVE_REFRESH_S, PAGES, run_choice_labels, setup_page, state_text
@@ -141,6 +143,26 @@ def _actions(status: dict) -> None:
         st.toast(note)
 
 
+# Charts of a live run are redrawn at most this often: each redraw costs the server and the
+# browser (which shares the machine with the run) a Plotly figure per chart.
+CHART_REFRESH_S = max(5.0, 3 * LIVE_REFRESH_S)
+
+
+def charts_for(metrics, live: bool) -> dict:
+    """Returns the run's charts: the ones drawn last while the metrics have not changed (or,
+    while it trains, for CHART_REFRESH_S), else new ones."""
+    sig = store.signature(run_dir)
+    kept = st.session_state.get("_charts")
+    now = time.monotonic()
+    if kept and kept["run"] == run_id:
+        fresh = kept["sig"] == sig or (live and now - kept["at"] < CHART_REFRESH_S)
+        if fresh:
+            return kept["charts"]
+    charts = plots.training_charts(metrics)
+    st.session_state["_charts"] = {"run": run_id, "sig": sig, "at": now, "charts": charts}
+    return charts
+
+
 def group_members() -> dict[str, dict]:
     """Returns {run id: status} of the runs launched with this one, in launch order."""
     group = config.get("group")
@@ -213,7 +235,7 @@ def live_view(was_live: bool) -> None:
     if st.session_state.pop("_clone", False):
         st.switch_page(PAGES["new"], query_params={"clone": run_id})
     if state in store.LIVE_STATES or not metrics.empty:  # no step taken: no curves
-        charts = plots.training_charts(metrics)
+        charts = charts_for(metrics, state in store.LIVE_STATES)
         top, bottom = st.columns(2), st.columns(2)
         keys = ("loss", "accuracy", "lr", "throughput")
         for slot, key in zip((*top, *bottom), keys, strict=True):

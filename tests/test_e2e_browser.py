@@ -198,6 +198,11 @@ def test_home_rename_reads_back_in_the_picker_and_no_page_asks_another_host(serv
             page.goto(f"{url}/{path}")
             page.wait_for_selector(f'[data-testid="{element}"]', timeout=90_000)
             wait_idle(page)
+        busy = page.evaluate(
+            "() => Array.from(document.querySelectorAll('style')).some("
+            "s => s.textContent.includes('script-state=\"running\"]::before'))"
+        )
+        assert busy  # a slow page says it is busy: the toolbar that would is hidden
         page.get_by_role("textbox", name="New name").fill("after")
         page.get_by_role("button", name="Rename").click()
         deadline = time.time() + 30

@@ -733,3 +733,29 @@ def test_new_run_says_once_that_a_weights_file_does_not_fit(runs, tmp_path):
     assert not at.exception
     assert [e for e in texts(at.error) if str(bad) in e]
     assert not [s for s in texts(at.success) if str(bad) in s]  # no green box beside it
+
+
+_NO_TORCH_PROBE = """
+import sys
+from streamlit.testing.v1 import AppTest
+for name in ("app.py", "pages/2_Training.py", "pages/3_Compare.py"):
+    at = AppTest.from_file(sys.argv[1] + "/app.py", default_timeout=120)
+    if name != "app.py":
+        at.switch_page(name)
+    at.run()
+    assert not at.exception, (name, at.exception)
+print("torch" in sys.modules)
+"""
+
+
+def test_home_training_and_compare_answer_without_importing_torch(runs):
+    write_group(runs)  # what the pages show must not need torch either
+    out = subprocess.run(
+        [sys.executable, "-c", _NO_TORCH_PROBE, str(REPO)],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        check=True,
+    )
+    assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]

@@ -382,3 +382,18 @@ def test_state_changes_follow_the_transition_table(tmp_path):
     assert store.read_status(run_dir)["state"] == "completed"
     with pytest.raises(ValueError, match="use set_state"):
         store.write_progress(run_dir, state="running")
+
+
+def test_read_metrics_parses_only_what_was_appended_and_sees_a_rewritten_file(tmp_path):
+    path = tmp_path / "metrics.jsonl"
+    first = _records(("train", 1, 10, 2.0, 0.1), ("val", 1, 12, 1.9, 0.2))
+    _write_lines(path, first, tail='{"split": "train", "epoch": 2, "st')
+    assert store.read_metrics(tmp_path)["step"].tolist() == [10, 12]
+    with open(path, "a") as f:  # the torn line is completed, and more arrive
+        f.write('ep": 20, "loss": 1.5, "acc": 0.3}\n' + json.dumps(first[0] | {"step": 30}) + "\n")
+    assert store.read_metrics(tmp_path)["step"].tolist() == [10, 12, 20, 30]
+    frame = store.read_metrics(tmp_path)
+    frame.loc[0, "loss"] = 99.0  # a caller's change never reaches the next reader
+    assert store.read_metrics(tmp_path).loc[0, "loss"] == 2.0
+    files.write_lines_atomic(path, first[:1])  # a resume trims the file: a new file
+    assert store.read_metrics(tmp_path)["step"].tolist() == [10]

@@ -9,7 +9,12 @@ table.py the one table of runs that Home, Compare and the CLI show.
 Imports neither torch nor the engine, so that listing runs stays fast.
 """
 
-from finetune_core.store.metrics import MetricsWriter, clean_metric_records, read_metrics
+from finetune_core.store.metrics import (
+    MetricsWriter,
+    clean_metric_records,
+    read_metrics,
+    signature,
+)
 from finetune_core.store.paths import (
     is_run_dir,
     new_group_id,
@@ -101,6 +106,7 @@ __all__ = [
     "runs_dir",
     "runs_table",
     "set_state",
+    "signature",
     "update_status",
     "write_progress",
     "write_status",

@@ -1,11 +1,17 @@
 """metrics.jsonl: the records a run appends (train every few steps, val each epoch, test at
 the end), written flushed as they come, and read back tolerantly: a torn last line is
-skipped and, after a resume, the records of the dead attempt are dropped."""
+skipped and, after a resume, the records of the dead attempt are dropped.
+
+A page that watches a live run reads its metrics every second or two: `read_metrics`
+remembers each file it read (per process) and then parses only the lines appended since.
+"""
 
 from __future__ import annotations
 
 import json
 import os
+import threading
+from collections import OrderedDict
 from pathlib import Path
 from typing import Any
 
@@ -56,6 +62,36 @@ def clean_metric_records(records: list[dict[str, Any]]) -> list[dict[str, Any]]:
     return kept
 
 
+def signature(run_dir: str | os.PathLike) -> tuple[int, int, int] | None:
+    """Returns what changes when metrics.jsonl changes (inode, size, mtime), None without one."""
+    try:
+        st = os.stat(Path(run_dir) / "metrics.jsonl")
+    except OSError:
+        return None
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+class _Read:
+    """What was read of one file: up to which byte, the records parsed, the frame of them."""
+
+    def __init__(self, sig, offset: int, records: list, frame: pd.DataFrame):
+        self.sig, self.offset, self.records, self.frame = sig, offset, records, frame
+
+
+_READS: OrderedDict[Path, _Read] = OrderedDict()  # most recently read last
+_READS_MAX = 256
+_LOCK = threading.Lock()  # a Streamlit server reads from one thread per session
+
+
+def _read_new_lines(path: Path, offset: int) -> tuple[str, int]:
+    """Returns the complete lines after byte `offset` and the offset after the last of them."""
+    with open(path, "rb") as f:
+        f.seek(offset)
+        data = f.read()
+    end = data.rfind(b"\n") + 1  # a torn last line waits for its end
+    return data[:end].decode(errors="replace"), offset + end
+
+
 def read_records(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
     """Returns the run's metrics records, cleaned (see clean_metric_records)."""
     path = Path(run_dir) / "metrics.jsonl"
@@ -71,9 +107,32 @@ def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
 
     Columns: split, epoch, step (nullable ints), loss, acc, acc5, lr, time_s, images_per_s
     (floats, NaN where null), phase (val rows), and any extra keys. Empty with these
-    columns when there is no file yet.
+    columns when there is no file yet. A file read before is only read from where the last
+    read stopped, unless it was replaced or shrank (a resume trims it).
     """
-    return metrics_frame(read_records(run_dir))
+    path = Path(run_dir).resolve() / "metrics.jsonl"
+    sig = signature(path.parent)
+    if sig is None:
+        return metrics_frame([])
+    with _LOCK:
+        seen = _READS.get(path)
+        if seen is not None and seen.sig == sig:
+            _READS.move_to_end(path)
+            return seen.frame.copy()
+        grows = seen is not None and seen.sig[0] == sig[0] and sig[1] >= seen.offset
+        offset, records = (seen.offset, list(seen.records)) if grows else (0, [])
+    try:
+        text, offset = _read_new_lines(path, offset)
+    except OSError:
+        return metrics_frame([])
+    records += _parse_metric_lines(text, path)
+    frame = metrics_frame(clean_metric_records(records))
+    with _LOCK:
+        _READS[path] = _Read(sig, offset, records, frame)
+        _READS.move_to_end(path)
+        while len(_READS) > _READS_MAX:
+            _READS.popitem(last=False)
+    return frame.copy()
 
 
 def metrics_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
