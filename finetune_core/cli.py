@@ -210,6 +210,12 @@ def cmd_worker(args) -> int:
     return worker.run_worker(store.resolve_run(args.run_dir, store.runs_dir(args.runs_dir)))
 
 
+def cmd_job(args) -> int:
+    from finetune_core import worker
+
+    return worker.run_job(args.job_dir)
+
+
 def cmd_queue(args) -> int:
     limit = int(args.max_parallel) if args.max_parallel is not None else None
     return runner.supervise(store.runs_dir(args.runs_dir), limit, idle_exit_s=args.idle_exit)
@@ -366,6 +372,10 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     runs_dir_flag(p)
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("job", help="do a background job (used by the dashboard)")
+    p.add_argument("job_dir")
+    p.set_defaults(func=cmd_job)
 
     p = sub.add_parser("queue", help="run the queue supervisor of a runs folder")
     runs_dir_flag(p)

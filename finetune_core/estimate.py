@@ -1,29 +1,28 @@
 """Time per step and peak memory of a config, measured with a few of the engine's own
 training steps on random images.
 
-Runs in its own process (`python -m finetune_core.estimate CONFIG_JSON NUM_CLASSES`), never
-in the dashboard's server: the measurement gets the machine's cores to itself, its peak
-memory is the process's own, and the server stays responsive. Prints one JSON object.
+Runs in its own process, never in the dashboard's server: as a background job (`run_job`,
+see jobs.py; the New run page starts one for all the configs of a comparison), or alone as
+`python -m finetune_core.estimate CONFIG_JSON NUM_CLASSES`, which prints one JSON object.
 """
 
 from __future__ import annotations
 
+import gc
 import json
 import resource
-import subprocess
+import statistics
 import sys
 import time
-from pathlib import Path
 
 import torch
 
 from finetune_core import data, engine, models
 from finetune_core.config import from_dict
 from finetune_core.device import pick_device
-from finetune_core.runner import child_env
 
 WARMUP_STEPS = 1
-MEASURED_STEPS = 2
+MEASURED_STEPS = 4
 
 
 def _rss_bytes() -> int:
@@ -31,12 +30,15 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
-def measure(cfg_dict: dict, num_classes: int) -> dict:
-    """Returns {"step_s", "peak_bytes", "device", "trainable_params", "feature_cache"} for the
-    phase of the plan that trains the most parameters (the slowest one): the engine's
-    train_step on random images, with random weights."""
+def measure(cfg_dict: dict, num_classes: int, tick=None) -> dict:
+    """Returns the engine's train_step on random images for the phase of the plan that trains
+    the most parameters (the slowest one), with random weights: {"step_s" (median),
+    "step_s_min", "step_s_max" (the spread of the measured steps), "peak_bytes", "device",
+    "trainable_params", "feature_cache"}. tick() is called before every step (a job's
+    cancel check)."""
     cfg = from_dict(cfg_dict)
     device = pick_device(cfg.device)
+    gc.collect()
     base_rss = _rss_bytes()
     parts = engine.build_model(cfg, num_classes)
     gen = torch.Generator().manual_seed(0)
@@ -56,8 +58,10 @@ def measure(cfg_dict: dict, num_classes: int) -> dict:
     loader = trainer.begin_epoch()
     if device.type == "cuda":
         torch.cuda.reset_peak_memory_stats(device)
-    times = []
+    times, peak_rss = [], 0
     for i, (x, y) in enumerate(loader):
+        if tick is not None:
+            tick()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
@@ -66,36 +70,36 @@ def measure(cfg_dict: dict, num_classes: int) -> dict:
             torch.cuda.synchronize(device)
         if i >= WARMUP_STEPS:
             times.append(time.perf_counter() - t0)
+        peak_rss = max(peak_rss, _rss_bytes())
     if device.type == "cuda":
         peak = torch.cuda.max_memory_allocated(device)
     else:
-        peak_rss = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss * 1024
-        peak = max(0, peak_rss - base_rss)
-    return {
-        "step_s": sorted(times)[len(times) // 2],
+        peak = max(0, peak_rss - base_rss)  # what this config added to the process
+    result = {
+        "step_s": statistics.median(times),
+        "step_s_min": min(times),
+        "step_s_max": max(times),
         "peak_bytes": int(peak),
         "device": str(device),
         "trainable_params": int(phase.trainable_params),
         "feature_cache": trainer.use_feature_cache(),
     }
+    del trainer, exp, parts, images
+    gc.collect()
+    return result
 
 
-def run_measurement(cfg_dict: dict, num_classes: int, timeout_s: float = 300) -> dict:
-    """Returns measure()'s result from a separate process; raises RuntimeError with the
-    child's last error line when it fails."""
-    root = Path(__file__).resolve().parent.parent
-    proc = subprocess.run(
-        [sys.executable, "-m", "finetune_core.estimate", json.dumps(cfg_dict), str(num_classes)],
-        capture_output=True,
-        text=True,
-        cwd=root,
-        env=child_env(),
-        timeout=timeout_s,
-    )
-    if proc.returncode != 0:
-        lines = [ln for ln in proc.stderr.strip().splitlines() if ln.strip()]
-        raise RuntimeError(lines[-1] if lines else f"the measurement exited with {proc.returncode}")
-    return json.loads(proc.stdout.strip().splitlines()[-1])
+def run_job(args: dict, progress) -> dict:
+    """The estimate job: measures each config of args["configs"] ({label: config dict}) for
+    args["num_classes"] classes, one after the other in this process; returns {label:
+    measure()'s result}. progress(fraction, message) reports; progress() only checks for
+    a cancel."""
+    configs = args["configs"]
+    out = {}
+    for i, (label, cfg) in enumerate(configs.items()):
+        progress(i / len(configs), f"measuring {label} ({i + 1} of {len(configs)})")
+        out[label] = measure(cfg, int(args["num_classes"]), tick=progress)
+    return out
 
 
 def epoch_estimate(step_s: float, train_images: int, batch_size: int) -> tuple[int, float]:

@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from finetune_core import data, engine, pretrain, store, weights
+from finetune_core import data, engine, estimate, jobs, pretrain, store, weights
 from finetune_core.callbacks import Callback, StopTraining
 from finetune_core.config import ConfigError, validate_fields
 from finetune_core.device import DeviceError
@@ -342,6 +342,39 @@ def _finish_run(
     _Log(run_dir / "worker.log", echo=False)(
         message if message.startswith(state) else f"{state}: {message}"
     )
+
+
+# job kind -> the function that does it: (args, progress(fraction, message)) -> result
+JOB_KINDS: dict[str, Callable] = {"estimate": estimate.run_job}
+
+
+def run_job(job_dir: str | os.PathLike) -> int:
+    """Does a background job (see jobs.py) in this process; returns 0 when it completed,
+    1 when it failed and 130 when it was cancelled (SIGTERM or Ctrl-C)."""
+    job_dir = Path(job_dir).resolve()
+    spec = jobs.claim(job_dir)
+    flag = StopFlag()
+    flag.install()
+
+    def progress(fraction: float | None = None, message: str | None = None) -> None:
+        if flag.requested:
+            raise StopRequested
+        if message is not None:
+            jobs.update(job_dir, progress=fraction, message=message)
+
+    try:
+        result = JOB_KINDS[spec["kind"]](spec["args"], progress)
+    except (StopRequested, KeyboardInterrupt):
+        jobs.finish(job_dir, "cancelled", "cancelled")
+        return exit_code("stopped")
+    except Exception as error:  # noqa: BLE001 - a job always ends with a state
+        traceback.print_exc()
+        jobs.finish(job_dir, "failed", _failure_message(error).replace("worker.log", "job.log"))
+        return exit_code("failed")
+    finally:
+        flag.restore()
+    jobs.finish(job_dir, "completed", "done", result)
+    return exit_code("completed")
 
 
 def _completed_message(summary: dict[str, Any]) -> str:

@@ -19,7 +19,17 @@ from dashboard import form
 from dashboard.common import PAGES, setup_page
 from finetune_core import config as config_mod
 from finetune_core import data as data_mod
-from finetune_core import estimate, models, plots, preflight, runner, store, strategies, weights
+from finetune_core import (
+    estimate,
+    jobs,
+    models,
+    plots,
+    preflight,
+    runner,
+    store,
+    strategies,
+    weights,
+)
 from finetune_core.config import OPTIONS, ConfigError
 from finetune_core.util.durations import plural
 from finetune_core.util.files import atomic_write
@@ -104,11 +114,6 @@ def validate(cfg_json: str, runs_dir: str) -> dict[str, str]:
 def plan_frame(cfg_json: str, num_classes: int):
     cfg = config_mod.from_dict(json.loads(cfg_json))
     return preflight.plan_for(cfg, num_classes).to_frame()
-
-
-@st.cache_data(show_spinner=False, max_entries=64)
-def measured(cfg_json: str, num_classes: int) -> dict:
-    return estimate.run_measurement(json.loads(cfg_json), num_classes)
 
 
 def _safe_name(name: str) -> str:
@@ -580,47 +585,73 @@ def train_images(page: Page, cfg) -> int:
     return data_mod.split_sizes(page.data_info, cfg.val_fraction, cfg.test_fraction)["train"]
 
 
+def estimate_args(page: Page) -> dict:
+    """Returns what the estimate job measures: each config (without the names, which do
+    not change its speed) and the number of classes."""
+    configs = {label: {**cfg.to_dict(), "name": "", "group": None} for label, cfg in page.cfgs}
+    return {"configs": configs, "num_classes": page.num_classes}
+
+
 def estimate_part(page: Page) -> None:
-    """Steps per epoch, and on request a measured time per epoch and memory per config."""
+    """Steps per epoch, and on request a measured time per epoch and memory per config: a
+    background job, so the page stays usable (Launch too) while it measures."""
     first = page.cfgs[0][1]
     n_train = train_images(page, first)
     st.caption(
         f"{n_train:,} training images · batch {first.batch_size} → "
         f"{data_mod.steps_per_epoch(n_train, max(1, first.batch_size))} steps per epoch. "
-        "A short measured step on this machine gives the time per epoch and the memory."
+        "A few measured steps on this machine give the time per epoch and the memory."
     )
-    keys = [form.to_json(c) for _, c in page.cfgs]
+    args = estimate_args(page)
+    job = jobs.find(root, "estimate", args)
     if st.button("Estimate time per epoch and memory", icon=":material/timer:", key="estimate"):
-        state["_estimate_for"] = keys
-    if state.get("_estimate_for") != keys:
+        job = jobs.start(root, "estimate", args, message="starting (loading torch)")
+    if job is None:
         return
-    lines, total_s, cached = [], 0.0, False
+    live = jobs.read(job).get("state") in jobs.LIVE
+    st.fragment(estimate_view, run_every=1.0 if live else None)(page, job, live, n_train)
+
+
+def estimate_view(page: Page, job: Path, was_live: bool, n_train: int) -> None:
+    """The estimate job's progress (with Cancel) while it measures, then what it found."""
+    status = jobs.read(job)
+    live = status.get("state") in jobs.LIVE
+    if live != was_live:
+        st.rerun()  # it finished: draw its result once, without refreshing
+    if live:
+        st.progress(status.get("progress") or 0.0, text=status.get("message") or "measuring")
+        st.button("Cancel the estimate", key="estimate_cancel", on_click=jobs.cancel, args=(job,))
+        return
+    if status.get("state") != "completed":
+        st.warning(f"The estimate {status.get('state')}: {status.get('message')}.")
+        return
+    lines, total, cached = [], [0.0, 0.0, 0.0], False
     all_images = sum(sum(c.values()) for c in page.data_info.counts.values())
-    with st.status("Measuring a few training steps…", expanded=False) as status_box:
-        for label, cfg in page.cfgs:
-            status_box.update(label=f"Measuring {label}…")
-            try:
-                m = measured(form.to_json(cfg), page.num_classes)
-            except Exception as e:  # noqa: BLE001 - say it, the form stays usable
-                lines.append(f"- **{label}**: could not measure ({e})")
-                continue
-            steps, per_epoch = estimate.epoch_estimate(m["step_s"], n_train, cfg.batch_size)
-            total_s += per_epoch * cfg.epochs
-            cached = cached or m["feature_cache"]
-            mem = m["peak_bytes"] + estimate.data_bytes(all_images, cfg.image_size)
-            lines.append(
-                f"- **{label}**: about {plots.fmt_duration(per_epoch)} per epoch "
-                f"({steps} steps × {m['step_s']:.2f} s on {m['device']}), "
-                f"{plots.fmt_duration(per_epoch * cfg.epochs)} for {plural(cfg.epochs, 'epoch')}; "
-                f"memory about {plots.fmt_bytes(mem)} (model, optimizer and activations "
-                "measured, plus the decoded images)"
-            )
-        status_box.update(label="Measured", state="complete")
+    for label, cfg in page.cfgs:
+        m = (status.get("result") or {}).get(label)
+        if m is None:
+            continue
+        steps, per_epoch = estimate.epoch_estimate(m["step_s"], n_train, cfg.batch_size)
+        low, high = steps * m["step_s_min"], steps * m["step_s_max"]
+        for k, seconds in enumerate((per_epoch, low, high)):
+            total[k] += seconds * cfg.epochs
+        cached = cached or m["feature_cache"]
+        mem = m["peak_bytes"] + estimate.data_bytes(all_images, cfg.image_size)
+        lines.append(
+            f"- **{label}**: about {plots.fmt_duration(per_epoch)} per epoch "
+            f"({steps} steps × {m['step_s']:.2f} s on {m['device']}; "
+            f"{plots.fmt_duration(low)} to {plots.fmt_duration(high)} by the measured steps' "
+            "spread), "
+            f"{plots.fmt_duration(per_epoch * cfg.epochs)} for {plural(cfg.epochs, 'epoch')}; "
+            f"memory about {plots.fmt_bytes(mem)} (model, optimizer and activations measured, "
+            "plus the decoded images)"
+        )
     st.markdown("\n".join(lines))
     if len(page.cfgs) > 1:
         st.caption(
             "The group trains one run at a time (set by the queue): about "
-            f"{plots.fmt_duration(total_s)} in all, plus data and weights preparation."
+            f"{plots.fmt_duration(total[0])} in all ({plots.fmt_duration(total[1])} to "
+            f"{plots.fmt_duration(total[2])}), plus data and weights preparation."
         )
     if cached:
         st.caption(

@@ -55,8 +55,22 @@ ALLOWED = {
         "weights",
     },
     "runner": {"config", "store", "util"},
-    "worker": {"callbacks", "config", "engine", "pretrain", "runner", "store", "util", "weights"},
-    "estimate": {"config", "data", "device", "engine", "models", "runner"},
+    "jobs": {"runner", "util"},
+    "worker": {
+        "callbacks",
+        "config",
+        "data",
+        "device",
+        "engine",
+        "estimate",
+        "jobs",
+        "pretrain",
+        "runner",
+        "store",
+        "util",
+        "weights",
+    },
+    "estimate": {"config", "data", "device", "engine", "models"},
     # the commands that train import the engine's rooms when they run
     "cli": {
         "callbacks",
@@ -85,6 +99,7 @@ TORCH_FREE = {
     "runner",
     "cli",
     "plots",
+    "jobs",
 }
 
 

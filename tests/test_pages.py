@@ -570,9 +570,16 @@ def test_new_run_estimates_time_per_epoch_and_memory(new_run):
     at.number_input(key="f_batch_size").set_value(16).run()
     at.radio(key="f_weights_choice").set_value("none").run()
     at.button(key="estimate").click().run()
+    deadline = time.time() + 180  # a background job: the page answers while it measures
+    while "memory about" not in all_text(at) and time.time() < deadline:
+        time.sleep(0.5)
+        at.run()
     assert not at.exception
     result = all_text(at)
     assert "per epoch" in result and "steps ×" in result and "memory about" in result
+    fresh = page("pages/1_New_run.py")  # a closed tab, a new one: the estimate is still there
+    assert "memory about" in all_text(fresh)
+    assert not fresh.button(key="launch").disabled  # and never held Launch up
 
 
 def test_headline_on_the_page_is_the_plots_headline(runs):
