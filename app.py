@@ -45,8 +45,10 @@ def _runs_table(was_live: bool) -> None:
     st.subheader(f"Runs ({len(runs)})" + (f" · {live} live" if live else ""))
     if runs.empty:
         st.info(
-            "No runs yet. Press **Start here** to launch one, or a comparison of "
-            "strategies on the built-in data (a few minutes on a CPU)."
+            "No runs yet. Press **Start here** to launch one, or a comparison of strategies "
+            "on the built-in data. How long it takes depends on the model, the image size, "
+            "the epochs and this machine (New run measures it before you launch); the first "
+            "run also generates the built-in data and pretrains the builtin weights, once."
         )
         return
     table = runs.assign(

@@ -16,11 +16,10 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
 from torch import nn
 
+from finetune_core import checkpoints, metrics, models, strategies, weights
 from finetune_core import data as data_mod
-from finetune_core import metrics, models, strategies, weights
 from finetune_core.callbacks import Callback, StopTraining, make_record
 from finetune_core.config import RunConfig
 from finetune_core.device import pick_device, speed_settings
@@ -208,6 +207,7 @@ class Trainer:
         self.feature_cache: dict[str, data_mod.TensorSplit] | None = None
         self.cache_allowed = feature_cache  # False: run the backbone every step regardless
         self.cache_loader: data_mod.TensorLoader | None = None  # serves the cached features
+        self.backbone_ref: dict | None = None  # what a head-only checkpoint names, once saved
         self.trainable_per_phase: dict[str, int] = {}
         self._head_only = False  # this epoch's phase trains no backbone parameter
 
@@ -425,14 +425,22 @@ class Trainer:
 
     # --- checkpoints -------------------------------------------------------------------------
     def _save_weights(self, name: str) -> None:
+        """Writes a weights file: a run whose backbone never trains keeps only its head, and
+        names the backbone it trained on (see checkpoints.py)."""
         if self.checkpoint_dir is None:
             return
-        self.checkpoint_dir.mkdir(parents=True, exist_ok=True)
-        state = {k: v.detach().contiguous().cpu() for k, v in self.parts.model.state_dict().items()}
-        metadata = {"model": self.cfg.model}
-        atomic_write(
-            self.checkpoint_dir / name, lambda tmp: save_file(state, str(tmp), metadata=metadata)
-        )
+        if self.plan.frozen_backbone and self.backbone_ref is None:
+            self.backbone_ref = checkpoints.backbone_ref(
+                self.parts, self.cfg.weights, self.cfg.seed
+            )
+        ref = self.backbone_ref if self.plan.frozen_backbone else None
+        checkpoints.save(self.checkpoint_dir / name, self.parts, self.cfg.model, ref)
+
+    def _load_weights(self, name: str) -> None:
+        try:
+            checkpoints.load_onto(self.checkpoint_dir / name, self.parts)
+        except checkpoints.BackboneChanged as e:
+            raise TrainingFailed(str(e)) from None
 
     def save_checkpoint(self, epoch_done: bool) -> None:
         """Writes last.safetensors and last_state.pt (optimizer, scheduler, RNG, counters)."""
@@ -462,7 +470,7 @@ class Trainer:
         d = self.checkpoint_dir
         if d is None or not (d / "last_state.pt").exists():
             raise TrainingFailed("nothing to resume: the run has no checkpoints/last_state.pt")
-        self.parts.model.load_state_dict(load_file(str(d / "last.safetensors")))
+        self._load_weights("last.safetensors")
         state = torch.load(d / "last_state.pt", weights_only=True, map_location="cpu")
         self.enter_phase(state["epoch"])  # so the optimizer sees the same trainable set
         self.optimizer.load_state_dict(state["optimizer"])
@@ -576,9 +584,7 @@ class Trainer:
     def _test(self) -> float:
         """Scores the best checkpoint on the test split and emits the test record."""
         if self.checkpoint_dir is not None and (self.checkpoint_dir / "best.safetensors").exists():
-            self.parts.model.load_state_dict(
-                load_file(str(self.checkpoint_dir / "best.safetensors"))
-            )
+            self._load_weights("best.safetensors")
         # the feature cache holds only for a frozen backbone, which the best weights share
         ev = self.evaluate(self.exp.data.test, self._cached("test"))
         self._emit_eval(self._eval_record("test", ev, self.elapsed()))

@@ -10,6 +10,7 @@ and the head cover every parameter exactly once.
 
 from __future__ import annotations
 
+import hashlib
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -77,6 +78,10 @@ class ModelParts:
             for later in names[names.index(child) + 1 :]:
                 out = parent._modules[later](out)
         return torch.flatten(out, 1) if out.ndim > 2 else out
+
+    def is_head(self, key: str) -> bool:
+        """Returns True for a parameter or buffer name of the head."""
+        return _under(key, self.head)
 
     def group_of(self) -> dict[str, str]:
         """Returns {parameter name: group name or "head"} for every parameter."""
@@ -258,6 +263,18 @@ def backbone_mismatches(
         if not ignored(k) and k in expected and tuple(given[k]) != tuple(expected[k])
     ]
     return Mismatches(missing, unexpected, shapes)
+
+
+def backbone_digest(state: Mapping[str, torch.Tensor], head: str) -> str:
+    """Returns the sha256 of a state dict's backbone (every tensor but the head's): keys,
+    dtypes, shapes and bytes, so that a checkpoint that keeps only a head can tell whether
+    the backbone it was trained on is the one it is loaded onto."""
+    digest = hashlib.sha256()
+    for key in sorted(k for k in state if not _under(k, head)):
+        tensor = state[key].detach().cpu().contiguous()
+        digest.update(f"{key}|{tensor.dtype}|{tuple(tensor.shape)}|".encode())
+        digest.update(tensor.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.hexdigest()
 
 
 def shapes_of(state: Mapping[str, torch.Tensor]) -> dict[str, tuple[int, ...]]:

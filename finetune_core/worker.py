@@ -339,10 +339,16 @@ def _finish_run(
         exit_code=exit_code(state),
         resumable=resumable,
     )
+    if state == "completed":  # nothing resumes a completed run: keep what using it needs
+        for name in RESUME_FILES:
+            (run_dir / "checkpoints" / name).unlink(missing_ok=True)
     _Log(run_dir / "worker.log", echo=False)(
         message if message.startswith(state) else f"{state}: {message}"
     )
 
+
+# What only resuming needs; a completed run keeps best.safetensors (what using it needs).
+RESUME_FILES = ("last.safetensors", "last_state.pt")
 
 # job kind -> the function that does it: (args, progress(fraction, message)) -> result
 JOB_KINDS: dict[str, Callable] = {"estimate": estimate.run_job}

@@ -660,6 +660,21 @@ def estimate_view(page: Page, job: Path, was_live: bool, n_train: int) -> None:
         )
 
 
+def first_steps(page: Page, cfg) -> list[str]:
+    """Returns what the first run of this launch does once before it trains (and later
+    runs do not): pretraining builtin weights, downloading weights or data."""
+    steps = []
+    if page.weights_spec:
+        kind, sentence = availability(page.weights_spec, cfg.model)
+        if kind == "train":
+            steps.append(sentence.replace("will be trained on first use", "are pretrained"))
+        elif kind == "download":
+            steps.append(sentence)
+    if page.data_info is not None and page.data_info.needs_download:
+        steps.append(f"{plots.data_name(cfg.data)} is downloaded (needs the network)")
+    return steps
+
+
 def launch_section(page: Page) -> None:
     """Section 5: messages no section showed, the estimate, and Launch."""
     with st.container(border=True):
@@ -676,9 +691,12 @@ def launch_section(page: Page) -> None:
         if page.cfgs:
             c0 = page.cfgs[0][1]
             st.markdown(
-                f"**Launch {what}**: {c0.model}, weights `{c0.weights}`, data `{c0.data}`, "
-                f"{plural(c0.epochs, 'epoch')} at {c0.image_size} px."
+                f"**Launch {what}**: {c0.model}, weights `{c0.weights}`, data "
+                f"`{plots.data_name(c0.data)}`, {plural(c0.epochs, 'epoch')} at "
+                f"{c0.image_size} px."
             )
+            for step in first_steps(page, c0):
+                st.caption(f"Before the first run trains, once: {step}.")
         if page.errors:
             names = ", ".join(f.replace("_", " ") for f in page.errors)
             st.caption(f"Launch is disabled until the problems above are fixed: {names}.")

@@ -10,6 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
+import torch
 
 from finetune_core import cli, config, runner, store
 
@@ -171,8 +172,9 @@ def test_train_completes_and_writes_the_whole_run_contract(two_runs):
     assert summary["state"] == "completed"
     assert set(summary["per_class_acc"]) == set(summary["classes"])
     assert len(summary["confusion_matrix"]) == len(summary["classes"])
-    for name in ("best.safetensors", "last.safetensors", "last_state.pt"):
-        assert (run_dir / "checkpoints" / name).is_file()
+    assert (run_dir / "checkpoints" / "best.safetensors").is_file()
+    for name in ("last.safetensors", "last_state.pt"):  # resuming a completed run: no
+        assert not (run_dir / "checkpoints" / name).exists()
     assert "completed" in (run_dir / "worker.log").read_text()
     assert "epoch 1/1" in err  # the progress bar
 
@@ -325,3 +327,33 @@ def test_a_run_that_fails_on_its_input_is_not_offered_a_resume_that_would_fail_a
     assert cli.main(["resume", run_dir.name, "--runs-dir", str(runs)]) == 2
     err = capsys.readouterr().err
     assert "would fail the same way" in err and "clone" in err
+
+
+def test_a_linear_probe_keeps_only_its_head_and_names_its_backbone(tmp_path, capsys):
+    from safetensors.torch import load_file, save_file
+
+    from finetune_core import checkpoints, weights
+
+    runs = tmp_path / "runs"
+    args = ["train", *TINY, "--strategy", "linear_probe", "--runs-dir", str(runs)]
+    assert cli.main(args) == 0
+    run_dir = Path(capsys.readouterr().out.strip().splitlines()[-1])
+    best = run_dir / "checkpoints" / "best.safetensors"
+    assert sorted(load_file(str(best))) == ["fc.bias", "fc.weight"]
+    assert best.stat().st_size < 100_000  # not the 45 MB backbone again
+    ref = checkpoints.reference(best)
+    assert ref["weights"] == "none" and ref["seed"] == 3 and len(ref["sha256"]) == 64
+    # as the weights of a new run: the head on the backbone it names, for the same classes
+    state = weights.load_backbone_state(
+        f"run:{run_dir.name}", "resnet18", num_classes=6, runs_dir=runs
+    )
+    assert torch.equal(state["fc.weight"], load_file(str(best))["fc.weight"])
+    assert len(state) > 100  # the whole model
+    # a backbone that is not the one it trained on is refused, never used silently
+    save_file(
+        load_file(str(best)),
+        str(best),
+        metadata={"model": "resnet18", "backbone": json.dumps({**ref, "sha256": "0" * 64})},
+    )
+    with pytest.raises(weights.WeightsError, match="backbone is now another one"):
+        weights.load_backbone_state(f"run:{run_dir.name}", "resnet18", num_classes=6, runs_dir=runs)

@@ -31,8 +31,10 @@ ALLOWED = {
     "data": {"util"},
     # the run store; `create_run` records the device (torch) only when it makes a run
     "store": {"callbacks", "config", "strategies", "util", "device"},
-    "weights": {"models", "data", "store", "util"},
+    "checkpoints": {"models", "util"},
+    "weights": {"checkpoints", "models", "data", "store", "util"},
     "engine": {
+        "checkpoints",
         "callbacks",
         "config",
         "data",

@@ -766,3 +766,12 @@ def test_home_training_and_compare_answer_without_importing_torch(runs):
         check=True,
     )
     assert out.stdout.strip().splitlines()[-1] == "False", out.stderr[-2000:]
+
+
+def test_new_run_says_what_the_first_run_does_once_before_it_trains(runs, tmp_path, monkeypatch):
+    monkeypatch.setenv("TORCH_HOME", str(tmp_path / "torch"))  # no builtin weights cached
+    at = page("pages/1_New_run.py")
+    at.radio(key="f_weights_choice").set_value("builtin").run()
+    assert not at.exception
+    once = [c for c in texts(at.caption) if c.startswith("Before the first run trains, once")]
+    assert once and "builtin weights are pretrained (about" in once[0]

@@ -47,7 +47,8 @@ def test_builtin_weights_train_once_then_load_from_the_cache(torch_home, monkeyp
     assert not [c for c in calls if c[0] == "pretrain"]
     assert target.stat().st_mtime_ns == mtime
     assert_same(again, got)
-    assert weights.availability("builtin", "resnet18")[0] == "cached"
+    state, sentence = weights.availability("builtin", "resnet18")
+    assert state == "cached" and "val accuracy" in sentence and "source task" in sentence
 
 
 def test_builtin_waits_for_another_trainer_and_reuses_its_file(torch_home, monkeypatch):

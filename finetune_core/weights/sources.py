@@ -16,7 +16,8 @@ from urllib.parse import urlparse
 
 import torch
 
-from finetune_core import store
+from finetune_core import checkpoints, models, store
+from finetune_core.data import shapes
 from finetune_core.util.durations import fmt_rough
 from finetune_core.util.names import nearest
 from finetune_core.weights import builtin, checks, hub
@@ -102,7 +103,16 @@ class Builtin(WeightsSource):
     def availability(self, model, runs_dir, estimate):
         target = self.cache_file(model)
         if target.exists():
-            return "cached", f"builtin weights are cached at {target}"
+            acc = builtin.source_accuracy(target)
+            about = (
+                ""
+                if acc is None
+                else (
+                    f" (val accuracy {100 * acc:.0f} % on their source task's "
+                    f"{len(shapes.DATASETS[builtin.BUILTIN_SOURCE.partition(':')[2]][0])} classes)"
+                )
+            )
+            return "cached", f"builtin weights are cached at {target}{about}"
         if torch.cuda.is_available():
             return "train", "builtin weights will be trained on first use (on the GPU)"
         about = f"about {fmt_rough(estimate(model))} " if estimate else ""
@@ -121,9 +131,13 @@ class _Checkpoint(WeightsSource):
         """Returns (file, the image size it was trained at or None, how to name it)."""
         raise NotImplementedError
 
+    def state(self, path: Path, model: str, size, runs_dir, progress) -> State:
+        """Returns the whole state dict the file holds."""
+        return read_file(path)
+
     def load(self, model, num_classes, runs_dir, progress):
         path, size, label = self.where(model, runs_dir)
-        state = read_file(path)
+        state = self.state(path, model, size, runs_dir, progress)
         problems = checks.mismatches(state, model, size)
         if problems:
             raise WeightsError(f"{label} does not fit {model}: " + "; ".join(problems) + ".")
@@ -164,8 +178,30 @@ class RunWeights(_Checkpoint):
         size = cfg.get("image_size")
         return best, size if isinstance(size, int) else None, f"run:{self.ref}'s checkpoint {best}"
 
+    def state(self, path, model, size, runs_dir, progress):
+        """Returns the run's weights: its file, or for a run that kept only its head (see
+        checkpoints.py) that head on the backbone it names, once that is checked to be the
+        same backbone."""
+        ref = checkpoints.reference(path)
+        if ref is None:
+            return read_file(path)
+        head = read_file(path)
+        backbone = source(ref["weights"]).load(model, None, runs_dir, progress)
+        rows = next(v.shape[0] for k, v in head.items() if k.endswith("weight"))
+        torch.manual_seed(ref["seed"])  # a random-init backbone is its seed's
+        parts = models.create_model(model, rows, image_size=size or 224, backbone_state=backbone)
+        try:
+            checkpoints.load_onto(path, parts)
+        except checkpoints.BackboneChanged as e:
+            raise WeightsError(f"run:{self.ref}: {e}") from None
+        return parts.model.state_dict()
+
     def check(self, model, num_classes, runs_dir):
         best, size, _ = self.where(model, runs_dir)
+        ref = checkpoints.reference(best)
+        if ref is not None:  # a head on a named backbone: that backbone must be there
+            problem = source(ref["weights"]).check(model, None, runs_dir)
+            return f"run:{self.ref}'s backbone ({ref['weights']}): {problem}" if problem else None
         problems = checks.mismatches(read_file(best, lazy=True), model, size)
         if problems:
             return f"run:{self.ref}'s checkpoint {best} does not fit {model}: " + "; ".join(
