@@ -52,8 +52,10 @@ BUSY_CSS = """
 </style>
 """
 
-# Seconds between refreshes of the live parts of a page.
-LIVE_REFRESH_S = float(os.environ.get("FINETUNE_REFRESH_S", "1.5"))
+# Seconds between refreshes of the live parts of a page (a run's progress; Home's table and
+# Compare refresh at twice this). Each refresh costs the browser, which on a laptop shares the
+# CPU with the run, its restyling and layout: bench/dashboard_speed.py watch measures it.
+LIVE_REFRESH_S = float(os.environ.get("FINETUNE_REFRESH_S") or 3)
 
 
 def setup_page(title: str) -> Path:

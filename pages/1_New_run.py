@@ -715,8 +715,8 @@ def launch_section(page: Page) -> None:
             except ConfigError as e:
                 st.error("Not launched: " + "; ".join(f"{k}: {v}" for k, v in e.errors.items()))
             else:
-                query = {"run": dirs[0].name, "follow": "1"}  # on to each run as it trains
-                st.switch_page(PAGES["training"], query_params=query)
+                state["training_follow"] = True  # Training moves on to each run as it trains
+                st.switch_page(PAGES["training"], query_params={"run": dirs[0].name})
 
 
 # ---------------------------------------------------------------- the page

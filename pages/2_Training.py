@@ -1,14 +1,15 @@
 """Training: one run's state, progress and live charts; Stop, Resume, Cancel; config and log.
 
 ?run=<id> selects the run; without it the newest live run (else the newest run) is shown.
-?follow=1 (how Launch opens it) moves on to the group's next live run when one ends; picking
-a run by hand stops that. The live part is a fragment that refreshes itself while the run or
-another run of its group is queued or running.
+Opened from Launch, it moves on to the group's next live run when one ends (picking a run by
+hand stops that). While the run or another run of its group is queued or running, two
+fragments refresh themselves: the progress bars (every FINETUNE_REFRESH_S, 3 s) and the
+charts and log (every FINETUNE_CHART_REFRESH_S, 15 s); a change of state redraws the page.
 """
 
 from __future__ import annotations
 
-import time
+import os
 
 import streamlit as st
 
@@ -55,7 +56,7 @@ labels = run_choice_labels(runs)
 
 def _pick() -> None:
     st.query_params["run"] = st.session_state["training_run"]
-    st.query_params.pop("follow", None)  # a run picked by hand stays shown
+    st.session_state["training_follow"] = False  # a run picked by hand stays shown
     st.session_state["_training_shown"] = st.session_state["training_run"]
 
 
@@ -143,23 +144,20 @@ def _actions(status: dict) -> None:
         st.toast(note)
 
 
-# Charts of a live run are redrawn at most this often: each redraw costs the server and the
-# browser (which shares the machine with the run) a Plotly figure per chart.
-CHART_REFRESH_S = max(5.0, 3 * LIVE_REFRESH_S)
+# The charts of a live run are redrawn this often, less often than the progress above them:
+# a redraw costs the browser a Plotly figure per chart (about 0.2 s of CPU for the four on a
+# 2-core laptop). TensorBoard reloads every 30 s; here it is 15 s by default.
+CHART_REFRESH_S = float(os.environ.get("FINETUNE_CHART_REFRESH_S") or 5 * LIVE_REFRESH_S)
 
 
-def charts_for(metrics, live: bool) -> dict:
-    """Returns the run's charts: the ones drawn last while the metrics have not changed (or,
-    while it trains, for CHART_REFRESH_S), else new ones."""
+def charts_for(metrics) -> dict:
+    """Returns the run's charts: the ones drawn last while its metrics have not changed."""
     sig = store.signature(run_dir)
     kept = st.session_state.get("_charts")
-    now = time.monotonic()
-    if kept and kept["run"] == run_id:
-        fresh = kept["sig"] == sig or (live and now - kept["at"] < CHART_REFRESH_S)
-        if fresh:
-            return kept["charts"]
+    if kept and kept["run"] == run_id and kept["sig"] == sig:
+        return kept["charts"]
     charts = plots.training_charts(metrics)
-    st.session_state["_charts"] = {"run": run_id, "sig": sig, "at": now, "charts": charts}
+    st.session_state["_charts"] = {"run": run_id, "sig": sig, "charts": charts}
     return charts
 
 
@@ -172,22 +170,17 @@ def group_members() -> dict[str, dict]:
     return {m: store.read_status(root / m) for m in ids_in_group}
 
 
-def group_progress(members: dict[str, dict]) -> None:
-    """Every run of the group with its progress, each a link to its own view."""
+def group_links(members: dict[str, dict]) -> None:
+    """The group's runs, each a link to its own view, and a link to compare them."""
     group = config.get("group")
     names = plots.run_labels({m: store.read_config(root / m) for m in members})
     st.markdown(f"**Group** `{group}`: {len(members)} runs launched together")
-    for m, status in members.items():
-        c1, c2 = st.columns([1, 3])
-        c1.page_link(
-            PAGES["training"],
-            label=names[m],
-            query_params={"run": m},
-            disabled=m == run_id,
+    cols = st.columns(len(members) + 1)
+    for col, m in zip(cols, members, strict=False):
+        col.page_link(
+            PAGES["training"], label=names[m], query_params={"run": m}, disabled=m == run_id
         )
-        fraction, text = plots.run_progress(status)
-        c2.progress(fraction, text=f"{names[m]}: {status.get('state', '?')} · {text}")
-    st.page_link(
+    cols[-1].page_link(
         PAGES["compare"],
         label="Compare this group",
         icon=":material/compare:",
@@ -203,61 +196,84 @@ def _live_member(members: dict[str, dict]) -> str | None:
     return None
 
 
-def live_view(was_live: bool) -> None:
+def _shape(status: dict, members: dict[str, dict]) -> tuple:
+    """What the rest of the page depends on: when it changes, the page is drawn again."""
+    live = status.get("state") in store.LIVE_STATES or _live_member(members) is not None
+    return status.get("state"), bool(status.get("stop_requested_at")), live
+
+
+def live_progress(shape: tuple) -> None:
+    """The run's progress and its group's: the part redrawn often while they train.
+
+    Only bars and their text are redrawn here, as every element redrawn costs the browser
+    (which shares the machine with the run) its styling and layout. When the run's state
+    changes, the whole page is drawn again, so its header and buttons are always current.
+    """
     status = store.read_status(run_dir)
-    state = status.get("state")
     members = group_members()
-    live = state in store.LIVE_STATES or _live_member(members) is not None
-    if st.query_params.get("follow") == "1" and state in store.FINAL_STATES:
+    state = status.get("state")
+    if st.session_state.get("training_follow") and state in store.FINAL_STATES:
         nxt = _live_member(members)
         if nxt is not None and nxt != run_id:
             st.query_params["run"] = nxt  # the group goes on: show the run that trains now
             st.rerun()
-    if live != was_live:
-        st.rerun()  # it ended or (re)started: redraw the page so refreshing stops or starts
+    if _shape(status, members) != shape:
+        st.rerun()  # it ended, started or was asked to stop: draw the page again
+    fraction, text = plots.run_progress(status, store.read_metrics(run_dir))
+    st.progress(fraction, text=text)
+    if status.get("message") and state != "failed":  # a failure says it below, once
+        st.caption(status["message"])
+    if members:
+        names = plots.run_labels({m: store.read_config(root / m) for m in members})
+        for m, member in members.items():
+            fraction, text = plots.run_progress(member)
+            st.progress(fraction, text=f"{names[m]}: {member.get('state', '?')} · {text}")
+
+
+def live_charts() -> None:
+    """The run's curves and the end of its log (refreshed less often than the progress)."""
+    state = store.read_status(run_dir).get("state")
     metrics = store.read_metrics(run_dir)
-    fraction, text = plots.run_progress(status, metrics)
-    head = st.columns([1, 3])
-    head[0].markdown(f"### {state_text(state)}")
-    with head[1]:
-        st.progress(fraction, text=text)
-        if status.get("message") and state != "failed":  # a failure says it below, once
-            st.caption(status["message"])
-    if state == "failed":
-        then = "or Resume." if store.can_resume(status) else "and launch it again."
-        st.error(
-            f"The run failed: {status.get('message')}. The traceback is in worker.log below; "
-            f"clone the run into New run, change what the message names, {then}"
-        )
-    elif state == "crashed":
-        st.warning(f"{status.get('message')}. Resume continues from the last checkpoint.")
-    _actions(status)
-    if st.session_state.pop("_clone", False):
-        st.switch_page(PAGES["new"], query_params={"clone": run_id})
     if state in store.LIVE_STATES or not metrics.empty:  # no step taken: no curves
-        charts = charts_for(metrics, state in store.LIVE_STATES)
+        charts = charts_for(metrics)
         top, bottom = st.columns(2), st.columns(2)
         keys = ("loss", "accuracy", "lr", "throughput")
         for slot, key in zip((*top, *bottom), keys, strict=True):
             slot.plotly_chart(charts[key], key=f"chart_{key}", width="stretch")
-    summary = store.read_summary(run_dir)
-    if summary:
-        result = plots.result_sentence(summary)
-        if result:
-            st.markdown(f"**Result:** {result}")
-        if summary.get("skipped_files"):
-            with st.expander(f"{len(summary['skipped_files'])} files were skipped (unreadable)"):
-                st.write(summary["skipped_files"])
-    if members:
-        group_progress(members)
     with st.expander("worker.log (last 40 lines)", expanded=state == "failed"):
         st.code(store.read_log_tail(run_dir, 40) or "(empty)", language=None)
 
 
-is_live = store.read_status(run_dir).get("state") in store.LIVE_STATES or any(
-    s.get("state") in store.LIVE_STATES for s in group_members().values()
-)
-st.fragment(live_view, run_every=LIVE_REFRESH_S if is_live else None)(is_live)
+status = store.read_status(run_dir)
+state = status.get("state")
+members = group_members()
+shape = _shape(status, members)
+head = st.columns([1, 3])
+head[0].markdown(f"### {state_text(state)}")
+with head[1]:
+    st.fragment(live_progress, run_every=LIVE_REFRESH_S if shape[2] else None)(shape)
+if state == "failed":
+    then = "or Resume." if store.can_resume(status) else "and launch it again."
+    st.error(
+        f"The run failed: {status.get('message')}. The traceback is in worker.log below; "
+        f"clone the run into New run, change what the message names, {then}"
+    )
+elif state == "crashed":
+    st.warning(f"{status.get('message')}. Resume continues from the last checkpoint.")
+_actions(status)
+if st.session_state.pop("_clone", False):
+    st.switch_page(PAGES["new"], query_params={"clone": run_id})
+if members:
+    group_links(members)
+st.fragment(live_charts, run_every=CHART_REFRESH_S if state in store.LIVE_STATES else None)()
+summary = store.read_summary(run_dir)
+if summary:
+    result = plots.result_sentence(summary)
+    if result:
+        st.markdown(f"**Result:** {result}")
+    if summary.get("skipped_files"):
+        with st.expander(f"{len(summary['skipped_files'])} files were skipped (unreadable)"):
+            st.write(summary["skipped_files"])
 
 with st.expander("Config"):
     st.json(config, expanded=True)

@@ -686,7 +686,11 @@ def test_training_of_a_run_that_failed_before_training_says_it_once_and_offers_n
 def test_training_follows_a_group_to_its_live_run_and_shows_every_members_progress(runs, worker):
     ids = write_group(runs)
     make_live(runs / ids[1], worker.pid)  # the first has finished, the second trains
-    at = page("pages/2_Training.py", run=ids[0], follow="1")
+    at = AppTest.from_file(str(REPO / "app.py"), default_timeout=TIMEOUT)
+    at.switch_page("pages/2_Training.py")
+    at.query_params["run"] = ids[0]
+    at.session_state["training_follow"] = True  # as Launch opens it
+    at.run()
     assert not at.exception
     assert at.selectbox(key="training_run").value == ids[1]  # followed the live one
     bars = [p.text for p in at.get("progress")]
