@@ -15,6 +15,7 @@ from dashboard.common import (
     share_column,
     shown_or_blank,
     table_height,
+    warm_up,
 )
 from finetune_core import plots, runner, store
 
@@ -180,3 +181,5 @@ with st.expander("Queue settings"):
     elif parallel != limit:
         runner.set_max_parallel(root, int(parallel))
         st.toast(f"At most {int(parallel)} run(s) at once from now on")
+
+warm_up()  # drawn: New run's imports load in the background

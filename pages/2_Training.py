@@ -13,7 +13,14 @@ import os
 
 import streamlit as st
 
-from dashboard.common import LIVE_REFRESH_S, PAGES, run_choice_labels, setup_page, state_text
+from dashboard.common import (
+    LIVE_REFRESH_S,
+    PAGES,
+    run_choice_labels,
+    setup_page,
+    state_text,
+    warm_up,
+)
 from finetune_core import plots, runner, store, strategies
 from finetune_core.util.durations import plural
 
@@ -277,3 +284,5 @@ if summary:
 
 with st.expander("Config"):
     st.json(config, expanded=True)
+
+warm_up()  # drawn: New run's imports load in the background

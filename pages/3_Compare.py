@@ -16,6 +16,7 @@ from dashboard.common import (
     setup_page,
     share_column,
     shown_or_blank,
+    warm_up,
 )
 from finetune_core import plots, store
 
@@ -180,3 +181,5 @@ def comparison(was_live: bool) -> None:
 
 any_live = bool(runs[runs["run_id"].isin(chosen)]["state"].isin(store.LIVE_STATES).any())
 st.fragment(comparison, run_every=LIVE_REFRESH_S * 2 if any_live else None)(any_live)
+
+warm_up()  # drawn: New run's imports load in the background
