@@ -46,7 +46,9 @@ DATA_CHOICES = {
 def field_help(name: str) -> str:
     """Returns the help text of a RunConfig field: what it is, and its default."""
     option = OPTIONS[name]
-    return f"{option.help}. Default: {option.default!r}."
+    default = option.default
+    shown = ("on" if default else "off") if isinstance(default, bool) else repr(default)
+    return f"{option.help}. Default: {shown}."
 
 
 def field_label(name: str) -> str:

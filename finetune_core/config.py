@@ -169,7 +169,9 @@ class RunConfig:
     l2sp: float = strategies.option("l2sp")
     freeze_bn: bool = strategies.option("freeze_bn")
     compile: bool = setting(
-        False, "torch.compile the model: slower start, faster steps on a GPU", label="torch.compile"
+        False,
+        "compiles the model before training: a slower start, then faster steps on a GPU",
+        label="torch.compile",
     )
     name: str = setting(
         "",

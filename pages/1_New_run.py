@@ -8,6 +8,7 @@ function below; the page calls them in order.
 from __future__ import annotations
 
 import json
+import os
 import re
 import socket
 from dataclasses import dataclass, field
@@ -77,8 +78,15 @@ def model_line(name: str) -> str:
     return " · ".join(bits)
 
 
-@st.cache_data(ttl=30, show_spinner=False)
 def availability(spec: str, model: str) -> tuple[str, str]:
+    """Returns whether the weights are cached, to download or to train, and a sentence."""
+    # the weights' cache is part of the key: a page in a process whose TORCH_HOME changed
+    # (tests, or a server restarted with another) never reads another cache's answer
+    return _availability(spec, model, os.environ.get("TORCH_HOME", ""))
+
+
+@st.cache_data(ttl=30, show_spinner=False)
+def _availability(spec: str, model: str, torch_home: str) -> tuple[str, str]:
     return preflight.availability(spec, model)
 
 

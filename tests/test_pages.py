@@ -12,6 +12,7 @@ import fcntl
 import io
 import json
 import os
+import re
 import signal
 import subprocess
 import sys
@@ -405,6 +406,10 @@ def test_new_run_defaults_show_data_trainable_maps_and_allow_launch(new_run):
     assert not at.button(key="launch").disabled
     for w in [*at.number_input, *at.selectbox, *at.text_input]:
         assert w.help, f"{w.label} has no help text"
+    for w in [*at.number_input, *at.selectbox, *at.text_input, *at.checkbox, *at.radio]:
+        said = (w.help or "").lower()  # a help text adds to what the field already shows
+        assert not said.startswith(w.label.lower()), f"{w.label}: its help repeats its label"
+        assert not re.search(r"\w \| \w", said), f"{w.label}: its help lists its choices again"
 
 
 def test_new_run_shows_validation_next_to_the_field_and_disables_launch(new_run):
