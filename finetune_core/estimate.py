@@ -8,6 +8,8 @@ see jobs.py; the New run page starts one for all the configs of a comparison), o
 
 from __future__ import annotations
 
+import contextlib
+import ctypes
 import gc
 import json
 import resource
@@ -30,6 +32,15 @@ def _rss_bytes() -> int:
         return int(f.read().split()[1]) * resource.getpagesize()
 
 
+def _release_freed_memory() -> None:
+    """Collects garbage and hands the C heap's freed pages back to the system, so that the
+    next config's resident-memory growth is its own and not hidden by what the previous
+    config freed (glibc keeps freed memory for reuse; all configs share one process)."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL(None).malloc_trim(0)
+
+
 def measure(cfg_dict: dict, num_classes: int, tick=None) -> dict:
     """Returns the engine's train_step on random images for the phase of the plan that trains
     the most parameters (the slowest one), with random weights: {"step_s" (median),
@@ -38,7 +49,7 @@ def measure(cfg_dict: dict, num_classes: int, tick=None) -> dict:
     cancel check)."""
     cfg = from_dict(cfg_dict)
     device = pick_device(cfg.device)
-    gc.collect()
+    _release_freed_memory()
     base_rss = _rss_bytes()
     parts = engine.build_model(cfg, num_classes)
     gen = torch.Generator().manual_seed(0)
@@ -84,8 +95,8 @@ def measure(cfg_dict: dict, num_classes: int, tick=None) -> dict:
         "trainable_params": int(phase.trainable_params),
         "feature_cache": trainer.use_feature_cache(),
     }
-    del trainer, exp, parts, images
-    gc.collect()
+    del trainer, exp, parts, images, loader, split
+    _release_freed_memory()
     return result
 
 

@@ -49,6 +49,27 @@ def test_an_estimate_job_runs_detached_and_the_same_work_finds_it_again(tmp_path
     assert jobs.find(tmp_path, "estimate", _args(epochs=5)) is None  # other work: no job
 
 
+def test_the_memory_of_a_config_measured_after_another_is_its_own(tmp_path):
+    # all configs share the job's process: what the first freed must not hide the next's
+    args = _args()
+    alone = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune_core.estimate",
+            json.dumps(args["configs"]["linear_probe"]),
+            "6",
+        ],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    alone_bytes = json.loads(alone.stdout)["peak_bytes"]
+    status = _wait(jobs.start(tmp_path, "estimate", args), jobs.FINAL)
+    after_full = status["result"]["linear_probe"]["peak_bytes"]
+    assert 0.5 * alone_bytes <= after_full <= 2 * alone_bytes, (after_full, alone_bytes)
+
+
 def test_a_job_can_be_cancelled_while_it_works(tmp_path):
     job = jobs.start(tmp_path, "estimate", _args(image_size=224, batch_size=32))
     _wait(job, ("running",), timeout=60)
