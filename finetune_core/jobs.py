@@ -1,8 +1,8 @@
-"""Background jobs that are not runs: a measured estimate today, the learning-rate finder
-and zip extraction later. A job is a folder, `<runs>/.jobs/<job_id>/`, and a detached
-process (`python -m finetune_core job DIR`, see worker.run_job) that reports its progress
-there, so a page can start one, show its progress, cancel it, and find it again after a
-refresh or a closed tab. No torch here.
+"""Background jobs that are not runs: a measured estimate, the extraction of an uploaded zip
+(uploads.extract_job), the learning-rate finder later. A job is a folder,
+`<runs>/.jobs/<job_id>/`, and a detached process (`python -m finetune_core job DIR`, see
+worker.run_job) that reports its progress there, so a page can start one, show its
+progress, cancel it, and find it again after a refresh or a closed tab. No torch here.
 
     job.json     {"kind", "args", "key", "created_at"}: what to do
     status.json  {"state": queued|running|completed|failed|cancelled, "pid", "pid_started_at",
@@ -74,11 +74,15 @@ def update(job_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:
     return status
 
 
-def start(runs_dir: str | os.PathLike, kind: str, args: Any, *, message: str = "") -> Path:
+def start(
+    runs_dir: str | os.PathLike, kind: str, args: Any, *, message: str = "", again: bool = False
+) -> Path:
     """Returns the folder of a job doing this work: the one already live or completed, else
-    a new one started in a detached process."""
+    a new one started in a detached process. again=True starts it anew after it completed
+    too (what it made is gone), never beside a live one."""
     folder = _root(runs_dir) / job_key(kind, args)
-    if (folder / "job.json").is_file() and read(folder).get("state") in (*LIVE, "completed"):
+    reuse = LIVE if again else (*LIVE, "completed")
+    if (folder / "job.json").is_file() and read(folder).get("state") in reuse:
         return folder
     folder.mkdir(parents=True, exist_ok=True)
     for stale in ("result.json", "status.json"):

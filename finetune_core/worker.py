@@ -21,7 +21,7 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from finetune_core import data, engine, estimate, jobs, pretrain, store, weights
+from finetune_core import data, engine, estimate, jobs, pretrain, store, uploads, weights
 from finetune_core.callbacks import Callback, StopTraining
 from finetune_core.config import ConfigError, validate_fields
 from finetune_core.device import DeviceError
@@ -351,7 +351,7 @@ def _finish_run(
 RESUME_FILES = ("last.safetensors", "last_state.pt")
 
 # job kind -> the function that does it: (args, progress(fraction, message)) -> result
-JOB_KINDS: dict[str, Callable] = {"estimate": estimate.run_job}
+JOB_KINDS: dict[str, Callable] = {"estimate": estimate.run_job, "extract": uploads.extract_job}
 
 
 def run_job(job_dir: str | os.PathLike) -> int:

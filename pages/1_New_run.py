@@ -1,15 +1,16 @@
 """New run: model, weights, data, strategy (with its trainable map), settings, estimate,
 launch; one run or a group comparing strategies. Entries survive a refresh.
 
-?clone=<run id> loads that run's settings into the form. Each numbered section is one
-function below; the page calls them in order.
+?clone=<run id> loads that run's settings into the form (a run of this runs folder, by its
+id: never a path). Uploads are kept by their content (finetune_core.uploads) and an uploaded
+zip is unpacked by a background job, not in this server's process. Each numbered section is
+one function below; the page calls them in order.
 """
 
 from __future__ import annotations
 
 import json
 import os
-import re
 import socket
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -29,11 +30,11 @@ from finetune_core import (
     runner,
     store,
     strategies,
+    uploads,
     weights,
 )
 from finetune_core.config import OPTIONS, ConfigError
 from finetune_core.util.durations import plural
-from finetune_core.util.files import atomic_write
 
 F = form.PREFIX
 root = setup_page("New run")
@@ -124,29 +125,42 @@ def plan_frame(cfg_json: str, num_classes: int):
     return preflight.plan_for(cfg, num_classes).to_frame()
 
 
-def _safe_name(name: str) -> str:
-    return re.sub(r"[^A-Za-z0-9._-]+", "_", Path(name).name)[:120] or "upload"
+def save_upload(up) -> Path:
+    """Returns where an uploaded file is kept: under the id of its content, so that no
+    other upload replaces it (finetune_core.uploads); saved once per upload, not per rerun."""
+    saved = state.setdefault("_uploads_saved", {})
+    if up.file_id not in saved:
+        saved[up.file_id] = str(uploads.save(root, up.name, up.getbuffer()))
+    return Path(saved[up.file_id])
 
 
-def save_upload(upload, folder: Path) -> Path:
-    """Writes an uploaded file under the data folder; returns its path."""
-    folder.mkdir(parents=True, exist_ok=True)
-    target = folder / _safe_name(upload.name)
-    atomic_write(target, lambda tmp: tmp.write_bytes(upload.getbuffer()))
-    return target
-
-
-def upload(label: str, types: list[str], key: str, field: str, folder: Path, **kwargs) -> None:
-    """A file uploader whose file is saved under folder; the form's `field` keeps its path
-    (so a refresh keeps the file), shown under the uploader."""
+def upload(label: str, types: list[str], key: str, field: str, **kwargs) -> None:
+    """A file uploader whose file is kept by its content; the form's `field` keeps its path
+    (so a refresh keeps the file, and a launched run's config pins it), named under it."""
     up = st.file_uploader(label, type=types, key=key, **kwargs)
     if up is not None:
-        saved = str(save_upload(up, folder))
+        saved = str(save_upload(up))
         if state.get(F + field) != saved:
             state[F + field] = saved
             st.rerun()
-    if state.get(F + field):
-        st.caption(f"Using `{state[F + field]}` (saved in the data folder)")
+    path = state.get(F + field)
+    if path:
+        kept = uploads.upload_folder(path, root)
+        if kept is not None:
+            uploads.touch(kept)  # in use: the cleanup keeps it
+            st.caption(f"Using `{Path(path).name}` (upload {kept.name[:8]}, kept unchanged)")
+        else:
+            st.caption(f"Using `{path}`")
+
+
+def clean_uploads() -> None:
+    """Deletes uploads nothing uses (no run, no job, not the form), at most once an hour."""
+    keep = [str(v) for v in form.load(root).values()]
+    keep += [str(v) for k, v in state.items() if str(k).startswith(F)]
+    try:
+        uploads.clean_now_and_then(root, keep=keep)
+    except OSError as e:  # the page works without it; the next hour tries again
+        st.toast(f"Could not clean old uploads: {e}")
 
 
 def choose(label: str, options: list, field: str, *, default=None, where=st, **kwargs) -> None:
@@ -178,6 +192,7 @@ class Page:
     weights_problem: str | None = None
     data_spec: str = ""
     data_problem: str | None = None
+    data_pending: bool = False  # an uploaded zip is being unpacked (its progress is shown)
     data_info: data_mod.DataInfo | None = None
     errors: dict[str, str] = field(default_factory=dict)
     displayed: set[str] = field(default_factory=set)  # fields whose message is on the page
@@ -212,7 +227,7 @@ def restore_form(offline: str | None, names: list[str]) -> None:
     clone = st.query_params.get("clone")
     if clone:
         try:
-            source = store.resolve_run(clone, root)
+            source = store.resolve_run_id(clone, root)
             form.apply_config(store.read_config(source), roots)
             st.toast(f"Loaded the settings of run {source.name}")
         except store.RunError as e:
@@ -262,7 +277,6 @@ def weights_choice(page: Page, model: str) -> None:
             ["safetensors", "pt", "pth"],
             "up_weights",
             "weights_file",
-            data_mod.data_dir() / "uploads" / "weights",
             help=".pt/.pth are read with weights_only=True (no pickle code).",
         )
     elif choice == "run":
@@ -367,7 +381,6 @@ def data_choice() -> None:
             ["zip"],
             "up_zip",
             "data_zip",
-            data_mod.data_dir() / "uploads",
         )
     elif choice == "folder":
         c1, c2 = st.columns([1, 2])
@@ -422,11 +435,58 @@ def data_summary(spec: str, info: data_mod.DataInfo) -> None:
             st.image(images, caption=captions, width=72)
 
 
+def unpack_zip(page: Page) -> None:
+    """Has the chosen zip unpacked by a background job, never in this server's process.
+
+    Found again after a refresh (the job is the zip's). While it unpacks, its progress is
+    drawn here, refreshing only itself, and the data counts as not chosen yet (Launch
+    waits); when it failed, its message is the data's; once done, page.data_spec stays the
+    zip's and the page reads the unpacked folder.
+    """
+    args = uploads.extract_args(page.data_spec)
+    job = jobs.find(root, "extract", args)
+    status = jobs.read(job) if job else {}
+    if job is None or (status.get("state") == "completed" and not uploads.extracted(status)):
+        job = jobs.start(root, "extract", args, message="starting", again=True)
+        status = jobs.read(job)
+    if status.get("state") == "completed":
+        return
+    page.data_spec = ""  # nothing reads the zip in this process
+    if status.get("state") in jobs.LIVE:
+        page.data_pending = True
+        page.data_problem = "the .zip is still being unpacked; its classes show here once done"
+        st.fragment(unpack_view, run_every=1.0)(job)
+        return
+    if status.get("state") == "cancelled":
+        page.data_problem = "unpacking the .zip was cancelled; unpack it again or choose other data"
+    else:
+        page.data_problem = status.get("message") or "the .zip could not be unpacked"
+    st.button(
+        "Unpack again",
+        key="unpack_again",
+        icon=":material/refresh:",
+        on_click=jobs.start,
+        args=(root, "extract", args),
+    )
+
+
+def unpack_view(job: Path) -> None:
+    """The unpacking job's progress with Cancel; once it ended, the page is drawn again."""
+    status = jobs.read(job)
+    if status.get("state") not in jobs.LIVE:
+        st.rerun()  # unpacked (or failed): the whole page reads it once
+    text = f"Unpacking the .zip: {status.get('message') or 'starting'}"
+    st.progress(min(1.0, max(0.0, status.get("progress") or 0.0)), text=text)
+    st.button("Cancel unpacking", key="unpack_cancel", on_click=jobs.cancel, args=(job,))
+
+
 def data_section(page: Page) -> None:
     """Section 2: which images, and what the data holds."""
     with st.container(border=True):
         st.subheader("2 · Data")
         data_choice()
+        if page.data_spec and state[F + "data_choice"] == "zip":
+            unpack_zip(page)
         if page.data_spec:
             try:
                 with st.spinner(
@@ -732,6 +792,7 @@ def launch_section(page: Page) -> None:
 names = model_names()
 page = Page(offline=form.offline_setting() or network_problem())
 restore_form(page.offline, names)
+clean_uploads()
 page.weights_spec, page.weights_problem = form.weights_spec(state)
 page.data_spec, page.data_problem = form.data_spec(state, roots)
 
@@ -742,7 +803,10 @@ collect_errors(page)
 page.fill_slot("model")
 with page.slots["weights"].container():
     weights_status(page, model)
-page.fill_slot("data")
+if page.data_pending:
+    page.displayed.add("data")  # the Data section shows its progress instead
+else:
+    page.fill_slot("data")
 with strategy_column:
     for name in ("strategy", *(o.name for o in strategies.all_options())):
         page.show(name)

@@ -1,6 +1,7 @@
 """Training: one run's state, progress and live charts; Stop, Resume, Cancel; config and log.
 
-?run=<id> selects the run; without it the newest live run (else the newest run) is shown.
+?run=<id> selects the run (an id or a unique id prefix, of this runs folder: never a path);
+without it the newest live run (else the newest run) is shown.
 Opened from Launch, it moves on to the group's next live run when one ends (picking a run by
 hand stops that). While the run or another run of its group is queued or running, two
 fragments refresh themselves: the progress bars (every FINETUNE_REFRESH_S, 3 s) and the
@@ -47,7 +48,7 @@ ids = list(runs["run_id"])
 wanted = st.query_params.get("run")
 if wanted:
     try:
-        run_id = store.resolve_run(wanted, root).name
+        run_id = store.resolve_run_id(wanted, root).name
     except store.RunError as e:
         st.error(f"{e}. Showing the newest run instead.")
         run_id = _default_run()

@@ -58,6 +58,8 @@ ALLOWED = {
     },
     "runner": {"config", "store", "util"},
     "jobs": {"runner", "util"},
+    # uploads kept by content; the extraction job loads data (torch) in the job's process
+    "uploads": {"data", "store", "util"},
     "worker": {
         "callbacks",
         "config",
@@ -69,6 +71,7 @@ ALLOWED = {
         "pretrain",
         "runner",
         "store",
+        "uploads",
         "util",
         "weights",
     },
@@ -102,6 +105,7 @@ TORCH_FREE = {
     "cli",
     "plots",
     "jobs",
+    "uploads",
 }
 
 

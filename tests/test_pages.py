@@ -71,6 +71,18 @@ def texts(elements) -> list[str]:
     return [e.value for e in elements]
 
 
+def unpacked(at: AppTest, timeout: float = TIMEOUT) -> AppTest:
+    """Reruns New run until its zip is unpacked (a background job does it) and the Data
+    section says what the zip holds or why it cannot be used."""
+    deadline = time.time() + timeout
+    while not at.exception and at.get("progress") and time.time() < deadline:
+        if not any(p.proto.text.startswith("Unpacking") for p in at.get("progress")):
+            break
+        time.sleep(0.3)
+        at.run()
+    return at
+
+
 def all_text(at) -> str:
     parts = []
     for kind in ("markdown", "caption", "info", "warning", "error", "success", "subheader"):
@@ -532,7 +544,7 @@ def test_new_run_reads_an_uploaded_zip_and_a_torchvision_dataset(runs, tmp_path)
     (runs / ".form_state.json").write_text(
         json.dumps({"f_data_choice": "zip", "f_data_zip": str(archive)})
     )
-    at = page("pages/1_New_run.py")
+    at = unpacked(page("pages/1_New_run.py"))
     assert not at.exception
     assert "**2 classes**, 12 images: cat, dog" in all_text(at)
     counts = figure_titled(at, "Images per class")
@@ -629,7 +641,7 @@ def test_new_run_with_an_unreadable_file_previews_the_rest_and_says_it_will_be_s
     files["pets/cat/0.png"] = b"not an image at all"  # the first file of its class
     files.update({f"pets/dog/{i}.png": _png("blue") for i in range(6)})
     _use_zip(runs, _zip_of(tmp_path / "pets.zip", files))
-    at = page("pages/1_New_run.py")
+    at = unpacked(page("pages/1_New_run.py"))
     assert not at.exception, at.exception
     grid = at.get("image")[0]
     assert grid.captions == ["cat"] * 4 + ["dog"] * 4  # previews from readable files only
@@ -648,7 +660,7 @@ def test_new_run_shows_the_data_split_message_that_disables_launch(new_run):
 def test_new_run_with_a_one_class_zip_names_that_class_and_no_server_path(runs, tmp_path):
     archive = _zip_of(tmp_path / "digits.zip", {f"digit_3/{i}.png": _png("red") for i in range(4)})
     _use_zip(runs, archive)
-    at = page("pages/1_New_run.py")
+    at = unpacked(page("pages/1_New_run.py"))
     assert not at.exception
     messages = [e for e in texts(at.error) if "class" in e]
     assert messages and "only 1 class (digit_3) found; a classifier needs at least 2" in messages[0]

@@ -20,6 +20,7 @@ from finetune_core.store.paths import (
     new_group_id,
     new_run_id,
     resolve_run,
+    resolve_run_id,
     run_dirs,
     runs_dir,
 )
@@ -101,6 +102,7 @@ __all__ = [
     "read_summary",
     "rename_run",
     "resolve_run",
+    "resolve_run_id",
     "run_config",
     "run_dirs",
     "runs_dir",

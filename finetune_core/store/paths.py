@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import os
+import re
 import secrets
 import time
 from datetime import datetime
@@ -78,3 +79,38 @@ def resolve_run(ref: str | os.PathLike, root: str | os.PathLike | None = None) -
         f"no run {ref_text!r} in {root}; the newest runs are {shown} "
         "(see `python -m finetune_core list`)"
     )
+
+
+# what a page link may name: a run id or the start of one (digits, dashes, lowercase hex)
+_ID_PREFIX = re.compile(r"[0-9a-f-]{1,22}")
+
+
+def resolve_run_id(ref: str, root: str | os.PathLike) -> Path:
+    """Returns the run folder in root named by a run id or a unique id prefix.
+
+    For page references (Training's ?run=, New run's ?clone=): a link names a run of this
+    runs folder, never a path, so a link cannot reach another folder's runs (or weights).
+    The CLI's resolve_run keeps accepting paths. Raises RunError saying what was wrong;
+    the message never shows the server's runs folder.
+    """
+    text = str(ref).strip()
+    if not text:
+        raise RunError("no run given; a link names a run by its id (YYYYMMDD-HHMMSS-xxxxxx)")
+    where = "in this dashboard's runs folder"
+    if not _ID_PREFIX.fullmatch(text):
+        raise RunError(
+            f"no run {text!r} {where}: a link names a run by its id (YYYYMMDD-HHMMSS-xxxxxx), "
+            "never a path"
+        )
+    root = Path(root)
+    ids = sorted((p.name for p in run_dirs(root) if is_run_dir(p)), reverse=True)
+    matches = [text] if text in ids else [i for i in ids if i.startswith(text)]
+    if len(matches) == 1:
+        return (root / matches[0]).resolve()
+    if matches:
+        shown = ", ".join(matches[:10]) + (" ..." if len(matches) > 10 else "")
+        raise RunError(
+            f"run {text!r} is ambiguous: it matches {len(matches)} runs ({shown}); "
+            "give more characters of the id"
+        )
+    raise RunError(f"no run {text!r} {where}")
