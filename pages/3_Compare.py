@@ -41,7 +41,7 @@ def _from_query() -> list[str]:
         chosen = []
         for ref in st.query_params["runs"].split(","):
             try:
-                chosen.append(store.resolve_run(ref.strip(), root).name)
+                chosen.append(store.resolve_run_id(ref.strip(), root).name)
             except store.RunError as e:
                 problems.append(str(e))
         return chosen
