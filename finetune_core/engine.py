@@ -24,7 +24,6 @@ from finetune_core.callbacks import Callback, StopTraining, make_record
 from finetune_core.config import RunConfig
 from finetune_core.device import pick_device, speed_settings
 from finetune_core.strategies.l2sp import L2SP
-from finetune_core.util.files import atomic_write
 
 __all__ = ["Callback", "Experiment", "StopTraining", "Trainer", "TrainingFailed", "fit", "prepare"]
 
@@ -424,29 +423,27 @@ class Trainer:
         self.cache_loader = self._loader(cache["train"])
 
     # --- checkpoints -------------------------------------------------------------------------
-    def _save_weights(self, name: str) -> None:
+    def _save_weights(self, path: Path) -> None:
         """Writes a weights file: a run whose backbone never trains keeps only its head, and
         names the backbone it trained on (see checkpoints.py)."""
-        if self.checkpoint_dir is None:
-            return
         if self.plan.frozen_backbone and self.backbone_ref is None:
             self.backbone_ref = checkpoints.backbone_ref(
                 self.parts, self.cfg.weights, self.cfg.seed
             )
         ref = self.backbone_ref if self.plan.frozen_backbone else None
-        checkpoints.save(self.checkpoint_dir / name, self.parts, self.cfg.model, ref)
+        checkpoints.save(path, self.parts, self.cfg.model, ref, step=self.step)
 
-    def _load_weights(self, name: str) -> None:
+    def _load_weights(self, path: Path) -> None:
         try:
-            checkpoints.load_onto(self.checkpoint_dir / name, self.parts)
+            checkpoints.load_onto(path, self.parts)
         except checkpoints.BackboneChanged as e:
             raise TrainingFailed(str(e)) from None
 
     def save_checkpoint(self, epoch_done: bool) -> None:
-        """Writes last.safetensors and last_state.pt (optimizer, scheduler, RNG, counters)."""
+        """Saves the resume point as one unit: the weights and last_state.pt (optimizer,
+        scheduler, RNG, counters) of the same step (see checkpoints.save_resume_point)."""
         if self.checkpoint_dir is None:
             return
-        self._save_weights("last.safetensors")
         state = {
             "epoch": self.epoch,
             "epoch_done": epoch_done,
@@ -463,15 +460,20 @@ class Trainer:
             "elapsed": self.elapsed(),
             "trainable_per_phase": self.trainable_per_phase,
         }
-        atomic_write(self.checkpoint_dir / "last_state.pt", lambda tmp: torch.save(state, tmp))
+        checkpoints.save_resume_point(self.checkpoint_dir, state, self._save_weights)
 
     def load_checkpoint(self) -> int:
         """Restores the last checkpoint; returns how many batches of `epoch` are already done."""
         d = self.checkpoint_dir
-        if d is None or not (d / "last_state.pt").exists():
-            raise TrainingFailed("nothing to resume: the run has no checkpoints/last_state.pt")
-        self._load_weights("last.safetensors")
-        state = torch.load(d / "last_state.pt", weights_only=True, map_location="cpu")
+        if d is None or not checkpoints.has_resume_state(d):
+            raise TrainingFailed(
+                f"nothing to resume: the run has no checkpoints/{checkpoints.RESUME_STATE}"
+            )
+        try:
+            state, weights_file = checkpoints.load_resume_point(d)
+        except checkpoints.ResumeStateBroken as e:
+            raise TrainingFailed(f"cannot resume: {e}; clone the run and train it again") from None
+        self._load_weights(weights_file)
         self.enter_phase(state["epoch"])  # so the optimizer sees the same trainable set
         self.optimizer.load_state_dict(state["optimizer"])
         self.scheduler.load_state_dict(state["scheduler"])
@@ -531,7 +533,8 @@ class Trainer:
             self.best_val_acc = ev["acc"]
             self.best_eval = ev
             self.best_epoch = self.epoch
-            self._save_weights("best.safetensors")
+            if self.checkpoint_dir is not None:
+                self._save_weights(self.checkpoint_dir / "best.safetensors")
         seconds = max(self.elapsed(), 1e-9)
         speed = round(self.step * self.cfg.batch_size / seconds, 2)
         return self._eval_record("val", ev, seconds, images_per_s=speed, phase=self.phase)
@@ -584,7 +587,7 @@ class Trainer:
     def _test(self) -> float:
         """Scores the best checkpoint on the test split and emits the test record."""
         if self.checkpoint_dir is not None and (self.checkpoint_dir / "best.safetensors").exists():
-            self._load_weights("best.safetensors")
+            self._load_weights(self.checkpoint_dir / "best.safetensors")
         # the feature cache holds only for a frozen backbone, which the best weights share
         ev = self.evaluate(self.exp.data.test, self._cached("test"))
         self._emit_eval(self._eval_record("test", ev, self.elapsed()))

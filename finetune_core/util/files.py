@@ -21,7 +21,8 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], *, fsync
     write creates the temp file, which lives beside path (same file system, so os.replace
     is atomic) under a name no other writer uses, and is removed when write or the replace
     fails, leaving the old file as it was. fsync=True
-    flushes the data to disk before the replace, so a power loss never leaves an empty file.
+    flushes the data to disk before the replace, so a power loss never leaves an empty file,
+    and the folder after it, so the replace itself survives one.
     """
     path = Path(path)
     tmp = path.with_name(f".{path.name}.{os.getpid()}-{secrets.token_hex(4)}.tmp")
@@ -31,11 +32,27 @@ def atomic_write(path: str | os.PathLike, write: Callable[[Path], Any], *, fsync
             with open(tmp, "rb+") as f:
                 os.fsync(f.fileno())
         os.replace(tmp, path)
-        return result
     except BaseException:
         with contextlib.suppress(OSError):
             os.unlink(tmp)
         raise
+    if fsync:
+        fsync_folder(path.parent)
+    return result
+
+
+def fsync_folder(path: str | os.PathLike) -> None:
+    """Flushes a folder's entries (files created, renamed or removed in it) to disk."""
+    try:
+        fd = os.open(path, os.O_RDONLY | getattr(os, "O_DIRECTORY", 0))
+    except OSError:  # Windows cannot open a folder; its renames are flushed with the file
+        return
+    try:
+        os.fsync(fd)
+    except OSError:  # some file systems cannot fsync a folder
+        pass
+    finally:
+        os.close(fd)
 
 
 def write_text_atomic(path: str | os.PathLike, text: str, *, fsync: bool = False) -> None:
