@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import pickle
 import re
+import warnings
 from pathlib import Path
 
 import torch
@@ -69,34 +70,64 @@ def read_file(path: Path, *, lazy: bool = False) -> dict:
                 f"check the file, or choose default, {SOURCES_HELP}."
             ) from None
     try:
-        try:
-            obj = torch.load(path, map_location="cpu", weights_only=True, mmap=lazy or None)
-        except RuntimeError as e:
-            if not lazy or "mmap" not in str(e):
-                raise
-            obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
-    except pickle.UnpicklingError as e:
+        with warnings.catch_warnings():  # torch asks to file an issue for protocol 4+ pickles
+            warnings.filterwarnings("ignore", message="Detected pickle protocol")
+            try:
+                obj = torch.load(path, map_location="cpu", weights_only=True, mmap=lazy or None)
+            except RuntimeError as e:
+                if not lazy or "mmap" not in str(e):
+                    raise
+                obj = torch.load(path, map_location="cpu", weights_only=True)  # legacy format
+    except Exception as e:
         reason = unpickling_reason(e)
-        if "global" in reason.lower():
+        if is_weights_only_refusal(e):
+            if "operand" in reason.lower():  # a pickle opcode, e.g. of a newer protocol
+                what = "pickle instructions that torch.load(weights_only=True) does not read"
+                fix = "torch.save(model.state_dict(), PATH) with its default pickle protocol"
+            else:
+                what = "Python objects other than tensors"
+                fix = "torch.save(model.state_dict(), PATH)"
             raise WeightsError(
-                f"{path} was refused: it holds Python objects other than tensors ({reason}), and "
-                ".pt/.pth files are only loaded with torch.load(weights_only=True), which never "
-                "runs code from the file. Save only the state dict "
-                "(torch.save(model.state_dict(), PATH)) or convert it to .safetensors."
+                f"{path} was refused: the file holds {what} ({reason}). .pt/.pth files are "
+                "only read with torch.load(weights_only=True), which never runs code from a "
+                f"file. Save only the state dict ({fix}) or convert it to .safetensors."
+            ) from None
+        if isinstance(e, pickle.UnpicklingError):
+            raise WeightsError(
+                f"{path} is not a PyTorch weights file ({reason}); check the file, "
+                f"or choose default, {SOURCES_HELP}."
             ) from None
         raise WeightsError(
-            f"{path} is not a PyTorch weights file ({reason}); check the file, "
-            f"or choose default, {SOURCES_HELP}."
-        ) from None
-    except Exception as e:
-        raise WeightsError(
-            f"{path} could not be read as a PyTorch weights file ({first_line(e)}); "
+            f"{path} could not be read as a PyTorch weights file ({reason}); "
             f"check the file, or choose default, {SOURCES_HELP}."
         ) from None
     return unwrap(obj, str(path))
 
 
+# How torch.load(weights_only=True) starts every refusal; the rest of its message advises
+# loading with weights_only=False or allow-listing the class, which must never reach a user
+# of a shared server: the file is refused, full stop.
+WEIGHTS_ONLY_REFUSAL = "Weights only load failed"
+TORCH_ADVICE = ("weights_only", "trust", "file an issue", "check the documentation", "safe_globals")
+
+
+def is_weights_only_refusal(e: BaseException) -> bool:
+    """Returns True when torch.load(weights_only=True) refused what the file holds."""
+    return WEIGHTS_ONLY_REFUSAL in str(e)
+
+
 def unpickling_reason(e: BaseException) -> str:
-    """Returns the useful part of torch.load(weights_only=True)'s long refusal message."""
-    m = re.search(r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global|\n|$)", str(e))
-    return m.group(1).strip() if m else first_line(e)
+    """Returns what torch.load's error says about the file, without torch's advice
+    (weights_only=False, add_safe_globals), on one line."""
+    text = re.sub(r"\x1b\[[0-9;]*m", "", str(e))  # torch emphasises with terminal colours
+    m = re.search(
+        r"WeightsUnpickler error:\s*(.+?)(?: was not an allowed global|\n\n|$)", text, re.S
+    )
+    if m:
+        reason = m.group(1)
+    else:
+        lines = [x.strip() for x in text.splitlines()]
+        kept = [x for x in lines if x and not any(a in x.lower() for a in TORCH_ADVICE)]
+        reason = kept[0] if kept else (first_line(e) if not is_weights_only_refusal(e) else "")
+    reason = " ".join(reason.split()).rstrip(".")[:300]
+    return reason or "refused by torch.load(weights_only=True)"
