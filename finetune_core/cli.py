@@ -159,10 +159,31 @@ class ProgressBar(Callback):
 # Commands
 
 
+SKIPPED_SHOWN = 10  # names of skipped files printed; summary.json lists them all
+
+
+def _report_skipped(run_dir: Path) -> None:
+    """Prints on stderr how many data files were skipped as unreadable, and the first names."""
+    skipped = (store.read_summary(run_dir) or {}).get("skipped_files") or []
+    if not isinstance(skipped, list) or not skipped:
+        return
+    shown = [str(name) for name in skipped[:SKIPPED_SHOWN]]
+    # names come from the data (a stranger's zip): no control characters reach the terminal
+    names = ", ".join(name if name.isprintable() else repr(name) for name in shown)
+    more = f" and {len(skipped) - SKIPPED_SHOWN} more" if len(skipped) > SKIPPED_SHOWN else ""
+    files = "file was" if len(skipped) == 1 else "files were"
+    print(
+        f"warning: {len(skipped)} unreadable data {files} skipped (not images, or damaged): "
+        f"{names}{more}; {run_dir / 'summary.json'} lists them all under skipped_files",
+        file=sys.stderr,
+    )
+
+
 def _run_in_foreground(run_dir: Path) -> int:
     from finetune_core import worker  # the engine and torch: only for commands that train
 
     code = worker.run_worker(run_dir, callbacks=[ProgressBar()], echo=True)
+    _report_skipped(run_dir)
     status = store.read_status(run_dir)
     if code == runner.EXIT_FAILED:
         print(f"error: run failed: {status.get('message')}", file=sys.stderr)
