@@ -18,7 +18,7 @@ from pathlib import Path
 from typing import Any
 
 from finetune_core import strategies
-from finetune_core.options import options_of, setting
+from finetune_core.options import options_of, setting, short
 from finetune_core.util.names import nearest
 
 
@@ -45,18 +45,31 @@ class RunConfig:
     unfreeze_last: int = strategies.option("unfreeze_last")
     unfreeze_every: int = strategies.option("unfreeze_every")
     probe_epochs: int = strategies.option("probe_epochs")
-    epochs: int = setting(3, "passes over the training images", label="Epochs", min=1, step=1)
+    epochs: int = setting(
+        3,
+        "passes over the training images",
+        label="Epochs",
+        min=1,
+        max=10_000,
+        unit=" epoch",
+        step=1,
+    )
     batch_size: int = setting(
         64,
         "images per optimizer step; lower it when memory runs out",
         label="Batch size",
         min=1,
+        max=4096,
         step=8,
     )
     lr: float = setting(
         0.01,
         "the head's learning rate; backbone groups may get less (layer_decay)",
         label="Learning rate (head)",
+        min=1e-7,
+        max=10.0,
+        message="learning rate must be a positive finite number from {min} to {max} "
+        "(try 0.001 to 0.1), got {value}",
         step=0.001,
         format="%g",  # 1e-06 stays readable (a fixed number of decimals shows 0.00000)
     )
@@ -86,6 +99,8 @@ class RunConfig:
         "linear warm-up from lr/100, in epochs",
         label="Warm-up epochs",
         min=0.0,
+        max=10_000.0,
+        unit=" epoch",
         step=0.5,
         format="%.2f",
     )
@@ -103,6 +118,7 @@ class RunConfig:
         "max gradient norm; 0 = no clipping",
         label="Clip gradient norm",
         min=0.0,
+        max=1000.0,
         step=0.5,
         format="%.2f",
     )
@@ -111,7 +127,8 @@ class RunConfig:
         "stop after N epochs without a lower val loss; 0 = off",
         label="Early stop (epochs)",
         min=0,
-        message="must be 0 (off) or a number of epochs, got {value}",
+        max=10_000,
+        message="must be 0 (off) or a number of epochs up to {max}, got {value}",
         step=1,
     )
     image_size: int = setting(
@@ -157,6 +174,8 @@ class RunConfig:
         0,
         "fixes the split, the head's initialisation and the augmentation; same seed, same run",
         label="Seed",
+        min=0,
+        max=2**32 - 1,  # what numpy and every generator the run seeds take
         step=1,
     )
     device: str = setting(
@@ -200,34 +219,75 @@ class ConfigError(ValueError):
         super().__init__("\n".join(f"{k.replace('_', '-')}: {v}" for k, v in self.errors.items()))
 
 
+def _described(value: Any) -> str:
+    """Returns what a value is in JSON's words, with the value: "a list [1, 2]"."""
+    kinds = {bool: "true/false", str: "text", list: "a list", dict: "an object"}
+    kind = next((k for t, k in kinds.items() if isinstance(value, t)), None)
+    if kind is None:
+        kind = "a number" if isinstance(value, (int, float)) else type(value).__name__
+    return f"{kind} {short(value)}"
+
+
+def _to_int(value: Any) -> int:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError
+    if isinstance(value, str):
+        try:
+            return int(value)
+        except ValueError:
+            value = float(value)  # "1e3"; a ValueError again for text
+    if isinstance(value, float) and not value.is_integer():  # 2.5, NaN, infinity
+        raise ValueError
+    return int(value)
+
+
+def _to_float(value: Any) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float, str)):
+        raise TypeError
+    try:
+        return float(value)
+    except OverflowError:  # an int beyond float's range: the range check names it
+        return math.copysign(math.inf, value)
+
+
+def _to_bool(value: Any) -> bool:
+    if isinstance(value, str):
+        if value.lower() in ("1", "true", "yes", "on"):
+            return True
+        if value.lower() in ("0", "false", "no", "off"):
+            return False
+        raise ValueError
+    if isinstance(value, bool) or (isinstance(value, int) and value in (0, 1)):
+        return bool(value)
+    raise TypeError
+
+
+def _to_str(value: Any) -> str:
+    if not isinstance(value, str):  # a list or a number where text belongs is a mistake
+        raise TypeError
+    return value
+
+
+# each field's type (from its annotation) -> (convert, what a value must be)
+_CONVERT = {
+    "int": (_to_int, "a whole number"),
+    "float": (_to_float, "a number"),
+    "bool": (_to_bool, "true or false"),
+    "str": (_to_str, "text"),
+}
+
+
 def _coerce(name: str, value: Any) -> Any:
-    kind = _FIELD_TYPES[name]
+    kind = str(_FIELD_TYPES[name])
     if value is None:
-        if "None" in str(kind):
+        if "None" in kind:
             return None
         raise ConfigError({name: "must not be null"})
+    convert, wanted = _CONVERT[kind.split("|")[0].strip()]
     try:
-        if kind in ("bool", bool):
-            if isinstance(value, str):
-                if value.lower() in ("1", "true", "yes", "on"):
-                    return True
-                if value.lower() in ("0", "false", "no", "off"):
-                    return False
-                raise ValueError
-            if not isinstance(value, (bool, int)):
-                raise ValueError
-            return bool(value)
-        if kind in ("int", int):
-            if isinstance(value, bool) or (isinstance(value, float) and not value.is_integer()):
-                raise ValueError
-            return int(value)
-        if kind in ("float", float):
-            if isinstance(value, bool):
-                raise ValueError
-            return float(value)
-        return str(value)
+        return convert(value)
     except (TypeError, ValueError):
-        raise ConfigError({name: f"{value!r} is not a valid {kind}"}) from None
+        raise ConfigError({name: f"must be {wanted}, got {_described(value)}"}) from None
 
 
 def from_dict(data: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
@@ -256,45 +316,99 @@ def from_dict(data: dict[str, Any], base: RunConfig | None = None) -> RunConfig:
     return RunConfig(**values)
 
 
+CONFIG_FILE_LIMIT = 1 << 20  # bytes; a settings file is a few hundred
+
+
 def load_json(path: str | Path) -> dict[str, Any]:
     """Returns the settings dict in a config file; raises ConfigError naming the file."""
     path = Path(path)
+    if not path.exists():
+        raise ConfigError({"config": f"file {path} does not exist"})
+    if path.is_dir():
+        raise ConfigError({"config": f"{path} is a folder; give the path of a JSON settings file"})
+    if not path.is_file():  # a device or a pipe (/dev/zero) would be read for ever
+        raise ConfigError({"config": f"{path} is not a regular file; give a JSON settings file"})
     try:
-        data = json.loads(path.read_text())
-    except FileNotFoundError:
-        raise ConfigError({"config": f"file {path} does not exist"}) from None
+        with path.open("rb") as f:
+            raw = f.read(CONFIG_FILE_LIMIT + 1)
+    except OSError as e:
+        reason = e.strerror or type(e).__name__
+        raise ConfigError({"config": f"{path} cannot be read ({reason})"}) from None
+    if len(raw) > CONFIG_FILE_LIMIT:
+        raise ConfigError(
+            {
+                "config": f"{path} is over {CONFIG_FILE_LIMIT >> 20} MiB; a settings file is a "
+                "small JSON object"
+            }
+        )
+    try:
+        text = raw.decode("utf-8-sig")  # a byte-order mark from an editor is harmless
+    except UnicodeDecodeError as e:
+        raise ConfigError(
+            {"config": f"{path} is not UTF-8 text (byte {e.start}); save it as UTF-8 JSON"}
+        ) from None
+    try:
+        data = json.loads(text)
     except json.JSONDecodeError as e:
         raise ConfigError(
             {"config": f"{path} is not valid JSON (line {e.lineno}, column {e.colno}: {e.msg})"}
         ) from None
+    except ValueError:  # Python refuses integers of over 4300 digits
+        raise ConfigError({"config": f"{path} is not usable JSON: a number is too long"}) from None
+    except RecursionError:
+        raise ConfigError(
+            {"config": f"{path} is not usable JSON: it is nested too deeply"}
+        ) from None
     if not isinstance(data, dict):
-        raise ConfigError({"config": f"{path} must hold a JSON object of settings"})
+        raise ConfigError(
+            {"config": f"{path} must hold a JSON object of settings, not {_described(data)}"}
+        )
     from_dict(data)  # unknown keys and bad types are reported against the file
     return data
 
 
-def _lr_problem(lr: float) -> str | None:
-    if not (isinstance(lr, (int, float)) and math.isfinite(lr) and lr > 0):
-        return f"learning rate must be a positive finite number, got {lr}"
-    if lr > 10:
-        return f"learning rate {lr} is far too large; try 0.001 to 0.1"
+def _text_problem(name: str, value: str) -> str | None:
+    if "\x00" in value:  # no path, model or label holds one; the OS refuses it in paths
+        return "must not contain a NUL character (\\x00)"
+    if name == "name" and any(ord(c) < 32 or ord(c) == 127 for c in value):
+        return "must be one line of text without control characters"
     return None
+
+
+def type_errors(cfg: RunConfig) -> dict[str, str]:
+    """Returns {field: message} for fields whose value has the wrong type (a RunConfig built
+    in code may hold anything; from_dict's are sound)."""
+    e: dict[str, str] = {}
+    for name in OPTIONS:
+        try:
+            _coerce(name, getattr(cfg, name))
+        except ConfigError as error:
+            e.update(error.errors)
+    return e
 
 
 def validate_fields(cfg: RunConfig) -> dict[str, str]:
     """Returns {field: message} for checks that need neither the model nor the data."""
-    e: dict[str, str] = {}
+    e = type_errors(cfg)
+    mistyped = set(e)
     for name, option in OPTIONS.items():
-        message = _lr_problem(cfg.lr) if name == "lr" else option.problem(getattr(cfg, name))
+        value = getattr(cfg, name)
+        if name in mistyped:
+            continue
+        message = (_text_problem(name, value) if isinstance(value, str) else None) or (
+            option.problem(value)
+        )
         if message:
             e[name] = message
-    if cfg.warmup_epochs >= cfg.epochs >= 1 and cfg.warmup_epochs > 0:
-        e["warmup_epochs"] = (
-            f"warm-up ({cfg.warmup_epochs}) must be shorter than the run ({cfg.epochs} epochs)"
-        )
-    if cfg.val_fraction + cfg.test_fraction >= 0.95:
-        e["val_fraction"] = "val and test fractions together leave no training images"
-    if "strategy" not in e:
+    if not {"warmup_epochs", "epochs"} & set(e):
+        if cfg.warmup_epochs >= cfg.epochs >= 1 and cfg.warmup_epochs > 0:
+            e["warmup_epochs"] = (
+                f"warm-up ({cfg.warmup_epochs}) must be shorter than the run ({cfg.epochs} epochs)"
+            )
+    if not {"val_fraction", "test_fraction"} & set(e):
+        if cfg.val_fraction + cfg.test_fraction >= 0.95:
+            e["val_fraction"] = "val and test fractions together leave no training images"
+    if "strategy" not in e and not mistyped:  # its checks compare fields of the right types
         for name, message in strategies.get(cfg.strategy).validate(cfg).items():
             e.setdefault(name, message)
     return e

@@ -34,11 +34,32 @@ def pick_device(name: str = "auto") -> torch.device:
         if _mps_available():
             return torch.device("mps")
         return torch.device("cpu")
-    if name == "cuda" and not torch.cuda.is_available():
-        raise DeviceError("device cuda was asked for but no CUDA GPU is available; use auto or cpu")
-    if name == "mps" and not _mps_available():
-        raise DeviceError("device mps was asked for but is not available; use auto or cpu")
+    problem = check(name)
+    if problem:
+        raise DeviceError(problem)
     return torch.device(name)
+
+
+def available() -> list[str]:
+    """Returns the device names this machine has: cpu, and cuda and mps when they are there."""
+    found = ["cpu"]
+    if torch.cuda.is_available():
+        found.append("cuda")
+    if _mps_available():
+        found.append("mps")
+    return found
+
+
+def check(name: str) -> str | None:
+    """Returns why device `name` cannot be used on this machine (naming the ones it has), or
+    None. Asks CUDA only whether it is there: nothing is initialised."""
+    if name == "auto" or name in available():
+        return None
+    what = {"cuda": "no CUDA GPU is available", "mps": "Apple's MPS is not available"}.get(
+        name, f"{name!r} is not a device this tool uses"
+    )
+    here = ", ".join(["auto", *available()])
+    return f"device {name} was asked for but {what} on this machine; devices here: {here}"
 
 
 def speed_settings(device: torch.device) -> tuple[torch.dtype | None, bool]:

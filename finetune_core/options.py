@@ -26,10 +26,12 @@ class Option:
     label: str = ""  # the form's label; "" for fields the form does not show as such
     # the values it takes, or a function giving them (a registry that can grow)
     choices: Sequence[str] | Callable[[], Sequence[str]] | None = None
-    min: float | None = None  # inclusive bounds for numbers
+    # inclusive bounds for numbers: validation, the CLI and the form all read these
+    min: float | None = None
     max: float | None = None
     unit: str = ""  # in range messages: "must be at least 1 epoch"
-    message: str = ""  # a message of its own for a value out of range ({value} is replaced)
+    # a message of its own for a value out of range ({value}, {min} and {max} are replaced)
+    message: str = ""
     max_length: int | None = None  # for text
     step: float | None = None  # the form's +/- step for numbers
     format: str | None = None  # the form's number format, e.g. "%.4f"
@@ -57,23 +59,34 @@ class Option:
         if self.min is None and self.max is None:
             return None
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
-        if (
-            number
-            and math.isfinite(value)
-            and (self.min is None or value >= self.min)
-            and (self.max is None or value <= self.max)
-        ):
+        finite = number and math.isfinite(value)
+        low = finite and self.min is not None and value < self.min
+        high = finite and self.max is not None and value > self.max
+        if finite and not low and not high:
             return None
+        got = short(value)
         if self.message:
-            return self.message.format(value=value)
-        if self.max is not None and self.min is not None:
-            return f"must be between {self.min:g} and {self.max:g}{self.unit}, got {value}"
-        if self.min == 0:
+            return self.message.format(value=got, min=_number(self.min), max=_number(self.max))
+        if low and self.min == 0:
             kind = "0 or more" if isinstance(self.default, int) else "0 or a positive number"
-            return f"must be {kind}, got {value}"
+            return f"must be {kind}, got {got}"
+        if low:
+            return f"must be at least {self._amount(self.min)}, got {got}"
+        if high:
+            return f"must be at most {self._amount(self.max)}, got {got}"
+        # not a finite number (NaN, infinity): say the whole range
+        if self.max is not None and self.min is not None:
+            return (
+                f"must be a number from {_number(self.min)} to {self._amount(self.max)}, got {got}"
+            )
         if self.min is not None:
-            return f"must be at least {self.min:g}{self.unit}, got {value}"
-        return f"must be at most {self.max:g}{self.unit}, got {value}"
+            return f"must be a finite number of at least {self._amount(self.min)}, got {got}"
+        return f"must be a finite number of at most {self._amount(self.max)}, got {got}"
+
+    def _amount(self, bound: float) -> str:
+        """Returns a bound with its unit: 1 epoch, 10000 epochs, 16 pixels."""
+        plural = self.unit and bound != 1 and not self.unit.endswith("s")
+        return f"{_number(bound)}{self.unit}{'s' if plural else ''}"
 
     def field(self) -> Any:
         """Returns the dataclass field for this option (its default, and itself as metadata)."""
@@ -84,6 +97,23 @@ class Option:
         if not self.tag or value is None or value == self.default:
             return ""
         return self.tag.format(value)
+
+
+def short(value: Any, limit: int = 40) -> str:
+    """Returns value as a message shows it: its text, cut to `limit` characters."""
+    if isinstance(value, int) and value.bit_length() > 128:  # str() refuses > 4300 digits
+        return f"a number of about {int(value.bit_length() * 0.30103)} digits"
+    text = str(value) if isinstance(value, (int, float)) else repr(value)
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _number(x: float | None) -> str:
+    """Returns a bound as people write it: 4294967295 (not 4.29497e+09), 0.9, 1e-07."""
+    if x is None:
+        return ""
+    if float(x).is_integer() and abs(x) < 1e15:
+        return str(int(x))
+    return f"{x:g}"
 
 
 def setting(default: Any, help: str, **meta: Any) -> Any:

@@ -12,8 +12,8 @@ import functools
 import json
 from pathlib import Path
 
-from finetune_core import data, engine, models, pretrain, strategies, weights
-from finetune_core.config import ConfigError, RunConfig, validate_fields
+from finetune_core import data, device, engine, models, pretrain, strategies, weights
+from finetune_core.config import ConfigError, RunConfig, type_errors, validate_fields
 from finetune_core.util.names import nearest
 
 
@@ -22,11 +22,16 @@ def validate(cfg: RunConfig, *, runs_dir: str | Path | None = None) -> dict[str,
 
     Beyond validate_fields: the model (registry, image size, the strategy's options against
     its groups), the data (exists, two classes or more, enough images per class for the
-    split) and the weights (a file's or run's architecture and shapes).
+    split), the weights (a file's or run's architecture and shapes, and finite values) and
+    the device (there on this machine).
     """
     errors = validate_fields(cfg)
+    if type_errors(cfg):  # the deeper checks need values of the right types
+        return errors
     model_ok = False
-    if cfg.model not in models.classification_models():
+    if "model" in errors:
+        pass
+    elif cfg.model not in models.classification_models():
         errors["model"] = (
             f"unknown model {cfg.model!r}; see `python -m finetune_core models`."
             + nearest(cfg.model, models.classification_models())
@@ -43,16 +48,22 @@ def validate(cfg: RunConfig, *, runs_dir: str | Path | None = None) -> dict[str,
         )
         for field, message in found.items():
             errors.setdefault(field, message)
-    num_classes = None
-    try:
-        info = data.inspect_data(cfg.data)
-        num_classes = len(info.classes)
-        msg = data.check_split(info, cfg.val_fraction, cfg.test_fraction)
+    if "device" not in errors:
+        msg = device.check(cfg.device)
         if msg:
-            errors["data"] = msg
-    except data.DataError as e:
-        errors["data"] = str(e)
-    if model_ok and "image_size" not in errors:
+            errors["device"] = msg
+    num_classes = None
+    if "data" not in errors:
+        try:
+            info = data.inspect_data(cfg.data)
+            num_classes = len(info.classes)
+            if not {"val_fraction", "test_fraction"} & set(errors):  # NaN splits nothing
+                msg = data.check_split(info, cfg.val_fraction, cfg.test_fraction)
+                if msg:
+                    errors["data"] = msg
+        except data.DataError as e:
+            errors["data"] = str(e)
+    if model_ok and "image_size" not in errors and "weights" not in errors:
         msg = weights.check_weights(cfg.weights, cfg.model, num_classes, runs_dir=runs_dir)
         if msg:
             errors["weights"] = msg

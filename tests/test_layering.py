@@ -49,6 +49,7 @@ ALLOWED = {
     "preflight": {
         "config",
         "data",
+        "device",  # is the device asked for on this machine
         "engine",
         "models",
         "pretrain",
