@@ -1,13 +1,16 @@
 """Does a state dict fit a model? Key-by-key checks against the model's own layout (built on
-the meta device), and fitting a file's head to the data's class count."""
+the meta device), finite values, and fitting a file's head to the data's class count."""
 
 from __future__ import annotations
 
+from collections.abc import Iterable, Iterator
 from functools import lru_cache
+from pathlib import Path
 
 import torch
 
 from finetune_core import models
+from finetune_core.weights.files import read_file
 
 
 @lru_cache(maxsize=32)
@@ -79,3 +82,47 @@ def with_bn_counters(state: dict, model: str, image_size: int | None = None) -> 
 def without_head(state: dict, head: str) -> dict:
     """Returns `state` without the head's keys."""
     return {k: v for k, v in state.items() if not _is_head(k, head)}
+
+
+def first_non_finite(tensors: Iterable[tuple[str, torch.Tensor]]) -> str | None:
+    """Returns the name of the first floating-point tensor holding NaN or infinity, or None
+    (meta tensors, which hold no values, are passed over)."""
+    for name, t in tensors:
+        if t.is_floating_point() and not t.is_meta and not bool(torch.isfinite(t).all()):
+            return name
+    return None
+
+
+def _tensors_of(path: Path) -> Iterator[tuple[str, torch.Tensor]]:
+    """Yields (name, tensor) of a weights file one at a time (safetensors read per tensor,
+    pickles memory-mapped), so that a large file is never held whole for the check."""
+    if path.suffix.lower() == ".safetensors":
+        from safetensors import safe_open
+
+        read_file(path, lazy=True)  # a WeightsError naming the file for an unreadable one
+        with safe_open(str(path), framework="pt", device="cpu") as f:
+            for key in f.keys():
+                yield key, f.get_tensor(key)
+    else:
+        yield from read_file(path, lazy=True).items()
+
+
+@lru_cache(maxsize=32)
+def _non_finite_in(path: str, size: int, mtime_ns: int) -> str | None:
+    return first_non_finite(_tensors_of(Path(path)))
+
+
+def non_finite_in_file(path: Path) -> str | None:
+    """Returns the first tensor of a weights file holding NaN or infinity, or None; read once
+    per version of the file (the form validates on every change)."""
+    st = path.stat()
+    return _non_finite_in(str(path.resolve()), st.st_size, st.st_mtime_ns)
+
+
+def non_finite_message(label: str, tensor: str) -> str:
+    """Returns the refusal of weights holding NaN or infinity, naming the file and tensor."""
+    return (
+        f"{label} holds values that are not finite (NaN or infinity), first in {tensor!r}: "
+        "a model starting from them outputs NaN. Check how the file was made (a diverged "
+        "training?), or choose other weights."
+    )

@@ -141,6 +141,9 @@ class _Checkpoint(WeightsSource):
         problems = checks.mismatches(state, model, size)
         if problems:
             raise WeightsError(f"{label} does not fit {model}: " + "; ".join(problems) + ".")
+        bad = checks.first_non_finite(state.items())
+        if bad:
+            raise WeightsError(checks.non_finite_message(label, bad))
         return checks.fit_classes(state, model, num_classes, size)
 
 
@@ -207,7 +210,10 @@ class RunWeights(_Checkpoint):
             return f"run:{self.ref}'s checkpoint {best} does not fit {model}: " + "; ".join(
                 problems
             )
-        return None
+        bad = checks.non_finite_in_file(best)
+        return (
+            checks.non_finite_message(f"run:{self.ref}'s checkpoint {best}", bad) if bad else None
+        )
 
     def availability(self, model, runs_dir, estimate):
         best, _, _ = self.where(model, runs_dir)
@@ -233,7 +239,8 @@ class FileWeights(_Checkpoint):
             return (
                 f"{path} does not fit {model} (another architecture?): " + "; ".join(problems) + "."
             )
-        return None
+        bad = checks.non_finite_in_file(path)
+        return checks.non_finite_message(f"weights file {path}", bad) if bad else None
 
     def where(self, model, runs_dir):
         if not self.path.is_file():
