@@ -38,9 +38,13 @@ if st.button(
     st.switch_page(PAGES["new"])
 
 
+# states with a worker behind them or waiting for one (a stalled worker is still there)
+_LIVE = (*store.LIVE_STATES, store.STALLED)
+
+
 def _runs_table(was_live: bool) -> None:
     runs = store.list_runs(root)
-    live = int(runs["state"].isin(store.LIVE_STATES).sum()) if not runs.empty else 0
+    live = int(runs["state"].isin(_LIVE).sum()) if not runs.empty else 0
     if was_live and not live:
         st.rerun()  # the last live run ended: show the final page once, then stop refreshing
     st.subheader(f"Runs ({len(runs)})" + (f" · {live} live" if live else ""))
@@ -97,7 +101,7 @@ def _runs_table(was_live: bool) -> None:
 
 runs = store.list_runs(root)
 # The table refreshes itself while runs are live, so states and accuracies move on their own.
-has_live = bool(runs["state"].isin(store.LIVE_STATES).any())
+has_live = bool(runs["state"].isin(_LIVE).any())
 st.fragment(_runs_table, run_every=LIVE_REFRESH_S * 2 if has_live else None)(has_live)
 
 if not runs.empty:
@@ -152,7 +156,7 @@ if not runs.empty:
                 st.session_state.pop("confirm_delete", None)
                 st.rerun()
         else:
-            live = row["state"] in store.LIVE_STATES
+            live = row["state"] in _LIVE
             if st.button(
                 "Delete…",
                 key="delete",

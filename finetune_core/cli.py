@@ -261,6 +261,10 @@ def cmd_list(args) -> int:
     table["disk"] = runs["disk_bytes"].map(lambda b: f"{b / 1e6:.1f}MB")
     table["group"] = runs["group"].fillna("")
     print(table.to_string(index=False))
+    # a run that cannot be read or does not respond says why, below the table
+    for row in runs[runs["state"].isin([store.UNKNOWN, store.STALLED])].itertuples():
+        message = store.read_status(row.path).get("message")
+        print(f"note: run {row.run_id} is {row.state}: {message}", file=sys.stderr)
     return 0
 
 
@@ -314,7 +318,11 @@ def cmd_stop(args) -> int:
     if outcome == "cancelled":
         print(f"cancelled {run_dir.name} before it started")
     else:
-        print(f"stopping {run_dir.name}: the worker saves a checkpoint and ends as stopped")
+        print(
+            f"stopping {run_dir.name}: the worker saves a checkpoint and ends as stopped; if it "
+            f"has not ended {runner.stop_grace_s():g} s after the first stop, the queue's "
+            "supervisor kills it and records it stopped (resumable from its last checkpoint)"
+        )
     return 0
 
 

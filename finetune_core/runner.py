@@ -4,13 +4,24 @@ N at once; and queueing, stopping, cancelling and resuming runs. No torch here.
 A run trains in a worker process (`python -m finetune_core worker RUN_DIR`, see worker.py),
 never in a thread of the dashboard: closing a tab or restarting the server does not touch
 it. One detached supervisor per runs folder (`python -m finetune_core queue`, guarded by an
-exclusive lock on runs/.supervisor.lock) starts queued runs in creation order and marks
-runs whose worker vanished as crashed. It exits after a minute with nothing to do;
-`ensure_supervisor` starts it again when needed. How a worker is started and stopped is
-the backend's (LocalProcesses today; a cluster queue can take its place).
+exclusive lock on runs/.supervisor.lock) starts queued runs in creation order. It exits
+after a minute with nothing to do; `ensure_supervisor` starts it again when needed. How a
+worker is started and stopped is the backend's (LocalProcesses today; a cluster queue can
+take its place).
+
+Readers only show a dead worker's run as crashed; the supervisor's scan records it (as do
+`stop` and `resume` for their run). The supervisor also ends what does not end by itself:
+a worker silent for longer than FINETUNE_STALE_S (300 s: no heartbeat, say SIGSTOPped or
+hung) gets SIGTERM, then SIGKILL after FINETUNE_STOP_GRACE_S (60 s), and is recorded
+crashed ("stopped responding"), so the queue behind it moves on; a worker that was asked
+to stop and has not ended a grace period later gets SIGKILL and is recorded stopped
+(resumable from its last checkpoint). `stop` starts a supervisor when none runs, so that
+escalation happens with or without the dashboard, for CLI runs too. An error on one run
+(a full disk, an unreadable file) is logged and the supervisor carries on with the others.
 
 Exit codes of a worker (and of `train` / `resume` in the foreground): 0 completed,
-1 failed, 2 invalid input, 130 stopped.
+1 failed, 2 invalid input, 130 stopped, 75 the run ended but the disk was too full to
+record its final state (the supervisor records it when it can).
 """
 
 from __future__ import annotations
@@ -29,19 +40,40 @@ from typing import Any
 
 from finetune_core import store
 from finetune_core.config import ConfigError, RunConfig, validate_fields
-from finetune_core.util.files import read_json, write_json_atomic
+from finetune_core.util.files import (
+    LOW_SPACE_BYTES,
+    disk_full_message,
+    failed_write,
+    free_bytes,
+    mount_point,
+    read_json,
+    write_json_atomic,
+)
 from finetune_core.util.locks import FileLock
-from finetune_core.util.processes import process_alive
+from finetune_core.util.processes import send_signal
 
 EXIT_COMPLETED = 0
 EXIT_FAILED = 1
 EXIT_INVALID = 2
+EXIT_DISK_FULL = 75  # sysexits' EX_TEMPFAIL: the final state could not be written
 EXIT_STOPPED = 130
 
 SUPERVISOR_LOCK = ".supervisor.lock"
 SETTINGS_FILE = "settings.json"
 IDLE_EXIT_S = 60.0
 POLL_S = 0.5
+STOP_GRACE_S = 60.0  # seconds a worker has to end after SIGTERM before it gets SIGKILL
+DISK_FULL_PAUSE_S = 5.0  # seconds the supervisor starts nothing after a full disk refused
+
+
+def stop_grace_s() -> float:
+    """Returns the seconds a worker has to end after SIGTERM before SIGKILL:
+    $FINETUNE_STOP_GRACE_S, else 60 s."""
+    try:
+        value = float(os.environ.get("FINETUNE_STOP_GRACE_S") or STOP_GRACE_S)
+    except ValueError:
+        return STOP_GRACE_S
+    return value if value > 0 else STOP_GRACE_S
 
 
 def exit_code(state: str) -> int:
@@ -110,10 +142,14 @@ class LocalProcesses:
             ["worker", str(run_dir)], run_dir / "worker.log", run_dir, worker_threads(parallel)
         )
 
-    def stop(self, pid: int) -> None:
-        """Asks a worker to stop (SIGTERM: it saves a checkpoint and ends as stopped)."""
-        with contextlib.suppress(ProcessLookupError):
-            os.kill(pid, signal.SIGTERM)
+    def stop(self, pid: int, started_at: float | None = None) -> bool:
+        """Asks a worker to stop (SIGTERM: it saves a checkpoint and ends as stopped); returns
+        whether the signal went out (never to a pid another process took over)."""
+        return send_signal(pid, signal.SIGTERM, started_at)
+
+    def kill(self, pid: int, started_at: float | None = None) -> bool:
+        """Ends a worker that does not respond (SIGKILL: it saves nothing)."""
+        return send_signal(pid, signal.SIGKILL, started_at)
 
 
 BACKEND = LocalProcesses()
@@ -133,14 +169,27 @@ def _is_queued(status: dict[str, Any]) -> bool:
 
 
 def _start_queued(run_dir: Path, parallel: int = 1) -> subprocess.Popen | None:
-    """Starts a worker for a queued run and marks it running with the worker's pid."""
+    """Starts a worker for a queued run and marks it running with the worker's pid.
+
+    When the status cannot be written (a full disk), the worker just started is ended
+    before it could claim the run (it waits for the status lock held here) and the error
+    raised: the run stays queued.
+    """
     started: list[subprocess.Popen] = []
 
     def start() -> int:
         started.append(BACKEND.start_worker(run_dir, parallel))
         return started[0].pid
 
-    store.set_state(run_dir, "running", when=_is_queued, pid=start, message="starting the worker")
+    try:
+        store.set_state(
+            run_dir, "running", when=_is_queued, pid=start, message="starting the worker"
+        )
+    except BaseException:
+        for proc in started:
+            with contextlib.suppress(OSError):
+                proc.kill()
+        raise
     return started[0] if started else None
 
 
@@ -213,33 +262,201 @@ def ensure_supervisor(
     return True
 
 
-def _scan(root: Path) -> tuple[list[Path], int]:
-    """Returns (queued runs oldest first, number of running runs); marks orphans crashed."""
-    queued, running = [], 0
-    for run_dir in store.run_dirs(root):
-        if not store.is_run_dir(run_dir):
-            continue
-        status = store.read_status(run_dir)
-        state = status.get("state")
-        if state == "running":
-            running += 1
-        elif state == "queued":
-            created = status.get("created_at")
-            queued.append((created if isinstance(created, (int, float)) else 0.0, run_dir))
-    queued.sort(key=lambda item: (item[0], item[1].name))
-    return [d for _, d in queued], running
+def _say(text: str) -> None:
+    """Writes a line to the supervisor's log (stdout); a full disk only loses the line."""
+    with contextlib.suppress(OSError, ValueError):
+        print(f"{datetime.now():%H:%M:%S} {text}", flush=True)
 
 
-def _record_exit(run_dir: Path, proc: subprocess.Popen, code: int) -> None:
-    """Marks a run crashed when its worker exited without writing a final state."""
-    with contextlib.suppress(OSError):
-        store.set_state(
-            run_dir,
-            "crashed",
-            when=lambda s: s.get("pid") == proc.pid,
-            message=f"{store.CRASHED_MESSAGE} (exit code {code})",
-            exit_code=code,
-        )
+def _owned_by(pid: int | None) -> Any:
+    return lambda s: s.get("state") == "running" and s.get("pid") == pid
+
+
+def _disk_full_end(run_dir: Path) -> dict[str, Any]:
+    """Returns the final state of a run whose worker could not write its own (exit 75)."""
+    message = disk_full_message("the run's final state", run_dir)
+    return {"state": "failed", "message": message, "resumable": True, "exit_code": EXIT_DISK_FULL}
+
+
+class _Kill:
+    """A worker the supervisor ends: SIGTERM sent at `since` (by it or by `stop`), SIGKILL
+    after the grace period; `end` is what is recorded once the process is gone."""
+
+    def __init__(self, pid: int, started_at: float | None, since: float, end: dict[str, Any]):
+        self.pid, self.started_at, self.since, self.end = pid, started_at, since, end
+        self.killed = False
+
+
+class _Queue:
+    """What one supervisor keeps between polls: its workers, the workers it ends, final
+    states still to be written, and what it already said about unreadable runs."""
+
+    def __init__(self, root: Path, max_parallel: int | None):
+        self.root = root
+        self.max_parallel = max_parallel
+        self.workers: dict[Path, subprocess.Popen] = {}
+        self.kills: dict[Path, _Kill] = {}
+        self.unwritten: dict[Path, tuple[int, dict[str, Any]]] = {}  # final states to write
+        self.paused_until = 0.0  # monotonic time before which nothing starts (a full disk)
+        self.said: dict[Path, str] = {}
+
+    # one poll: returns whether anything is queued, running or being ended
+    def poll(self) -> bool:
+        self.reap()
+        self.write_unwritten()
+        queued, running = self.scan()
+        self.start(queued, running)
+        return bool(queued or running or self.workers or self.kills or self.unwritten)
+
+    def reap(self) -> None:
+        """Records the end of each worker of this supervisor that exited."""
+        for run_dir, proc in list(self.workers.items()):
+            code = proc.poll()
+            if code is None:
+                continue
+            del self.workers[run_dir]
+            kill = self.kills.pop(run_dir, None)
+            if kill is not None:
+                end = kill.end
+            elif code == EXIT_DISK_FULL:
+                end = _disk_full_end(run_dir)
+            else:
+                end = {
+                    "state": "crashed",
+                    "message": f"{store.CRASHED_MESSAGE} (exit code {code})",
+                    "exit_code": code,
+                }
+            self.record(run_dir, proc.pid, end)
+
+    def record(self, run_dir: Path, pid: int, end: dict[str, Any]) -> None:
+        """Writes a final state for the run its dead worker pid left running; kept to write
+        again at the next poll when the disk refuses it."""
+        fields = dict(end)
+        state = fields.pop("state")
+        try:
+            store.set_state(run_dir, state, when=_owned_by(pid), **fields)
+            self.unwritten.pop(run_dir, None)
+        except OSError as e:
+            if run_dir not in self.unwritten:
+                _say(f"{run_dir.name}: cannot record {state} yet ({e}); trying again")
+            self.unwritten[run_dir] = (pid, end)
+
+    def write_unwritten(self) -> None:
+        for run_dir, (pid, end) in list(self.unwritten.items()):
+            self.record(run_dir, pid, end)
+
+    def scan(self) -> tuple[list[Path], int]:
+        """Returns (queued runs oldest first, runs with a worker); records crashes and ends
+        workers that stopped responding or ignored a stop. One run's error is logged and
+        skipped."""
+        queued, running = [], 0
+        try:
+            run_dirs = [d for d in store.run_dirs(self.root) if store.is_run_dir(d)]
+        except OSError as e:
+            _say(f"cannot list {self.root}: {e}")
+            return [], len(self.workers)
+        for run_dir in run_dirs:
+            try:
+                status = store.read_status(run_dir)
+                state = status.get("state")
+                if state == store.UNKNOWN:
+                    self._say_once(run_dir, status.get("message", ""))
+                elif status.get("derived") and state == "crashed":
+                    self.found_dead(run_dir, status)
+                elif store.is_active(status):
+                    running += 1
+                    self.watch(run_dir, status)
+                elif state == "queued":
+                    created = status.get("created_at")
+                    queued.append((created if isinstance(created, (int, float)) else 0.0, run_dir))
+            except Exception as e:  # noqa: BLE001 - one run's trouble never stops the queue
+                self._say_once(run_dir, f"skipped this poll: {type(e).__name__}: {e}")
+        queued.sort(key=lambda item: (item[0], item[1].name))
+        return [d for _, d in queued], running
+
+    def _say_once(self, run_dir: Path, text: str) -> None:
+        if self.said.get(run_dir) != text:
+            self.said[run_dir] = text
+            _say(f"{run_dir.name}: {text}")
+
+    def found_dead(self, run_dir: Path, status: dict[str, Any]) -> None:
+        """Records the end of a run whose worker is gone (not one of this supervisor's: reap
+        does those, with their exit codes)."""
+        if run_dir in self.workers or run_dir in self.unwritten:
+            return
+        kill = self.kills.pop(run_dir, None)
+        if kill is not None:
+            self.record(run_dir, kill.pid, kill.end)
+            return
+        try:
+            if store.record_crash(run_dir) is not None:
+                _say(f"{run_dir.name}: its worker is gone; recorded crashed")
+        except OSError as e:
+            self._say_once(run_dir, f"cannot record its crash yet ({e})")
+
+    def watch(self, run_dir: Path, status: dict[str, Any]) -> None:
+        """Ends a live worker that stopped responding, or that a stop did not end in time."""
+        now, grace = time.time(), stop_grace_s()
+        pid, started_at = status.get("pid"), status.get("pid_started_at")
+        kill = self.kills.get(run_dir)
+        if kill is not None and kill.pid != pid:  # another process owns the run now
+            del self.kills[run_dir]
+            kill = None
+        if kill is None:
+            asked = store.stop_requested_at(run_dir, status)
+            stalled = status.get("state") == store.STALLED
+            if asked is not None and (stalled or now - asked >= grace):
+                # a stop was asked for (SIGTERM sent then): the grace period runs from it
+                message = (
+                    f"stopped: the worker (pid {pid}) had not ended {grace:g} s after Stop "
+                    "(FINETUNE_STOP_GRACE_S), so it was killed; resume to continue from the "
+                    "last checkpoint"
+                )
+                kill = _Kill(pid, started_at, asked, {"state": "stopped", "message": message})
+            elif stalled:
+                silent = store.silent_for_s(status, now) or 0.0
+                message = (
+                    f"the worker (pid {pid}) stopped responding: no heartbeat for {silent:.0f} s "
+                    f"(FINETUNE_STALE_S {store.stale_after_s():g} s), so the queue's supervisor "
+                    "ended it; resume to continue from the last checkpoint"
+                )
+                kill = _Kill(pid, started_at, now, {"state": "crashed", "message": message})
+                BACKEND.stop(pid, started_at)
+                _say(f"{run_dir.name}: worker {pid} stopped responding; SIGTERM")
+            else:
+                return
+            self.kills[run_dir] = kill
+        if not kill.killed and now - kill.since >= grace:
+            kill.killed = True
+            BACKEND.kill(pid, started_at)
+            _say(f"{run_dir.name}: worker {pid} did not end {grace:g} s after SIGTERM; SIGKILL")
+
+    def start(self, queued: list[Path], running: int) -> None:
+        if not queued or time.monotonic() < self.paused_until:
+            return
+        free = free_bytes(self.root)
+        if free is not None and free < LOW_SPACE_BYTES:  # a run could not even write its status
+            self._say_once(
+                self.root,
+                f"the disk is full (less than {LOW_SPACE_BYTES >> 20} MiB free on "
+                f"{mount_point(self.root)}): queued runs wait until there is space",
+            )
+            return
+        self.said.pop(self.root, None)
+        limit = parallel_limit(self.root, self.max_parallel)
+        for run_dir in queued[: max(limit - running, 0)]:
+            try:
+                proc = _start_queued(run_dir, limit)
+            except OSError as e:
+                self.paused_until = time.monotonic() + DISK_FULL_PAUSE_S
+                _say(f"cannot start {run_dir.name} ({e}); trying again in {DISK_FULL_PAUSE_S:g} s")
+                return
+            except Exception as e:  # noqa: BLE001 - this run's trouble, not the queue's
+                self._say_once(run_dir, f"cannot start it: {type(e).__name__}: {e}")
+                continue
+            if proc is not None:
+                self.workers[run_dir] = proc
+                _say(f"started {run_dir.name}")
 
 
 def supervise(
@@ -252,7 +469,8 @@ def supervise(
     """Runs the queue of runs_dir until idle for idle_exit_s; returns 0.
 
     Returns at once when another supervisor holds the lock. Runs started by a foreground
-    `train` count against the limit too.
+    `train` count against the limit too. An error in one poll (a full disk) is logged and
+    the next poll tries again.
     """
     root = Path(runs_dir).resolve()
     root.mkdir(parents=True, exist_ok=True)
@@ -260,32 +478,25 @@ def supervise(
     if not lock.try_acquire():
         print(f"a supervisor already runs for {root}", file=sys.stderr)
         return 0
-    lock.write_owner(f"{os.getpid()}\n")
+    with contextlib.suppress(OSError):
+        lock.write_owner(f"{os.getpid()}\n")
     stopping = []
     previous = {}
     for sig in (signal.SIGTERM, signal.SIGINT):
         with contextlib.suppress(ValueError):
             previous[sig] = signal.signal(sig, lambda *_: stopping.append(True))
-    workers: dict[Path, subprocess.Popen] = {}
+    queue = _Queue(root, max_parallel)
     idle_since = time.monotonic()
-    print(f"{datetime.now():%H:%M:%S} supervisor pid {os.getpid()} watches {root}", flush=True)
+    _say(f"supervisor pid {os.getpid()} watches {root}")
     try:
         while not stopping:
-            for run_dir, proc in list(workers.items()):
-                code = proc.poll()
-                if code is not None:
-                    del workers[run_dir]
-                    _record_exit(run_dir, proc, code)
-            queued, running = _scan(root)
-            limit = parallel_limit(root, max_parallel)
-            for run_dir in queued[: max(limit - running, 0)]:
-                proc = _start_queued(run_dir, limit)
-                if proc is not None:
-                    workers[run_dir] = proc
-                    running += 1
-                    print(f"{datetime.now():%H:%M:%S} started {run_dir.name}", flush=True)
+            try:
+                busy = queue.poll()
+            except Exception as e:  # noqa: BLE001 - the queue outlives one bad poll
+                _say(f"poll failed: {type(e).__name__}: {e}")
+                busy = True
             now = time.monotonic()
-            if queued or running or workers:
+            if busy:
                 idle_since = now
             elif now - idle_since >= idle_exit_s:
                 break
@@ -327,24 +538,30 @@ def enqueue(
 
 def stop_run(run_dir: str | os.PathLike) -> str:
     """Asks a run to stop; returns what happened: "stopping" (SIGTERM sent; the worker saves
-    a checkpoint and ends as stopped), "cancelled" (it was queued) or "not running"."""
+    a checkpoint and ends as stopped), "cancelled" (it was queued) or "not running".
+
+    Makes sure the runs folder's supervisor runs: when the worker has not ended
+    stop_grace_s() after the first Stop (a hung or SIGSTOPped process), it gets SIGKILL
+    there and the run is recorded stopped, resumable from its last checkpoint. A worker
+    found dead here is recorded crashed.
+    """
     run_dir = Path(run_dir)
     status = store.read_status(run_dir)
-    if status.get("state") == "queued":
+    state = status.get("state")
+    if state == "queued":
         return "cancelled" if cancel_run(run_dir) else stop_run(run_dir)
-    if status.get("state") != "running":
+    if status.get("derived") and state == "crashed":
+        with contextlib.suppress(OSError):
+            store.record_crash(run_dir)
         return "not running"
-    pid = status.get("pid")
-    if not process_alive(pid, status.get("pid_started_at")):
-        store.read_status(run_dir)  # records the crash
+    if not store.is_active(status):
         return "not running"
-    store.write_progress(
-        run_dir,
-        when=lambda s: s.get("state") == "running" and s.get("pid") == pid,
-        message="stopping: saving a checkpoint",
-        stop_requested_at=time.time(),
-    )
-    BACKEND.stop(pid)
+    pid, started_at = status.get("pid"), status.get("pid_started_at")
+    if store.stop_requested_at(run_dir, status) is None:  # the grace runs from the first Stop
+        store.request_stop(run_dir, pid, started_at)
+    BACKEND.stop(pid, started_at)
+    with contextlib.suppress(OSError):
+        ensure_supervisor(run_dir.resolve().parent)
     return "stopping"
 
 
@@ -359,6 +576,26 @@ def cancel_run(run_dir: str | os.PathLike) -> bool:
     return after is not None
 
 
+def _already_running(run_dir: Path, status: dict[str, Any]) -> store.RunError:
+    pid = status.get("pid")
+    if status.get("state") == "queued":
+        return store.RunError(f"run {run_dir.name} is already queued; nothing to resume")
+    hint = "; it does not respond: stop it first" if status.get("state") == store.STALLED else ""
+    return store.RunError(
+        f"run {run_dir.name} is already running (pid {pid}){hint}; resume it once it has stopped"
+    )
+
+
+def _disk_full_refusal(run_dir: Path, error: OSError, doing: str) -> store.RunError | None:
+    """Returns the RunError that says a full disk refused `doing`, or None for another error."""
+    if not failed_write(error)[0]:
+        return None
+    return store.RunError(
+        f"cannot {doing} run {run_dir.name}: "
+        + disk_full_message(f"{run_dir.name}/status.json", run_dir, then=f"{doing} it again")
+    )
+
+
 def resume_run(
     run_dir: str | os.PathLike, *, start: bool = True, owner_pid: int | None = None
 ) -> Path:
@@ -367,10 +604,29 @@ def resume_run(
     With a checkpoints/last_state.pt the worker continues from it (status "resume": true),
     otherwise the run starts over. start=True makes sure a supervisor runs; owner_pid
     (the CLI's foreground `resume`) marks it running in that process instead of queued.
-    Raises RunError for a run in another state.
+    A run whose worker is gone is recorded crashed first. Raises RunError for a run in
+    another state ("already running (pid N)" for one that trains in another process), and
+    for a full disk.
     """
     run_dir = Path(run_dir).resolve()
+    try:
+        return _resume(run_dir, start=start, owner_pid=owner_pid)
+    except OSError as e:
+        refusal = _disk_full_refusal(run_dir, e, "resume")
+        if refusal is None:
+            raise
+        raise refusal from e
+
+
+def _resume(run_dir: Path, *, start: bool, owner_pid: int | None) -> Path:
     status = store.read_status(run_dir)
+    if status.get("derived") and status.get("state") == "crashed":
+        store.record_crash(run_dir)
+        status = store.read_status(run_dir)
+    if store.is_active(status) or status.get("state") == "queued":
+        raise _already_running(run_dir, status)
+    if status.get("state") == store.UNKNOWN:
+        raise store.RunError(f"run {run_dir.name} cannot be resumed: {status.get('message')}")
     if status.get("state") not in store.RESUMABLE_STATES:
         raise store.RunError(
             f"run {run_dir.name} is {status.get('state')}; only a stopped, crashed or failed "
@@ -393,9 +649,11 @@ def resume_run(
             else "queued to start again (there is no checkpoint to resume from)"
         )
         after = store.set_state(run_dir, "queued", message=message, **fields)
-    if after is None:
-        state = store.read_status(run_dir).get("state")
-        raise store.RunError(f"run {run_dir.name} changed state to {state}")
+    if after is None:  # another process resumed it between our read and our write
+        now = store.read_status(run_dir)
+        if store.is_active(now) or now.get("state") == "queued":
+            raise _already_running(run_dir, now)
+        raise store.RunError(f"run {run_dir.name} changed state to {now.get('state')}")
     if start and owner_pid is None:
         ensure_supervisor(run_dir.parent)
     return run_dir

@@ -4,16 +4,24 @@ foreground).
 
 It claims the queued run, makes sure its weights can be had (pretraining the builtin ones
 on first use), prepares data and model, and fits with callbacks that keep status.json,
-metrics.jsonl and worker.log current. SIGTERM or Ctrl-C stops after the current step
-with a checkpoint. Whatever happens, the run ends with summary.json and a final state.
+metrics.jsonl and worker.log current, and a thread of its own writes a heartbeat into
+status.json every few seconds (a long step is no stall; silence is, see store.status).
+SIGTERM or Ctrl-C stops after the current step with a checkpoint. Whatever happens, the
+run ends with summary.json and a final state: a full disk ends it failed (resumable) with
+a message naming the file and the file system to free; when not even the final state
+fits, the exit code 75 tells the supervisor, which records it. Out of memory ends it
+failed with a message to reduce the batch or image size (not resumable: a resume would
+run out of memory the same way), after freeing what the run held.
 """
 
 from __future__ import annotations
 
 import contextlib
+import gc
 import os
 import signal
 import sys
+import threading
 import time
 import traceback
 from collections.abc import Callable, Iterable
@@ -25,8 +33,9 @@ from finetune_core import data, engine, estimate, jobs, pretrain, store, uploads
 from finetune_core.callbacks import Callback, StopTraining
 from finetune_core.config import ConfigError, validate_fields
 from finetune_core.device import DeviceError
-from finetune_core.runner import EXIT_INVALID, exit_code
+from finetune_core.runner import EXIT_DISK_FULL, EXIT_FAILED, EXIT_INVALID, exit_code
 from finetune_core.util.durations import Eta
+from finetune_core.util.files import disk_full_message, failed_write, note_failed_write
 
 # Failures that come from the run's own input (data, weights, settings, a diverging loss): a
 # resume would repeat them, so the run is not offered one; a clone with the input fixed is.
@@ -144,21 +153,102 @@ class StatusCallback(Callback):
 
 
 class _Log:
-    """Appends timestamped lines to worker.log; echo also prints them to stderr (foreground)."""
+    """Appends timestamped lines to worker.log; echo also prints them to stderr (foreground).
+
+    Best effort: on a full disk a line is lost, never the run's final state.
+    """
 
     def __init__(self, path: Path, echo: bool):
         self.path = path
         self.echo = echo
 
+    def _append(self, text: str) -> None:
+        with contextlib.suppress(OSError), open(self.path, "a") as f:
+            f.write(text)
+
     def __call__(self, message: str) -> None:
-        with open(self.path, "a") as f:
-            f.write(f"{datetime.now():%Y-%m-%d %H:%M:%S} {message}\n")
+        self._append(f"{datetime.now():%Y-%m-%d %H:%M:%S} {message}\n")
         if self.echo:
-            print(message, file=sys.stderr, flush=True)
+            with contextlib.suppress(OSError, ValueError):
+                print(message, file=sys.stderr, flush=True)
 
     def traceback(self) -> None:
-        with open(self.path, "a") as f:
-            f.write(traceback.format_exc())
+        self._append(traceback.format_exc())
+
+
+class _MetricsWriter(store.MetricsWriter):
+    """The metrics writer whose failed appends say which file they were writing."""
+
+    def write(self, record: dict[str, Any]) -> None:
+        try:
+            super().write(record)
+        except Exception as error:
+            note_failed_write(error, self.path)
+            raise
+
+    def close(self) -> None:
+        with contextlib.suppress(OSError):  # a full disk refuses the buffer's last lines
+            super().close()
+
+
+class Heartbeat:
+    """A daemon thread that writes heartbeat_at into status.json every interval_s while the
+    run is this process's and running: proof of life that does not depend on the speed of
+    a training step. A write the disk refuses is skipped (the run's own writes say why)."""
+
+    def __init__(self, run_dir: Path, interval_s: float):
+        self.run_dir = run_dir
+        self.interval_s = interval_s
+        self._done = threading.Event()
+        self._thread = threading.Thread(target=self._beat, name="heartbeat", daemon=True)
+
+    def start(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def _beat(self) -> None:
+        me = os.getpid()
+        while not self._done.wait(self.interval_s):
+            with contextlib.suppress(Exception):
+                store.write_progress(
+                    self.run_dir,
+                    when=lambda s: s.get("state") == "running" and s.get("pid") == me,
+                    heartbeat_at=time.time(),
+                )
+
+    def stop(self) -> None:
+        self._done.set()
+        self._thread.join(timeout=30)
+
+
+OOM_HOOK_ENV = "FINETUNE_TEST_RAISE_OOM_AT_STEP"
+
+
+class _RaiseOutOfMemory(Callback):
+    """Test hook ($FINETUNE_TEST_RAISE_OOM_AT_STEP = "STEP" or "STEP:RUN_NAME"): raises torch's
+    OutOfMemoryError inside the training loop once that step is done, as CUDA would; with
+    RUN_NAME only in the run of that name. CPUs cannot run out of GPU memory on cue."""
+
+    def __init__(self, step: int):
+        self.step = step
+
+    @classmethod
+    def from_env(cls, cfg) -> list[Callback]:
+        value = os.environ.get(OOM_HOOK_ENV, "")
+        step, _, name = value.partition(":")
+        if not step.strip().isdigit() or (name and name != cfg.name):
+            return []
+        return [cls(int(step))]
+
+    def on_batch_end(self, trainer) -> None:
+        if trainer.step >= self.step:
+            import torch
+
+            error = getattr(torch, "OutOfMemoryError", None) or torch.cuda.OutOfMemoryError
+            raise error(
+                f"CUDA out of memory. Tried to allocate 2.00 GiB (test hook {OOM_HOOK_ENV} at "
+                f"step {self.step})"
+            )
 
 
 class LogCallback(Callback):
@@ -199,15 +289,38 @@ def _progress_reporter(run_dir: Path, flag: StopFlag, log: _Log) -> Callable:
     return progress
 
 
-def _failure_message(error: BaseException) -> str:
-    name = type(error).__name__
-    if name == "OutOfMemoryError":
+def _is_out_of_memory(error: BaseException) -> bool:
+    return type(error).__name__ == "OutOfMemoryError"
+
+
+def _failure_message(error: BaseException, run_dir: Path | None = None) -> str:
+    if _is_out_of_memory(error):
+        said = " ".join(str(error).split())
+        first = ". ".join(said.split(". ")[:2])[:200]  # CUDA's advice after that is long
         return (
-            f"out of memory: {error}. Lower --batch-size or --image-size, or pick a smaller model"
+            f"out of memory ({first}): reduce the batch size or image size, or pick a smaller "
+            "model, and launch it again (a resume would run out of memory the same way)"
         )
+    full, path = failed_write(error)
+    if full:
+        what = path or "the run's files"
+        if path and run_dir is not None and Path(path).is_relative_to(run_dir):
+            what = str(Path(path).relative_to(run_dir))
+        return disk_full_message(what, Path(path).parent if path else run_dir or Path.cwd())
+    name = type(error).__name__
     if type(error).__module__.startswith("finetune_core"):
         return str(error) or name
     return f"{name}: {error} (the traceback is in worker.log)"
+
+
+def _free_memory() -> None:
+    """Gives back what a failed or finished run held (CUDA's cache included), so the next run
+    on this GPU starts with it free; harmless without CUDA."""
+    gc.collect()
+    torch = sys.modules.get("torch")
+    if torch is not None and torch.cuda.is_available():
+        with contextlib.suppress(Exception):
+            torch.cuda.empty_cache()
 
 
 def _claim(run_dir: Path) -> dict[str, Any] | None:
@@ -229,24 +342,36 @@ def _claim(run_dir: Path) -> dict[str, Any] | None:
         epoch=before.get("epoch", 0) if resuming else 0,
         step=before.get("step", 0) if resuming else 0,
         message="preparing data and model",
+        heartbeat_at=time.time(),
     )
 
 
 def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bool = False) -> int:
     """Trains a queued run (or one created for this process) to a final state; returns the
-    exit code: 0 completed, 1 failed, 2 not runnable, 130 stopped.
+    exit code: 0 completed, 1 failed, 2 not runnable, 130 stopped, 75 the disk was too full
+    to write the final state.
 
-    Writes status.json (running, progress, final state), metrics.jsonl, checkpoints/,
-    summary.json and worker.log. SIGTERM or Ctrl-C stops after the current step with a
-    checkpoint. The CLI's `train` and `resume` call this in the foreground with echo=True
-    and a progress-bar callback; the supervisor runs it as `python -m finetune_core worker`.
+    Writes status.json (running, heartbeats, progress, final state), metrics.jsonl,
+    checkpoints/, summary.json and worker.log. SIGTERM or Ctrl-C stops after the current
+    step with a checkpoint. The CLI's `train` and `resume` call this in the foreground with
+    echo=True and a progress-bar callback; the supervisor runs it as `python -m
+    finetune_core worker`.
     """
     run_dir = Path(run_dir).resolve()
     if not store.is_run_dir(run_dir):
         print(f"error: {run_dir} is not a run folder (no config.json/status.json)", file=sys.stderr)
         return EXIT_INVALID
     log = _Log(run_dir / "worker.log", echo)
-    status = _claim(run_dir)
+    try:
+        status = _claim(run_dir)
+    except OSError as error:  # a full disk before anything began: the run stays as it was
+        full = failed_write(error)[0]
+        with contextlib.suppress(OSError, ValueError):
+            print(
+                f"error: run {run_dir.name} was not started: {_failure_message(error, run_dir)}",
+                file=sys.stderr,
+            )
+        return EXIT_DISK_FULL if full else EXIT_FAILED
     if status is None:
         state = store.read_status(run_dir).get("state")
         message = (
@@ -258,9 +383,10 @@ def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bo
     resume = bool(status.get("resume")) and (run_dir / "checkpoints" / "last_state.pt").exists()
     log(f"worker pid {os.getpid()} starts run {run_dir.name}" + (" (resume)" if resume else ""))
 
+    heartbeat = Heartbeat(run_dir, store.heartbeat_interval_s()).start()
     flag = StopFlag()
     flag.install()
-    metrics = store.MetricsWriter(run_dir)
+    metrics = _MetricsWriter(run_dir)
     exp = None
     summary: dict[str, Any] = {}
     resumable = True
@@ -284,6 +410,7 @@ def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bo
                 status_callback,
                 StopCallback(flag),
                 LogCallback(_Log(log.path, echo=False)),
+                *_RaiseOutOfMemory.from_env(cfg),
                 *callbacks,
             ],
             checkpoint_dir=run_dir / "checkpoints",
@@ -306,45 +433,75 @@ def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bo
         state, message = "stopped", "stopped; resume to continue from the last checkpoint"
         log.traceback()
     except Exception as error:  # noqa: BLE001 - every failure must end as a final state
-        state, message = "failed", _failure_message(error)
-        resumable = not isinstance(error, INPUT_FAILURES)
+        state, message = "failed", _failure_message(error, run_dir)
+        # a full disk is the server's trouble (free space, resume); out of memory and bad
+        # input are the run's own: a resume would fail the same way
+        resumable = failed_write(error)[0] or not (
+            isinstance(error, INPUT_FAILURES) or _is_out_of_memory(error)
+        )
         log.traceback()
     finally:
         metrics.close()
 
+    skipped = list(getattr(getattr(exp, "data", None), "skipped_files", []) or [])
+    exp = None  # the model, its optimizer and data: freed before the next run needs them
+    _free_memory()
     try:
-        _finish_run(run_dir, exp, summary, state, message, resumable)
+        return _finish_run(run_dir, skipped, summary, state, message, resumable, log)
     finally:
+        heartbeat.stop()
         flag.restore()  # only now: a SIGTERM while the final state is written must not kill it
-    return exit_code(state)
 
 
 def _finish_run(
-    run_dir: Path, exp, summary: dict[str, Any], state: str, message: str, resumable: bool
-) -> None:
-    """Writes summary.json, then the final status (readers that see it find the summary)."""
+    run_dir: Path,
+    skipped: list[str],
+    summary: dict[str, Any],
+    state: str,
+    message: str,
+    resumable: bool,
+    log: _Log,
+) -> int:
+    """Writes summary.json, then the final status (readers that see it find the summary);
+    returns the exit code: that of the state, or EXIT_DISK_FULL when the final state could
+    not be written (the supervisor records it then).
+
+    A summary the disk refuses ends a completed or stopped run as failed (resumable), with
+    the message saying which file to free space for.
+    """
     summary = dict(summary)
-    summary["state"] = state
-    summary["message"] = message
-    summary["skipped_files"] = list(getattr(getattr(exp, "data", None), "skipped_files", []) or [])
-    if summary.get("best_val_acc") is None:
-        val = store.read_metrics(run_dir).query("split == 'val'")["acc"].dropna()
-        summary["best_val_acc"] = float(val.max()) if len(val) else None
-    store.write_summary(run_dir, summary)
-    store.set_state(
-        run_dir,
-        state,
-        when=lambda s: s.get("pid") == os.getpid(),
-        message=message,
-        exit_code=exit_code(state),
-        resumable=resumable,
-    )
+    try:
+        if summary.get("best_val_acc") is None:
+            val = store.read_metrics(run_dir).query("split == 'val'")["acc"].dropna()
+            summary["best_val_acc"] = float(val.max()) if len(val) else None
+        store.write_summary(
+            run_dir, {**summary, "state": state, "message": message, "skipped_files": skipped}
+        )
+    except OSError as error:
+        log.traceback()
+        if state != "failed":
+            state, message, resumable = "failed", _failure_message(error, run_dir), True
+    try:
+        store.set_state(
+            run_dir,
+            state,
+            when=lambda s: s.get("pid") == os.getpid(),
+            message=message,
+            exit_code=exit_code(state),
+            resumable=resumable,
+        )
+    except OSError as error:
+        log.traceback()
+        log(f"{state}: {message}; the final state could not be written either ({error})")
+        return EXIT_DISK_FULL if failed_write(error)[0] else EXIT_FAILED
     if state == "completed":  # nothing resumes a completed run: keep what using it needs
         for name in RESUME_FILES:
-            (run_dir / "checkpoints" / name).unlink(missing_ok=True)
+            with contextlib.suppress(OSError):
+                (run_dir / "checkpoints" / name).unlink(missing_ok=True)
     _Log(run_dir / "worker.log", echo=False)(
         message if message.startswith(state) else f"{state}: {message}"
     )
+    return exit_code(state)
 
 
 # What only resuming needs; a completed run keeps best.safetensors (what using it needs).

@@ -109,7 +109,7 @@ def _actions(status: dict) -> None:
     """Stop / Cancel / Resume as callbacks, so the state drawn after a click is the new one."""
     state = status.get("state")
     c1, c2, c3, _ = st.columns([1, 1, 1, 3])
-    if state == "running":
+    if store.is_active(status):  # running, or stalled: Stop escalates to a kill
         c1.button(
             "Stop",
             icon=":material/stop:",
@@ -117,7 +117,9 @@ def _actions(status: dict) -> None:
             on_click=_stop,
             disabled=bool(status.get("stop_requested_at")),
             help="The worker finishes the current step, saves a checkpoint and ends as "
-            "stopped; Resume continues from there.",
+            "stopped; Resume continues from there. A worker that has not ended a grace "
+            "period later (FINETUNE_STOP_GRACE_S) is killed and can resume from its last "
+            "checkpoint.",
         )
     if state == "queued":
         c2.button(
@@ -206,7 +208,11 @@ def _live_member(members: dict[str, dict]) -> str | None:
 
 def _shape(status: dict, members: dict[str, dict]) -> tuple:
     """What the rest of the page depends on: when it changes, the page is drawn again."""
-    live = status.get("state") in store.LIVE_STATES or _live_member(members) is not None
+    live = (
+        status.get("state") in store.LIVE_STATES
+        or store.is_active(status)  # a stalled worker: its end is drawn when it comes
+        or _live_member(members) is not None
+    )
     return status.get("state"), bool(status.get("stop_requested_at")), live
 
 
@@ -268,6 +274,8 @@ if state == "failed":
     )
 elif state == "crashed":
     st.warning(f"{status.get('message')}. Resume continues from the last checkpoint.")
+elif state in (store.STALLED, store.UNKNOWN):
+    st.warning(f"This run is {state}: {status.get('message')}.")
 _actions(status)
 if st.session_state.pop("_clone", False):
     st.switch_page(PAGES["new"], query_params={"clone": run_id})

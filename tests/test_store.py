@@ -192,13 +192,20 @@ def _mark_running(run_dir, pid, started_at):
     store.write_status(run_dir, state="running", pid=pid, pid_started_at=started_at)
 
 
-def test_read_status_marks_a_run_whose_worker_is_gone_as_crashed(tmp_path):
+def test_read_status_shows_a_run_whose_worker_is_gone_as_crashed_and_record_crash_saves_it(
+    tmp_path,
+):
     run_dir = _run(tmp_path)
     _mark_running(run_dir, _dead_pid(), 1.0)
     status = store.read_status(run_dir)
-    assert status["state"] == "crashed"
+    assert status["state"] == "crashed" and status["derived"] is True
     assert status["message"] == store.CRASHED_MESSAGE
-    assert json.loads((run_dir / "status.json").read_text())["state"] == "crashed"
+    # readers never write: the file keeps what its writer said until someone records it
+    assert json.loads((run_dir / "status.json").read_text())["state"] == "running"
+    assert store.record_crash(run_dir)["state"] == "crashed"
+    recorded = json.loads((run_dir / "status.json").read_text())
+    assert recorded["state"] == "crashed" and "derived" not in recorded
+    assert store.record_crash(run_dir) is None  # recorded once
 
 
 def test_read_status_marks_a_reused_pid_as_crashed(tmp_path):

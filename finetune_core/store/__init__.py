@@ -4,7 +4,10 @@ runs/<run_id>/ holds config.json, status.json, metrics.jsonl, summary.json, chec
 and worker.log (see DESIGN.md). JSON files are replaced atomically; metrics.jsonl is only
 appended to. schema.py is the contract (format version, states, keys), status.py the one
 place states change, metrics.py the records, runs.py creating and reading a folder, and
-table.py the one table of runs that Home, Compare and the CLI show.
+table.py the one table of runs that Home, Compare and the CLI show. Reading never writes
+(a crash is shown, derived, until the supervisor, stop or resume records it), so every
+reader works on a full disk; one unreadable file makes its run read as "unknown", never
+stops the others.
 
 Imports neither torch nor the engine, so that listing runs stays fast.
 """
@@ -36,6 +39,7 @@ from finetune_core.store.runs import (
     write_summary,
 )
 from finetune_core.store.schema import (
+    ACTIVE_STATES,
     CRASHED_MESSAGE,
     FINAL_STATES,
     LIVE_STATES,
@@ -43,16 +47,26 @@ from finetune_core.store.schema import (
     RESUMABLE_STATES,
     RUN_ID_RE,
     SCHEMA_VERSION,
+    STALLED,
     STATES,
     SUMMARY_KEYS,
+    UNKNOWN,
     RunError,
 )
 from finetune_core.store.status import (
     any_queued,
     can_resume,
+    heartbeat_interval_s,
+    is_active,
     is_orphaned,
     read_status,
+    record_crash,
+    request_stop,
     set_state,
+    shown_status,
+    silent_for_s,
+    stale_after_s,
+    stop_requested_at,
     update_status,
     write_progress,
     write_status,
@@ -68,6 +82,7 @@ from finetune_core.store.table import (
 )
 
 __all__ = [
+    "ACTIVE_STATES",
     "COMPARE_COLUMNS",
     "CRASHED_MESSAGE",
     "FINAL_STATES",
@@ -77,8 +92,10 @@ __all__ = [
     "RESUMABLE_STATES",
     "RUN_ID_RE",
     "SCHEMA_VERSION",
+    "STALLED",
     "STATES",
     "SUMMARY_KEYS",
+    "UNKNOWN",
     "any_queued",
     "can_resume",
     "MetricsWriter",
@@ -89,6 +106,8 @@ __all__ = [
     "create_run",
     "delete_run",
     "disk_bytes",
+    "heartbeat_interval_s",
+    "is_active",
     "is_orphaned",
     "is_run_dir",
     "list_runs",
@@ -99,6 +118,8 @@ __all__ = [
     "read_metrics",
     "read_run",
     "read_status",
+    "record_crash",
+    "request_stop",
     "read_summary",
     "rename_run",
     "resolve_run",
@@ -108,7 +129,11 @@ __all__ = [
     "runs_dir",
     "runs_table",
     "set_state",
+    "shown_status",
     "signature",
+    "silent_for_s",
+    "stale_after_s",
+    "stop_requested_at",
     "update_status",
     "write_progress",
     "write_status",

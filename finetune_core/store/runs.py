@@ -10,9 +10,16 @@ from typing import Any
 
 from finetune_core.config import RunConfig, from_dict
 from finetune_core.store.paths import is_run_dir, new_run_id
-from finetune_core.store.schema import LIVE_STATES, SUMMARY_KEYS, RunError, stamped, upgrade
+from finetune_core.store.schema import (
+    ACTIVE_STATES,
+    LIVE_STATES,
+    SUMMARY_KEYS,
+    RunError,
+    stamped,
+    upgrade,
+)
 from finetune_core.store.status import new_status, read_status
-from finetune_core.util.files import read_json, write_json_atomic
+from finetune_core.util.files import disk_full_message, failed_write, read_json, write_json_atomic
 
 
 def _absolute_local_path(spec: str, keep_prefixes: tuple[str, ...]) -> str:
@@ -43,21 +50,31 @@ def create_run(
 
         env = device.environment(cfg.device)
     root = Path(runs_dir).resolve()
-    root.mkdir(parents=True, exist_ok=True)
-    while True:
-        run_dir = root / new_run_id()
-        try:
-            run_dir.mkdir()
-            break
-        except FileExistsError:
-            continue
     conf = cfg.to_dict()
     conf["data"] = _absolute_local_path(cfg.data, ("builtin:", "torchvision:"))
     conf["weights"] = _absolute_local_path(cfg.weights, ("default", "none", "builtin", "run:"))
     conf["group"] = group if group is not None else cfg.group
     conf["env"] = env
-    write_json_atomic(run_dir / "config.json", stamped(conf))
-    write_json_atomic(run_dir / "status.json", new_status(owner_pid))
+    run_dir = None
+    try:
+        root.mkdir(parents=True, exist_ok=True)
+        while True:
+            run_dir = root / new_run_id()
+            try:
+                run_dir.mkdir()
+                break
+            except FileExistsError:
+                continue
+        write_json_atomic(run_dir / "config.json", stamped(conf))
+        write_json_atomic(run_dir / "status.json", new_status(owner_pid))
+    except OSError as error:
+        if run_dir is not None and run_dir.exists():
+            shutil.rmtree(run_dir, ignore_errors=True)  # no half-made run folder left behind
+        if not failed_write(error)[0]:
+            raise
+        raise RunError(
+            "no run was created: " + disk_full_message("a new run folder", root, then="try again")
+        ) from error
     return run_dir
 
 
@@ -107,7 +124,7 @@ def delete_run(run_dir: str | os.PathLike) -> None:
     if not is_run_dir(run_dir):
         raise RunError(f"{run_dir} is not a run folder; nothing deleted")
     state = read_status(run_dir).get("state")
-    if state in LIVE_STATES:
+    if state in LIVE_STATES or state in ACTIVE_STATES:
         action = "cancel" if state == "queued" else "stop"
         raise RunError(f"run {run_dir.name} is {state}; {action} it before deleting it")
     shutil.rmtree(run_dir)

@@ -10,6 +10,7 @@ SCHEMA_VERSION and say so when a file is newer than this code.
 
 from __future__ import annotations
 
+import math
 import re
 from typing import Any
 
@@ -35,9 +36,76 @@ TRANSITIONS: dict[str, tuple[str, ...]] = {
     "crashed": ("queued", "running"),
 }
 
+# What readers show, never written: a running run whose worker is alive but silent (no
+# heartbeat for longer than the stale limit), and a status.json that cannot be read.
+STALLED = "stalled"
+UNKNOWN = "unknown"
+# states a worker process is behind (Stop applies, Delete does not)
+ACTIVE_STATES = ("running", STALLED)
+
 CRASHED_MESSAGE = (
     "the worker process ended without a final state; resume to continue from the last checkpoint"
 )
+
+_NUMBER = (int, float)
+# status.json's fields that code acts on or shows -> the types they may hold (null always)
+STATUS_TYPES: dict[str, tuple[type, ...]] = {
+    "state": (str,),
+    "pid": (int,),
+    "pid_started_at": _NUMBER,
+    "created_at": _NUMBER,
+    "started_at": _NUMBER,
+    "updated_at": _NUMBER,
+    "finished_at": _NUMBER,
+    "heartbeat_at": _NUMBER,
+    "stop_requested_at": _NUMBER,
+    "epoch": (int,),
+    "epochs": (int,),
+    "step": (int,),
+    "total_steps": (int,),
+    "eta_s": _NUMBER,
+    "stage_fraction": _NUMBER,
+    "total_params": (int,),
+    "trainable_params": (int,),
+    "exit_code": (int,),
+    "message": (str,),
+    "phase": (str,),
+    "stage": (str,),
+    "resume": (bool,),
+    "resumable": (bool,),
+    "cancelled": (bool,),
+}
+
+
+def status_problem(data: Any) -> str | None:
+    """Returns what makes status.json's content unusable (not an object, an unknown state, a
+    field of the wrong type), or None when code can rely on it."""
+    if not isinstance(data, dict):
+        return f"it holds a JSON {type(data).__name__}, not an object"
+    for key, kinds in STATUS_TYPES.items():
+        value = data.get(key)
+        if value is None:
+            continue
+        wrong_bool = isinstance(value, bool) and bool not in kinds
+        if wrong_bool or not isinstance(value, kinds):
+            return f"its {key!r} is {_shown(value)}, not {_kind_words(kinds)}"
+        if isinstance(value, float) and not math.isfinite(value):
+            return f"its {key!r} is {value}, not a finite number"
+    if data.get("state") not in STATES:
+        return f"its 'state' is {_shown(data.get('state'))}, not one of {', '.join(STATES)}"
+    return None
+
+
+def _shown(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 40 else text[:37] + "..."
+
+
+def _kind_words(kinds: tuple[type, ...]) -> str:
+    if kinds == _NUMBER:
+        return "a number"
+    return {int: "a whole number", str: "a text", bool: "true or false"}[kinds[0]]
+
 
 RUN_ID_RE = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
 

@@ -3,32 +3,75 @@ which knows which changes are allowed and what each state implies; progress goes
 `write_progress`. Both read, change and write the file under a lock shared by the worker,
 the supervisor and the dashboard, and replace it atomically.
 
-Whoever reads a status whose process is gone without a final state records "crashed", so
-a run never stays "running" after its worker died.
+Readers never write: `read_status` shows a "running" run whose process is gone as
+"crashed", and one whose worker is alive but has sent no heartbeat for longer than the
+stale limit as "stalled", both marked `derived: true` and without touching the file, so
+reading works on a full disk and from any number of pages at once. Only the supervisor's
+scan, `stop` and `resume` record the crash (`record_crash`). A status.json that cannot be
+read (bad JSON, not an object, a field of the wrong type) reads as state "unknown" with a
+message saying why; nothing acts on such a run, and every other run carries on.
+
+A worker writes `heartbeat_at` every few seconds from a thread of its own (so a long
+training step is not taken for a stall); FINETUNE_STALE_S (default 300 s) is how long
+silence may last.
 """
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
 
 from finetune_core.store.schema import (
+    ACTIVE_STATES,
     CRASHED_MESSAGE,
     FINAL_STATES,
     RESUMABLE_STATES,
+    STALLED,
     TRANSITIONS,
+    UNKNOWN,
     RunError,
     stamped,
+    status_problem,
     upgrade,
 )
-from finetune_core.util.files import read_json, write_json_atomic
+from finetune_core.util.files import (
+    failed_write,
+    read_json,
+    write_json_atomic,
+    write_json_in_place,
+)
 from finetune_core.util.locks import FileLock
-from finetune_core.util.processes import process_alive, process_start_time
+from finetune_core.util.processes import process_alive, process_start_time, process_stopped
 
 Change = Callable[[dict[str, Any]], dict[str, Any] | None]
+
+STALE_S = 300.0  # seconds without a heartbeat after which a live worker reads as stalled
+HEARTBEAT_S = 10.0  # seconds between a worker's heartbeats (at most a fifth of the limit)
+
+
+def _env_seconds(name: str, default: float) -> float:
+    try:
+        value = float(os.environ.get(name) or default)
+    except ValueError:
+        return default
+    return value if value > 0 else default
+
+
+def stale_after_s() -> float:
+    """Returns how long a running worker may go without a heartbeat before it reads as
+    stalled: $FINETUNE_STALE_S, else 300 s."""
+    return _env_seconds("FINETUNE_STALE_S", STALE_S)
+
+
+def heartbeat_interval_s() -> float:
+    """Returns the seconds between a worker's heartbeats: $FINETUNE_HEARTBEAT_S (10 s), at
+    most a fifth of the stale limit, so a few missed beats never read as a stall."""
+    return min(_env_seconds("FINETUNE_HEARTBEAT_S", HEARTBEAT_S), stale_after_s() / 5)
 
 
 def new_status(owner_pid: int | None = None) -> dict[str, Any]:
@@ -57,23 +100,83 @@ def _claimed_by(pid: int) -> dict[str, Any]:
     return {"state": "running", "pid": pid, "pid_started_at": process_start_time(pid)}
 
 
+def _load(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
+    """Returns (status.json's content, None), or (None, what makes it unreadable)."""
+    path = run_dir / "status.json"
+    try:
+        with open(path, "rb") as f:
+            data = json.loads(f.read())
+    except FileNotFoundError:
+        return None, "status.json is missing"
+    except OSError as e:
+        return None, f"status.json cannot be read ({e.strerror or e})"
+    except (ValueError, RecursionError) as e:  # bad JSON, bytes that are not UTF-8
+        return None, f"status.json is not valid JSON ({e})"
+    if isinstance(data, dict):
+        try:
+            data = upgrade(data, f"{path}")
+        except RunError as e:
+            return None, str(e)
+    problem = status_problem(data)
+    if problem is not None:
+        return None, f"status.json is unreadable: {problem}"
+    return data, None
+
+
 def _read_file(run_dir: Path) -> dict[str, Any]:
-    data = read_json(run_dir / "status.json")
-    if not isinstance(data, dict):
-        return {}
-    return upgrade(data, f"{run_dir / 'status.json'}")
+    """Returns status.json's content for a writer: {} when it cannot be used (set_state then
+    finds no state to change from and changes nothing)."""
+    status, _problem = _load(run_dir)
+    return status or {}
 
 
-def update_status(run_dir: str | os.PathLike, change: Change) -> dict[str, Any]:
+@contextlib.contextmanager
+def _locked(run_dir: Path, timeout_s: float | None) -> Iterator[None]:
+    lock = FileLock(run_dir / ".status.lock")
+    if timeout_s is None:
+        with lock:
+            yield
+        return
+    deadline = time.monotonic() + timeout_s
+    while not lock.try_acquire():
+        if time.monotonic() >= deadline:
+            raise RunError(
+                f"status.json of run {run_dir.name} stays locked by another process (a stopped "
+                f"or hung worker?) after {timeout_s:g} s; nothing was changed"
+            )
+        time.sleep(0.05)
+    try:
+        yield
+    finally:
+        lock.release()
+
+
+def update_status(
+    run_dir: str | os.PathLike,
+    change: Change,
+    *,
+    last_word: bool = False,
+    lock_timeout_s: float | None = None,
+) -> dict[str, Any]:
     """Applies change(status) -> dict of fields (or None for no change) atomically, under the
-    status lock; returns the status after it."""
+    status lock; returns the status after it.
+
+    last_word=True (a final state): when the disk is too full for the temp file, the file
+    is rewritten within the space it already holds instead of losing the word. With
+    lock_timeout_s, RunError when the lock stays held that long (waits forever without).
+    """
     run_dir = Path(run_dir)
-    with FileLock(run_dir / ".status.lock"):
+    with _locked(run_dir, lock_timeout_s):
         status = _read_file(run_dir)
         fields = change(dict(status))
         if fields:
             status = stamped({**status, **fields, "updated_at": time.time()})
-            write_json_atomic(run_dir / "status.json", status)
+            try:
+                write_json_atomic(run_dir / "status.json", status)
+            except OSError as error:
+                if not (last_word and failed_write(error)[0]):
+                    raise
+                write_json_in_place(run_dir / "status.json", status)
     return status
 
 
@@ -85,25 +188,18 @@ def write_status(run_dir: str | os.PathLike, **fields: Any) -> dict[str, Any]:
 
 def _implied(to: str, now: float) -> dict[str, Any]:
     """Returns the fields entering state `to` sets, before the caller's own."""
+    fresh = {
+        "finished_at": None,
+        "exit_code": None,
+        "eta_s": None,
+        "stop_requested_at": None,
+        "resumable": None,
+        "heartbeat_at": None,  # the worker's first beat starts the clock of the stale limit
+    }
     if to == "running":
-        return {
-            "started_at": now,
-            "finished_at": None,
-            "exit_code": None,
-            "eta_s": None,
-            "stop_requested_at": None,
-            "resumable": None,
-        }
+        return {"started_at": now, **fresh}
     if to == "queued":
-        return {
-            "pid": None,
-            "pid_started_at": None,
-            "finished_at": None,
-            "exit_code": None,
-            "eta_s": None,
-            "stop_requested_at": None,
-            "resumable": None,
-        }
+        return {"pid": None, "pid_started_at": None, **fresh}
     if to in FINAL_STATES:
         return {"finished_at": now, "eta_s": None}
     raise ValueError(f"unknown state {to!r}")
@@ -124,7 +220,8 @@ def set_state(
     starts that process and returns its pid: it is called under the status lock once the
     change is allowed, so the process can never see the run before it is marked as its.
     Entering "queued" clears the previous owner; a final state records when it was
-    reached. `fields` are written with it (message, exit_code, ...).
+    reached, and is written even on a full disk where the file's own space allows. `fields`
+    are written with it (message, exit_code, ...).
     """
     if to == "running" and pid is None:
         raise ValueError("a running run needs the pid of the process that owns it")
@@ -142,7 +239,7 @@ def set_state(
         changed.append(update)
         return update
 
-    after = update_status(run_dir, change)
+    after = update_status(run_dir, change, last_word=to in FINAL_STATES)
     return after if changed else None
 
 
@@ -150,13 +247,18 @@ def write_progress(
     run_dir: str | os.PathLike,
     *,
     when: Callable[[dict[str, Any]], bool] | None = None,
+    lock_timeout_s: float | None = None,
     **fields: Any,
 ) -> dict[str, Any]:
     """Merges progress fields (epoch, step, message, ...) into status.json, when(status)
     holds if given; the state itself only changes through set_state."""
     if "state" in fields:
         raise ValueError("write_progress does not change the state; use set_state")
-    return update_status(run_dir, lambda status: fields if when is None or when(status) else None)
+    return update_status(
+        run_dir,
+        lambda status: fields if when is None or when(status) else None,
+        lock_timeout_s=lock_timeout_s,
+    )
 
 
 def any_queued(root: str | os.PathLike) -> bool:
@@ -167,10 +269,11 @@ def any_queued(root: str | os.PathLike) -> bool:
     except OSError:
         return False
     for e in entries:
-        if e.is_dir() and not e.name.startswith("."):
-            status = read_json(Path(e.path) / "status.json")
-            if isinstance(status, dict) and status.get("state") == "queued":
-                return True
+        with contextlib.suppress(OSError):
+            if e.is_dir() and not e.name.startswith("."):
+                status, _problem = _load(Path(e.path))
+                if status is not None and status.get("state") == "queued":
+                    return True
     return False
 
 
@@ -187,20 +290,111 @@ def is_orphaned(status: dict[str, Any]) -> bool:
     )
 
 
-def read_status(run_dir: str | os.PathLike) -> dict[str, Any]:
-    """Returns status.json; a "running" run whose process is gone or reused becomes "crashed".
+def silent_for_s(status: dict[str, Any], now: float | None = None) -> float | None:
+    """Returns the seconds since a running worker's last heartbeat (None before its first)."""
+    beat = status.get("heartbeat_at")
+    if status.get("state") != "running" or not isinstance(beat, (int, float)):
+        return None
+    return max(0.0, (time.time() if now is None else now) - beat)
 
-    The crash is written to the file (under the status lock, after re-reading it, so a
-    worker that wrote its final state just before exiting is never marked crashed).
+
+def shown_status(status: dict[str, Any], now: float | None = None) -> dict[str, Any]:
+    """Returns a recorded status as readers show it: a running run whose process is gone as
+    "crashed", one whose worker went silent as "stalled" (derived: true, the recorded state
+    kept in recorded_state); any other status as it is."""
+    if status.get("state") != "running":
+        return status
+    if is_orphaned(status):
+        return {
+            **status,
+            "state": "crashed",
+            "message": CRASHED_MESSAGE,
+            "derived": True,
+            "recorded_state": "running",
+        }
+    silent, limit = silent_for_s(status, now), stale_after_s()
+    if silent is not None and silent > limit:
+        pid = status.get("pid")
+        how = " (the process is stopped: SIGSTOP or Ctrl-Z)" if process_stopped(pid) else ""
+        return {
+            **status,
+            "state": STALLED,
+            "message": (
+                f"not responding: worker pid {pid}{how} has sent no heartbeat for "
+                f"{silent:.0f} s (limit {limit:g} s, FINETUNE_STALE_S); the queue's supervisor "
+                "stops it, or press Stop"
+            ),
+            "derived": True,
+            "recorded_state": "running",
+        }
+    return status
+
+
+def read_status(run_dir: str | os.PathLike) -> dict[str, Any]:
+    """Returns status.json as readers show it, without writing anything.
+
+    A "running" run whose process is gone or reused reads as "crashed", one whose worker
+    sent no heartbeat for longer than stale_after_s() as "stalled" (both derived: true;
+    record_crash saves a crash). A file that cannot be read reads as state "unknown" with
+    unreadable: true and a message saying what is wrong with it.
     """
     run_dir = Path(run_dir)
-    try:
-        status = _read_file(run_dir)
-    except RunError as e:
-        return {"state": "unknown", "message": str(e)}
-    if not status:
-        return {"state": "unknown", "message": "status.json is missing or unreadable"}
-    if is_orphaned(status):
-        crashed = set_state(run_dir, "crashed", when=is_orphaned, message=CRASHED_MESSAGE)
-        status = crashed or _read_file(run_dir)
-    return status
+    status, problem = _load(run_dir)
+    if status is None:
+        return {
+            "state": UNKNOWN,
+            "unreadable": True,
+            "message": f"{problem}; the run cannot be watched or resumed until the file is "
+            "repaired, or the run is deleted",
+        }
+    return shown_status(status)
+
+
+def record_crash(run_dir: str | os.PathLike, message: str = CRASHED_MESSAGE, **fields: Any):
+    """Records "crashed" for a running run whose process is gone (checked again under the
+    lock, so a worker that wrote its final state just before exiting keeps it); returns the
+    new status, or None when the run was not orphaned. For the supervisor, stop and resume:
+    readers only show the crash."""
+    return set_state(run_dir, "crashed", when=is_orphaned, message=message, **fields)
+
+
+STOP_REQUEST = ".stop_request.json"  # who was asked to stop, and when (see request_stop)
+
+
+def request_stop(run_dir: str | os.PathLike, pid: int, pid_started_at: float | None) -> None:
+    """Records that worker pid was asked to stop now: in .stop_request.json, written without
+    the status lock (a SIGSTOPped worker may hold that lock for good), and as status.json's
+    stop_requested_at when the lock comes within 2 s. A full disk loses only the record."""
+    run_dir, now = Path(run_dir), time.time()
+    request = {"pid": pid, "pid_started_at": pid_started_at, "at": now}
+    with contextlib.suppress(OSError):
+        write_json_atomic(run_dir / STOP_REQUEST, request)
+    with contextlib.suppress(OSError, RunError):
+        write_progress(
+            run_dir,
+            when=lambda s: s.get("state") == "running" and s.get("pid") == pid,
+            lock_timeout_s=2.0,
+            message="stopping: saving a checkpoint",
+            stop_requested_at=now,
+        )
+
+
+def stop_requested_at(run_dir: str | os.PathLike, status: dict[str, Any]) -> float | None:
+    """Returns when the run's current worker was first asked to stop (None if it was not)."""
+    asked = status.get("stop_requested_at")
+    if isinstance(asked, (int, float)):
+        return float(asked)
+    request = read_json(Path(run_dir) / STOP_REQUEST)
+    if not isinstance(request, dict):
+        return None
+    same = (request.get("pid"), request.get("pid_started_at")) == (
+        status.get("pid"),
+        status.get("pid_started_at"),
+    )
+    at = request.get("at")
+    return float(at) if same and isinstance(at, (int, float)) and not isinstance(at, bool) else None
+
+
+def is_active(status: dict[str, Any]) -> bool:
+    """Returns True when a worker process is behind the run (running or stalled)."""
+    return status.get("state") in ACTIVE_STATES

@@ -67,9 +67,11 @@ def _or_metrics(r: RunReading, key: str, split: str, column: str, pick) -> float
     return value
 
 
-def _counted(r: RunReading, key: str) -> Any:
+def _counted(r: RunReading, key: str) -> int | None:
     value = r.from_summary(key)
-    return r.status.get(key) if value is None else value  # the worker writes them at its start
+    if value is None:
+        value = r.status.get(key)  # the worker writes them at its start
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
 
 
 def _trainable_pct(r: RunReading) -> float | None:
@@ -82,9 +84,13 @@ def _speed(r: RunReading) -> float | None:
     return float(speed.median()) if len(speed) else None
 
 
+# created_at outside these years is no creation time (a broken or hand-edited status.json)
+_SANE_TIMES = (datetime(1990, 1, 1).timestamp(), datetime(9000, 1, 1).timestamp())
+
+
 def _created(r: RunReading) -> float:
     created = r.status.get("created_at")
-    if isinstance(created, (int, float)):
+    if isinstance(created, (int, float)) and _SANE_TIMES[0] <= created <= _SANE_TIMES[1]:
         return float(created)
     try:
         return (r.run_dir / "config.json").stat().st_mtime
@@ -117,10 +123,18 @@ COLUMNS: dict[str, Callable[[RunReading], Any]] = {
 _FLOATS = ("best_val_acc", "final_val_acc", "test_acc", "trainable_pct", "train_time_s")
 
 
+def _cell(column: str, r: RunReading) -> Any:
+    try:
+        return COLUMNS[column](r)
+    except Exception:  # noqa: BLE001 - one odd file leaves a blank cell, never a broken table
+        return None
+
+
 def runs_table(readings: Iterable[RunReading], columns: Iterable[str]) -> pd.DataFrame:
-    """Returns one row per reading (in order) with the given COLUMNS, numbers typed."""
+    """Returns one row per reading (in order) with the given COLUMNS, numbers typed; a value
+    a run's files do not give sensibly is left blank."""
     columns = list(columns)
-    rows = [{c: COLUMNS[c](r) for c in columns} for r in readings]
+    rows = [{c: _cell(c, r) for c in columns} for r in readings]
     frame = pd.DataFrame(rows, columns=columns)
     for column in (*_FLOATS, "images_per_s"):
         if column in frame:
@@ -149,8 +163,9 @@ def list_runs(runs_dir: str | os.PathLike) -> pd.DataFrame:
 
     Columns: run_id, name, model, strategy (with its option: "last_n 1"), state,
     best_val_acc (0-1, NaN when unknown), trainable_pct (0-100), train_time_s, disk_bytes,
-    group, created_at (local datetime), path (absolute). Reading a live run's status marks
-    it crashed when its worker is gone.
+    group, created_at (local datetime), path (absolute). A running run whose worker is
+    gone shows as crashed and one whose worker went silent as stalled (derived, nothing is
+    written); a run whose status.json cannot be read shows as unknown.
     """
     readings = []
     for run_dir in run_dirs(Path(runs_dir)):
@@ -162,6 +177,8 @@ def list_runs(runs_dir: str | os.PathLike) -> pd.DataFrame:
             continue  # half-written, foreign or unreadable: not a run to list
     columns = [("label" if c == "strategy" else c) for c in LIST_COLUMNS]
     frame = runs_table(readings, columns).rename(columns={"label": "strategy"})
+    frame["created_at"] = pd.to_numeric(frame["created_at"], errors="coerce").fillna(0.0)
+    frame["disk_bytes"] = pd.to_numeric(frame["disk_bytes"], errors="coerce").fillna(0)
     frame = frame.sort_values(["created_at", "run_id"], ascending=False, kind="stable")
     frame["created_at"] = pd.Series(
         [datetime.fromtimestamp(t) for t in frame["created_at"]],

@@ -42,9 +42,14 @@ def process_start_time(pid: int) -> float | None:
 
 
 def process_alive(pid: int | None, started_at: float | None = None) -> bool:
-    """Returns True when pid runs and, where started_at is known, is the process started then."""
-    if not pid or pid <= 0:
+    """Returns True when pid runs and, where started_at is known, is the process started then.
+
+    A pid that is no positive whole number (as a broken status.json may hold) is no process.
+    """
+    if isinstance(pid, bool) or not isinstance(pid, int) or pid <= 0:
         return False
+    if isinstance(started_at, bool) or not isinstance(started_at, (int, float, type(None))):
+        started_at = None
     if Path("/proc/self/stat").exists():
         fields = _proc_stat(pid)
         if fields is None or fields[0] in ("Z", "X"):  # gone, or a zombie nobody reaped yet
@@ -56,8 +61,26 @@ def process_alive(pid: int | None, started_at: float | None = None) -> bool:
         return True
     try:
         os.kill(pid, 0)
-    except ProcessLookupError:
+    except (ProcessLookupError, OverflowError):
         return False
     except PermissionError:
         return True
+    return True
+
+
+def process_stopped(pid: int) -> bool:
+    """Returns True when process pid is stopped (SIGSTOP, Ctrl-Z) or traced; False elsewhere."""
+    fields = _proc_stat(pid)
+    return bool(fields) and fields[0] in ("T", "t")
+
+
+def send_signal(pid: int, sig: int, started_at: float | None = None) -> bool:
+    """Sends sig to pid when it is still the process started at started_at; returns whether
+    it was sent (never to a pid that another process took over since)."""
+    if not process_alive(pid, started_at):
+        return False
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        return False
     return True
