@@ -29,7 +29,17 @@ from datetime import datetime
 from pathlib import Path
 from typing import Any
 
-from finetune_core import data, engine, estimate, jobs, pretrain, store, uploads, weights
+from finetune_core import (
+    checkpoints,
+    data,
+    engine,
+    estimate,
+    jobs,
+    pretrain,
+    store,
+    uploads,
+    weights,
+)
 from finetune_core.callbacks import Callback, StopTraining
 from finetune_core.config import ConfigError, validate_fields
 from finetune_core.device import DeviceError
@@ -495,17 +505,13 @@ def _finish_run(
         log(f"{state}: {message}; the final state could not be written either ({error})")
         return EXIT_DISK_FULL if failed_write(error)[0] else EXIT_FAILED
     if state == "completed":  # nothing resumes a completed run: keep what using it needs
-        for name in RESUME_FILES:
-            with contextlib.suppress(OSError):
-                (run_dir / "checkpoints" / name).unlink(missing_ok=True)
+        with contextlib.suppress(OSError):
+            checkpoints.drop_resume_state(run_dir / "checkpoints")
     _Log(run_dir / "worker.log", echo=False)(
         message if message.startswith(state) else f"{state}: {message}"
     )
     return exit_code(state)
 
-
-# What only resuming needs; a completed run keeps best.safetensors (what using it needs).
-RESUME_FILES = ("last.safetensors", "last_state.pt")
 
 # job kind -> the function that does it: (args, progress(fraction, message)) -> result
 JOB_KINDS: dict[str, Callable] = {"estimate": estimate.run_job, "extract": uploads.extract_job}

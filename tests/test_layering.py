@@ -63,6 +63,7 @@ ALLOWED = {
     "uploads": {"data", "store", "util"},
     "worker": {
         "callbacks",
+        "checkpoints",
         "config",
         "data",
         "device",
