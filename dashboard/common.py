@@ -34,6 +34,8 @@ STATE_ICONS = {
     "stopped": ":material/stop_circle:",
     "failed": ":material/error:",
     "crashed": ":material/heart_broken:",
+    "stalled": ":material/hourglass_disabled:",  # live process, no heartbeat (store.read_status)
+    "unknown": ":material/report:",  # status.json unreadable
 }
 
 ICON = Path(__file__).resolve().parent / "icon.png"
