@@ -26,6 +26,7 @@ class DataInfo:
     has_splits: bool  # the folders give train/ and val/
     samples: dict[str, list[str]] = field(default_factory=dict)  # class -> a few file paths
     needs_download: bool = False  # torchvision:NAME not yet in the data folder
+    warnings: list[str] = field(default_factory=list)  # usable, but worth a look (say why)
 
 
 @dataclass
@@ -46,6 +47,7 @@ class ImageData:
     val: TensorSplit
     test: TensorSplit | None = None
     skipped_files: list[str] = field(default_factory=list)
+    warnings: list[str] = field(default_factory=list)  # as DataInfo.warnings
 
 
 def data_dir() -> Path:
@@ -54,6 +56,26 @@ def data_dir() -> Path:
     if env:
         return Path(env).expanduser()
     return Path.home() / ".cache" / "finetune_dashboard" / "data"
+
+
+def env_limit(name: str, default: int) -> int:
+    """Returns the positive whole number the environment variable `name` sets, else default.
+
+    Read at each use, so a server's setting reaches every process it starts; a value that
+    is not a positive number is refused (a typo must not lift a limit)."""
+    text = os.environ.get(name, "").strip()
+    if not text:
+        return default
+    try:
+        value = float(text.replace("_", ""))
+    except ValueError:
+        value = float("nan")
+    if not value >= 1 or value == float("inf"):
+        raise DataError(
+            f"the environment variable {name}={text!r} is not a positive whole number; unset it "
+            f"(default {default}) or give one, e.g. {name}={default}."
+        )
+    return int(value)
 
 
 def class_counts(split: TensorSplit, num_classes: int) -> torch.Tensor:

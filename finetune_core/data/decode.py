@@ -1,8 +1,15 @@
 """Decoding: every image read once with PIL, made 8-bit RGB, resized (shorter side) and
-centre-cropped to a square, kept as uint8 tensors."""
+centre-cropped to a square, kept as uint8 tensors.
+
+Files come from strangers, so what PIL may do with them is bounded here, per call, without
+touching PIL's global settings (other code in the process keeps its own): only the formats
+of IMAGE_FORMATS are opened, and an image whose size (read from its header) exceeds
+FINETUNE_IMAGE_MAX_PIXELS is refused before a pixel is decoded.
+"""
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import time
@@ -11,9 +18,25 @@ from pathlib import Path
 
 import numpy as np
 import torch
-from PIL import Image, ImageOps
+from PIL import Image, ImageOps, UnidentifiedImageError
 
-from finetune_core.data.base import DataError
+from finetune_core.data.base import DataError, env_limit
+
+# The formats photos and datasets come in. Pillow can open some forty more (EPS calls
+# Ghostscript; PSD, ICNS, FLI, PCX, SGI, TGA, DDS, JPEG 2000 ... are rare in datasets and
+# their decoders have had most of Pillow's advisories); a stranger's file in one of those
+# is skipped as unreadable instead of reaching that decoder. TIFF stays (microscopy,
+# satellite and scanned data), PPM (the netpbm family: old benchmarks); MPO (the JPEG
+# variant many phones write) opens as JPEG.
+IMAGE_FORMATS = ("JPEG", "PNG", "WEBP", "BMP", "GIF", "TIFF", "PPM")
+IMAGE_FORMAT_NAMES = "JPEG, PNG, WebP, BMP, GIF, TIFF or PPM"
+# Pixels one image may decode to (FINETUNE_IMAGE_MAX_PIXELS): 40 M is a 7300x5500 photo
+# (~120 MB as RGB, ~4x that at the peak of conversion and resizing); Pillow's own default
+# warns at 89 M and refuses at 179 M. A JPEG counts at the reduced scale it is decoded at
+# (down to 1/8 of each side for small image sizes), so phone photos of 50-200 MP still load.
+IMAGE_MAX_PIXELS = 40_000_000
+_LARGE_PIXELS = 16_000_000  # images above this decode one at a time (memory, not speed)
+_large_image = threading.Lock()
 
 INTERPOLATIONS = {
     "nearest": Image.Resampling.NEAREST,
@@ -50,36 +73,82 @@ def _to_rgb(im: Image.Image) -> Image.Image:
     return im.convert("RGB")
 
 
+def max_pixels() -> int:
+    """Returns how many pixels one image may decode to on this server."""
+    return env_limit("FINETUNE_IMAGE_MAX_PIXELS", IMAGE_MAX_PIXELS)
+
+
+def open_image(path: Path, size: int | None = None) -> Image.Image:
+    """Returns the image at path opened, its header read and nothing decoded; for a JPEG,
+    drafted to the smallest scale still >= size (1/8 when size is None).
+
+    Raises DataError naming the file when it is not in IMAGE_FORMATS or decodes to more
+    than max_pixels(); OSError as PIL raises it for a file it cannot read."""
+    limit = max_pixels()
+    try:
+        im = Image.open(path, formats=IMAGE_FORMATS)
+    except UnidentifiedImageError as e:
+        raise DataError(
+            f"{path} is not a {IMAGE_FORMAT_NAMES} image (other formats are not read)."
+        ) from e
+    except Image.DecompressionBombError as e:  # PIL's own limit, far above ours
+        raise DataError(f"{path} is larger than {limit:,} pixels ({e}).") from e
+    try:
+        im.draft("RGB", (size or 1, size or 1))  # JPEG: a reduced scale; others: no-op
+        w, h = im.size
+        if w * h > limit:
+            raise DataError(
+                f"{path} is {w}x{h} pixels ({w * h / 1e6:.0f} MP), more than the "
+                f"{limit / 1e6:g} MP an image may have here (FINETUNE_IMAGE_MAX_PIXELS); "
+                f"shrink it, or remove it from the data."
+            )
+    except BaseException:
+        im.close()
+        raise
+    return im
+
+
 def decode_image(path: Path, size: int, resample=Image.Resampling.BILINEAR) -> np.ndarray:
     """Returns the image at path as uint8 [size, size, 3]: RGB, shorter side resized, centre crop.
 
-    Raises whatever PIL raises for unreadable, truncated or non-image files.
+    Raises DataError for a format not read or too many pixels (see open_image), and whatever
+    PIL raises for unreadable, truncated or non-image files.
     """
-    with Image.open(path) as im:
-        im.draft("RGB", (size, size))  # JPEG: decode at a reduced scale that is still >= size
-        im.load()
-        try:
-            im = ImageOps.exif_transpose(im)
-        except Exception:  # a broken EXIF block: keep the pixels as stored
-            pass
-        im = _to_rgb(im)
+    with open_image(path, size) as im:
         w, h = im.size
-        if (w, h) != (size, size):
-            m = min(w, h)
-            box = ((w - m) / 2, (h - m) / 2, (w + m) / 2, (h + m) / 2)
-            im = im.resize((size, size), resample, box=box)
-        return np.array(im, dtype=np.uint8)  # a writable copy for torch.from_numpy
+        # Few images this large fit in memory at once: they take turns, the rest run freely.
+        with _large_image if w * h > _LARGE_PIXELS else contextlib.nullcontext():
+            im.load()
+            try:
+                im = ImageOps.exif_transpose(im)
+            except Exception:  # a broken EXIF block: keep the pixels as stored
+                pass
+            im = _to_rgb(im)
+            w, h = im.size
+            if (w, h) != (size, size):
+                m = min(w, h)
+                box = ((w - m) / 2, (h - m) / 2, (w + m) / 2, (h + m) / 2)
+                im = im.resize((size, size), resample, box=box)
+            return np.array(im, dtype=np.uint8)  # a writable copy for torch.from_numpy
+
+
+def image_problem(path: Path) -> str | None:
+    """Returns why the file would be skipped (not an image, a format not read, too many
+    pixels, damaged), or None when it looks readable; cheap: nothing is decoded."""
+    try:
+        with open_image(path) as im:
+            im.verify()  # the header and, for PNG, every chunk's checksum
+        return None
+    except DataError as e:
+        return str(e)
+    except Exception as e:  # truncated, damaged or unreadable
+        return f"{path} could not be read as an image ({type(e).__name__}: {e})."
 
 
 def can_read(path: Path) -> bool:
-    """Returns True when PIL recognises the file as an image whose data is intact (its
-    header and, for PNG, every chunk's checksum); cheap: nothing is decoded."""
-    try:
-        with Image.open(path) as im:
-            im.verify()
-        return True
-    except Exception:  # not an image, truncated, or unreadable
-        return False
+    """Returns True when the file is an image of an allowed format and size whose data is
+    intact (its header and, for PNG, every chunk's checksum); cheap: nothing is decoded."""
+    return image_problem(path) is None
 
 
 def unreadable(paths: list[Path]) -> list[int]:
