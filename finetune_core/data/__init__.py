@@ -6,6 +6,11 @@ size, then a centre crop) and kept as uint8 [N, 3, S, S]. Training then only ind
 tensors and augments whole batches on tensors, so the input pipeline costs a small
 fraction of a training step. Decoded tensors are cached on disk, keyed by the files'
 names, sizes and modification times, so a second run on the same data starts at once.
+
+Data comes from strangers: zips are checked before anything is written (zips.py), images
+are opened only in the formats listed and within a pixel limit (decode.py), folder walks
+follow no links to folders and are bounded (folders.py); every limit names the environment
+variable that sets it for a server. `DataInfo.warnings` lists what is usable but worth a look.
 """
 
 from finetune_core.data.augment import augment_batch, normalize
@@ -18,7 +23,7 @@ from finetune_core.data.base import (
     class_counts,
     data_dir,
 )
-from finetune_core.data.decode import can_read, decode_image
+from finetune_core.data.decode import IMAGE_FORMATS, can_read, decode_image, image_problem
 from finetune_core.data.loader import TensorLoader, drops_last, steps_per_epoch
 from finetune_core.data.sources import (
     BUILTIN,
@@ -30,9 +35,11 @@ from finetune_core.data.sources import (
 )
 from finetune_core.data.splits import check_split, split_sizes
 from finetune_core.data.torchvision_sets import TORCHVISION
+from finetune_core.data.zips import extract_zip, prune_extractions
 
 __all__ = [
     "BUILTIN",
+    "IMAGE_FORMATS",
     "PREFIXES",
     "SAMPLES_PER_CLASS",
     "TORCHVISION",
@@ -48,9 +55,12 @@ __all__ = [
     "data_dir",
     "decode_image",
     "drops_last",
+    "extract_zip",
+    "image_problem",
     "inspect_data",
     "load_data",
     "normalize",
+    "prune_extractions",
     "resolve",
     "split_sizes",
     "steps_per_epoch",

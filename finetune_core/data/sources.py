@@ -8,6 +8,7 @@ train/, val/ and test/), a `.zip` of such a folder, `builtin:shapes` / `builtin:
 
 from __future__ import annotations
 
+import stat
 import zipfile
 from collections.abc import Callable
 from pathlib import Path
@@ -18,7 +19,12 @@ import torch
 from finetune_core.data import shapes, torchvision_sets
 from finetune_core.data.base import DataError, DataInfo, ImageData, TensorSplit, data_dir
 from finetune_core.data.decode import resample
-from finetune_core.data.folders import FolderSource, dataset_root, index_folder
+from finetune_core.data.folders import (
+    FolderSource,
+    dataset_root,
+    index_folder,
+    refuse_system_path,
+)
 from finetune_core.data.splits import carve, check_split, split_indices
 from finetune_core.data.torchvision_sets import TORCHVISION, TorchvisionSource
 from finetune_core.data.zips import extract_zip
@@ -50,15 +56,27 @@ def _torchvision(spec: str, name: str, progress) -> TorchvisionSource:
     return TorchvisionSource(spec, torchvision_sets.find(name))
 
 
-def _path(spec: str, path: Path) -> FolderSource:
-    if path.is_file():
+def _path(spec: str, path: Path, progress=None) -> FolderSource:
+    refuse_system_path(path, str(path))
+    try:
+        mode = path.stat().st_mode
+    except OSError as e:
+        raise DataError(f"data path {path} cannot be read ({e.strerror or e}).") from e
+    if stat.S_ISREG(mode):
         if not zipfile.is_zipfile(path):
             raise DataError(
                 f"{path} is a file but not a .zip; give a folder with one subfolder per class, "
                 f"or a .zip of such a folder."
             )
         label = path.name  # the zip's own name: its extraction folder is the server's
-        return FolderSource(spec, index_folder(dataset_root(extract_zip(path, label)), label))
+        report = None if progress is None else (lambda f, msg: progress("data", f, msg))
+        folder = extract_zip(path, label, progress=report)
+        return FolderSource(spec, index_folder(dataset_root(folder), label))
+    if not stat.S_ISDIR(mode):
+        raise DataError(
+            f"data path {path} is not a regular file or folder (a device, pipe or socket); "
+            f"give a folder with one subfolder per class, or a .zip of such a folder."
+        )
     return FolderSource(spec, index_folder(path, str(path)))
 
 
@@ -81,12 +99,21 @@ def resolve(spec: str, progress=None) -> Source:
     kind, sep, rest = text.partition(":")
     if sep and kind in PREFIXES:
         return PREFIXES[kind](spec, rest, progress)
+    if "\0" in text:
+        raise DataError(
+            f"data path {text!r} holds a NUL character (\\0), which no file name can; "
+            f"retype the path."
+        )
     path = Path(text).expanduser()
-    if not path.exists():
+    try:
+        exists = path.exists()
+    except (OSError, ValueError) as e:
+        raise DataError(f"data path {text!r} cannot be used ({e}); give " + _spec_forms()) from e
+    if not exists:
         if sep and len(kind) > 1 and kind.isidentifier():
             raise DataError(f"unknown data spec form {kind + ':'!r} in {text!r}; " + _spec_forms())
         raise DataError(f"data path {path} does not exist; give " + _spec_forms())
-    return _path(spec, path)
+    return _path(spec, path, progress)
 
 
 def inspect_data(spec: str) -> DataInfo:
@@ -170,4 +197,5 @@ def load_data(
         val=take(chosen["val"]),
         test=take(chosen["test"]),
         skipped_files=skipped,
+        warnings=list(getattr(source, "warnings", ())),
     )
