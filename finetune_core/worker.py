@@ -409,6 +409,8 @@ def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bo
         if weights.is_builtin(cfg.weights):
             pretrain.ensure_builtin(cfg.model, progress)
         exp = engine.prepare(cfg, runs_dir=run_dir.parent, progress=progress)
+        for warning in getattr(exp.data, "warnings", ()):  # usable data worth a look
+            log(f"warning: {warning}")
         if flag.requested:
             raise StopRequested
         store.write_progress(run_dir, message="training")

@@ -426,6 +426,8 @@ def data_summary(spec: str, info: data_mod.DataInfo) -> None:
         shown = ", ".join(bad[:5]) + (f" and {len(bad) - 5} more" if len(bad) > 5 else "")
         files = "1 file cannot" if len(bad) == 1 else f"{len(bad)} files cannot"
         st.warning(f"{files} be read and will be skipped: {shown}.", icon=":material/broken_image:")
+    for warning in info.warnings:  # usable, but worth a look (a split lacking a class)
+        st.warning(warning)
     c1, c2 = st.columns([2, 3])
     c1.plotly_chart(plots.class_counts_chart(info.counts), key="class_counts", width="stretch")
     with c2:

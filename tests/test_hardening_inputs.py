@@ -267,3 +267,18 @@ def test_train_ends_by_naming_the_files_it_skipped(tmp_path):
     assert "and 2 more" in err and "summary.json" in err
     shown = [name for name in summary["skipped_files"] if name in err]
     assert len(shown) == 10
+
+
+def test_train_says_when_a_split_lacks_a_class(tmp_path):
+    data = tmp_path / "pics"
+    for split, classes in (("train", ("red", "blue")), ("val", ("red",))):
+        for cls in classes:
+            (data / split / cls).mkdir(parents=True)
+            for i in range(6):
+                Image.new("RGB", (16, 16), cls).save(data / split / cls / f"{i}.png")
+    runs = tmp_path / "runs"
+    code, out, err = _train("--data", str(data), *TINY[2:], "--runs-dir", str(runs))
+    assert code == 0, err
+    assert "warning: " in err and "val/ has no images of 1 class that train/ has ('blue')" in err
+    run_dir = Path(out.strip().splitlines()[-1])
+    assert "has no images of 1 class" in (run_dir / "worker.log").read_text()

@@ -649,6 +649,17 @@ def test_new_run_with_an_unreadable_file_previews_the_rest_and_says_it_will_be_s
     assert at.get("plotly_chart") and not at.button(key="launch").disabled
 
 
+def test_new_run_says_when_a_split_lacks_a_class_and_still_launches(runs, tmp_path):
+    files = {f"pets/train/{c}/{i}.png": _png(c) for c in ("red", "blue") for i in range(3)}
+    files["pets/val/red/0.png"] = _png("red")  # no blue in val
+    _use_zip(runs, _zip_of(tmp_path / "pets.zip", files))
+    at = unpacked(page("pages/1_New_run.py"))
+    assert not at.exception, at.exception
+    shown = [w for w in texts(at.warning) if "has no images of 1 class" in w]
+    assert shown and "'blue'" in shown[0], texts(at.warning)
+    assert not at.button(key="launch").disabled
+
+
 def test_new_run_shows_the_data_split_message_that_disables_launch(new_run):
     at = new_run
     at.number_input(key="f_val_fraction").set_value(0.0).run()
