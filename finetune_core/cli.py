@@ -1,10 +1,12 @@
-"""The command line: python -m finetune_core train | list | show | compare | stop | resume |
-worker | queue | models.
+"""The command line: python -m finetune_core train | lr-find | list | show | compare | stop |
+resume | worker | queue | models.
 
 `train` validates everything before a run folder exists (exit 2 with a message naming the
 flag), then runs the same worker body as the dashboard's queue, in the foreground, with a
 progress bar on stderr; the absolute run folder is the last line of stdout. Exit codes:
-0 completed, 1 failed, 2 invalid input, 130 stopped.
+0 completed, 1 failed, 2 invalid input, 130 stopped. `lr-find` takes train's flags and
+validates them the same way, runs the learning-rate range test and prints the suggested lr
+as the last line of stdout; it makes no run folder.
 
 Commands that only read runs (list, show, compare, stop) never load torch: the commands
 that train import the engine when they run.
@@ -159,6 +161,7 @@ class ProgressBar(Callback):
 # Commands
 
 
+LR_FIND_MAX_STEPS = 10_000  # lr-find's --steps at most
 SKIPPED_SHOWN = 10  # names of skipped files printed; summary.json lists them all
 
 
@@ -212,6 +215,116 @@ def cmd_train(args) -> int:
         file=sys.stderr,
     )
     return _run_in_foreground(run_dir)
+
+
+def _lr_find_steps(text: str) -> int:
+    """Returns --steps as a number; raises ConfigError naming the flag."""
+    try:
+        steps = int(text)
+    except (TypeError, ValueError):
+        raise ConfigError({"--steps": f"must be a whole number, not {text!r}"}) from None
+    if not 2 <= steps <= LR_FIND_MAX_STEPS:
+        raise ConfigError({"--steps": f"must be from 2 to {LR_FIND_MAX_STEPS}, not {steps}"})
+    return steps
+
+
+def _lr_find_csv(text: str | None) -> Path | None:
+    """Returns the --csv path, checked before the test runs; raises ConfigError naming it."""
+    if text is None:
+        return None
+    path = Path(text).expanduser()
+    if path.is_dir():
+        raise ConfigError({"--csv": f"{text} is a folder; give a file name such as lr.csv"})
+    if not path.parent.resolve().is_dir():
+        raise ConfigError({"--csv": f"the folder {path.parent} does not exist; create it first"})
+    return path
+
+
+class _LrFindProgress:
+    """Draws the range test's progress on one stderr line."""
+
+    def __init__(self, stream=None, width: int = 24):
+        self.stream = stream or sys.stderr
+        self.width = width
+        self.drawn = False
+
+    def __call__(self, fraction=None, message=None) -> None:
+        if message is None:
+            return
+        if fraction is None:  # preparing: data, weights
+            self.done()
+            self.stream.write(message + "\n")
+        else:
+            filled = int(self.width * fraction)
+            bar = "#" * filled + "." * (self.width - filled)
+            self.stream.write(f"\r[{bar}] {message}".ljust(80))
+            self.drawn = True
+        self.stream.flush()
+
+    def done(self) -> None:
+        if self.drawn:
+            self.stream.write("\n")
+            self.drawn = False
+
+
+def _lr_find_table(curve, rows: int = 10) -> str:
+    """Returns about `rows` evenly spaced points of the curve, and the suggestions."""
+    n = len(curve.lrs)
+    picked = sorted({round(i * (n - 1) / max(1, rows - 1)) for i in range(min(rows, n))})
+    lines = [f"{'lr':>10}  {'loss':>10}  {'smoothed':>10}"]
+    for i in picked:
+        lines.append(f"{curve.lrs[i]:>10.3g}  {curve.losses[i]:>10.4f}  {curve.smoothed[i]:>10.4f}")
+    end = (
+        f"the loss diverged at lr {curve.lrs[-1]:.3g}"
+        if curve.stopped_early
+        else f"the loss did not diverge up to lr {curve.lrs[-1]:.3g}"
+    )
+    lines += [
+        f"{n} steps; {end}",
+        f"lowest smoothed loss at lr {curve.min_loss_lr:.3g} "
+        f"(fastai's minimum/10: {curve.min_loss_lr_over_10:.3g})",
+        f"suggested lr (steepest fall of the smoothed loss): {curve.suggested_lr:.3g}",
+    ]
+    return "\n".join(lines)
+
+
+def cmd_lr_find(args) -> int:
+    root = store.runs_dir(args.runs_dir)
+    try:
+        cfg = config_from_args(args)
+        steps = _lr_find_steps(args.steps)
+        csv_path = _lr_find_csv(args.csv)
+    except ConfigError as e:
+        _report(e.errors)
+        return runner.EXIT_INVALID
+    from finetune_core import lr_find, preflight  # the engine and torch
+
+    errors = preflight.validate(cfg, runs_dir=root)
+    if errors:
+        _report(errors)
+        return runner.EXIT_INVALID
+    print(
+        f"lr-find: {cfg.model}, {cfg.strategy}, weights {cfg.weights}, on {cfg.data}, "
+        f"{steps} steps at most (no run is made)",
+        file=sys.stderr,
+    )
+    bar = _LrFindProgress()
+    try:
+        curve = lr_find.find_lr(cfg, steps=steps, progress=bar, runs_dir=root)
+    except (KeyboardInterrupt, ConfigError):
+        bar.done()
+        raise
+    except Exception as e:  # noqa: BLE001 - say what failed, as a run's failure would
+        bar.done()
+        print(f"error: lr-find failed: {e}", file=sys.stderr)
+        return runner.EXIT_FAILED
+    bar.done()
+    print(_lr_find_table(curve), file=sys.stderr)
+    if csv_path is not None:
+        curve.to_csv(csv_path)
+        print(f"wrote the curve to {csv_path}", file=sys.stderr)
+    print(f"{curve.suggested_lr:.3g}")
+    return 0
 
 
 def cmd_resume(args) -> int:
@@ -367,6 +480,26 @@ def build_parser() -> argparse.ArgumentParser:
     )
     runs_dir_flag(train)
     train.set_defaults(func=cmd_train)
+
+    p = sub.add_parser(
+        "lr-find",
+        help="learning-rate range test for train's settings: prints the suggested lr last",
+    )
+    _add_config_flags(p)
+    p.add_argument(
+        "--config", default=None, metavar="FILE.json", help="settings file; flags override it"
+    )
+    p.add_argument(
+        "--steps",
+        default="100",
+        metavar="N",
+        help="optimizer steps at most, lr growing from 1e-7 to 10 (default: 100)",
+    )
+    p.add_argument(
+        "--csv", default=None, metavar="FILE", help="write the curve: lr,loss,smoothed_loss"
+    )
+    runs_dir_flag(p)
+    p.set_defaults(func=cmd_lr_find)
 
     p = sub.add_parser("list", help="list runs, newest first")
     runs_dir_flag(p)

@@ -35,6 +35,7 @@ from finetune_core import (
     engine,
     estimate,
     jobs,
+    lr_find,
     pretrain,
     store,
     uploads,
@@ -516,7 +517,11 @@ def _finish_run(
 
 
 # job kind -> the function that does it: (args, progress(fraction, message)) -> result
-JOB_KINDS: dict[str, Callable] = {"estimate": estimate.run_job, "extract": uploads.extract_job}
+JOB_KINDS: dict[str, Callable] = {
+    "estimate": estimate.run_job,
+    "extract": uploads.extract_job,
+    "lr_find": lr_find.run_job,
+}
 
 
 def run_job(job_dir: str | os.PathLike) -> int:

@@ -70,6 +70,7 @@ ALLOWED = {
         "engine",
         "estimate",
         "jobs",
+        "lr_find",
         "pretrain",
         "runner",
         "store",
@@ -78,11 +79,14 @@ ALLOWED = {
         "weights",
     },
     "estimate": {"config", "data", "device", "engine", "models"},
+    # the range test builds the experiment as training does, on a model of its own
+    "lr_find": {"config", "engine", "pretrain", "strategies", "weights"},
     # the commands that train import the engine's rooms when they run
     "cli": {
         "callbacks",
         "config",
         "data",
+        "lr_find",
         "models",
         "preflight",
         "runner",
