@@ -241,7 +241,7 @@ def _lr_find_csv(text: str | None) -> Path | None:
 
 
 class _LrFindProgress:
-    """Draws the range test's progress on one stderr line."""
+    """Draws the range test's progress (preparing, then a bar of its steps) on one stderr line."""
 
     def __init__(self, stream=None, width: int = 24):
         self.stream = stream or sys.stderr
@@ -251,19 +251,17 @@ class _LrFindProgress:
     def __call__(self, fraction=None, message=None) -> None:
         if message is None:
             return
-        if fraction is None:  # preparing: data, weights
-            self.done()
-            self.stream.write(message + "\n")
-        else:
+        if fraction is not None:
             filled = int(self.width * fraction)
-            bar = "#" * filled + "." * (self.width - filled)
-            self.stream.write(f"\r[{bar}] {message}".ljust(80))
-            self.drawn = True
+            message = f"[{'#' * filled}{'.' * (self.width - filled)}] {message}"
+        self.stream.write("\r" + message.ljust(80))
         self.stream.flush()
+        self.drawn = True
 
     def done(self) -> None:
         if self.drawn:
             self.stream.write("\n")
+            self.stream.flush()
             self.drawn = False
 
 
@@ -320,6 +318,13 @@ def cmd_lr_find(args) -> int:
         return runner.EXIT_FAILED
     bar.done()
     print(_lr_find_table(curve), file=sys.stderr)
+    if not curve.loss_fell:
+        print(
+            "warning: the loss barely fell before it diverged, so the suggestion is a guess: "
+            "the features may not suit this data (try other --weights or a larger "
+            "--image-size) or the test was too short (more --steps)",
+            file=sys.stderr,
+        )
     if csv_path is not None:
         curve.to_csv(csv_path)
         print(f"wrote the curve to {csv_path}", file=sys.stderr)

@@ -14,7 +14,7 @@ import pytest
 
 from finetune_core import engine, worker
 from finetune_core.config import from_dict
-from finetune_core.lr_find import find_lr, lr_at, smooth
+from finetune_core.lr_find import find_lr, loss_fell, lr_at, smooth, suggest
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = {
@@ -43,6 +43,15 @@ def test_the_sweep_grows_exponentially_and_the_smoothing_is_bias_corrected():
     assert all(math.isclose(s, 2.0) for s in smooth([2.0] * 20))
 
 
+def test_the_suggestion_is_the_steepest_fall_below_the_minimum_and_a_flat_curve_is_said():
+    lrs = [10.0**e for e in range(-6, 2)]  # 1e-6 ... 10
+    smoothed = [2.0, 2.0, 1.9, 1.5, 1.3, 1.2, 3.0, 9.0]  # steepest at 1e-3, lowest at 1e-1
+    suggested, lowest = suggest(lrs, smoothed)
+    assert (suggested, lowest) == (1e-3, 1e-1)
+    assert loss_fell(smoothed)
+    assert not loss_fell([2.0, 1.95, 1.9, 1.92, 2.5, 9.0])  # 5 % is noise, not learning
+
+
 def test_the_range_test_sweeps_increasing_lrs_and_stops_when_the_loss_diverges():
     curve = find_lr(_cfg(strategy="linear_probe"), steps=STEPS, start_lr=START)
     assert curve.lrs[0] == pytest.approx(START)
@@ -51,6 +60,7 @@ def test_the_range_test_sweeps_increasing_lrs_and_stops_when_the_loss_diverges()
     assert curve.stopped_early and len(curve.lrs) < STEPS  # lr 10 blows the loss up
     assert curve.smoothed[-1] > 4.0 * min(curve.smoothed)
     assert all(math.isfinite(v) for v in curve.losses)
+    assert not curve.loss_fell  # random features: no lr teaches the head much
 
 
 def test_the_suggestion_lies_below_the_divergence_and_repeats_for_a_seed():
@@ -152,6 +162,7 @@ def test_lr_find_prints_the_suggestion_last_writes_the_csv_and_makes_no_run(tmp_
     suggested = float(done.stdout.strip().splitlines()[-1])
     assert 1e-7 < suggested < 10
     assert "suggested lr" in done.stderr
+    assert "the loss barely fell" in done.stderr  # random features: the curve is flat
     with out.open() as f:
         rows = list(csv.DictReader(f))
     assert list(rows[0]) == ["lr", "loss", "smoothed_loss"]
