@@ -10,6 +10,7 @@ started by the CLI or the dashboard does that first).
 from __future__ import annotations
 
 import contextlib
+import csv
 import math
 import time
 from dataclasses import dataclass
@@ -18,12 +19,13 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetune_core import checkpoints, metrics, models, strategies, weights
+from finetune_core import checkpoints, metrics, models, stats, strategies, weights
 from finetune_core import data as data_mod
 from finetune_core.callbacks import Callback, StopTraining, make_record
 from finetune_core.config import RunConfig
 from finetune_core.device import pick_device, speed_settings
 from finetune_core.strategies.l2sp import L2SP
+from finetune_core.util.files import atomic_write
 
 __all__ = ["Callback", "Experiment", "StopTraining", "Trainer", "TrainingFailed", "fit", "prepare"]
 
@@ -376,7 +378,7 @@ class Trainer:
         self.parts.model.eval()
         k = self.exp.num_classes
         total_loss, n, top1, top5 = 0.0, 0, 0, 0
-        preds, targets = [], []
+        preds, targets, confidences = [], [], []
         bs = max(self.cfg.batch_size, 128)
         loss_fn = nn.CrossEntropyLoss(reduction="sum")
         for start in range(0, len(split), bs):
@@ -391,15 +393,22 @@ class Trainer:
             top1 += metrics.topk_correct(logits, y, 1)
             top5 += metrics.topk_correct(logits, y, 5)
             n += len(y)
-            preds.append(logits.argmax(1).cpu())
+            confidence, pred = logits.softmax(1).max(1)
+            preds.append(pred.cpu())
+            confidences.append(confidence.cpu())
             targets.append(y.cpu())
-        cm = metrics.confusion_matrix(torch.cat(preds), torch.cat(targets), k)
+        pred, target = torch.cat(preds), torch.cat(targets)
+        cm = metrics.confusion_matrix(pred, target, k)
         return {
             "loss": total_loss / max(n, 1),
             "acc": top1 / max(n, 1),
             "acc5": top5 / max(n, 1) if k > 5 else None,
             "confusion_matrix": cm.tolist(),
             "per_class_acc": metrics.per_class_accuracy(cm, self.exp.data.classes),
+            # per image, in the split's order: what the intervals and comparisons resample
+            "true": target.tolist(),
+            "pred": pred.tolist(),
+            "confidence": torch.cat(confidences).tolist(),
         }
 
     def _cached(self, split: str) -> torch.Tensor | None:
@@ -564,13 +573,19 @@ class Trainer:
         return min(self.val_history[-n:]) >= best_before
 
     def _finish(self, state: str) -> dict:
-        test_acc = None
-        if state == "completed" and self.exp.data.test is not None:
-            test_acc = self._test()
+        test_acc = test_ci = val_ci = None
+        if state == "completed":
+            scored = self._score_best()
+            val_ci = stats.accuracy_interval(_hits(scored["val"]))
+            if "test" in scored:
+                test_acc = scored["test"]["acc"]
+                test_ci = stats.accuracy_interval(_hits(scored["test"]))
         best = self.best_eval or {}
         return {
             "state": state,
             "best_val_acc": self.best_val_acc,
+            "best_val_acc_ci": list(val_ci) if val_ci else None,
+            "test_acc_ci": list(test_ci) if test_ci else None,
             "final_val_acc": self.last_eval["acc"] if self.last_eval else None,
             "test_acc": test_acc,
             "trainable_params": max(self.trainable_per_phase.values(), default=0),
@@ -584,14 +599,46 @@ class Trainer:
             "best_epoch": self.best_epoch,
         }
 
-    def _test(self) -> float:
-        """Scores the best checkpoint on the test split and emits the test record."""
-        if self.checkpoint_dir is not None and (self.checkpoint_dir / "best.safetensors").exists():
-            self._load_weights(self.checkpoint_dir / "best.safetensors")
-        # the feature cache holds only for a frozen backbone, which the best weights share
-        ev = self.evaluate(self.exp.data.test, self._cached("test"))
-        self._emit_eval(self._eval_record("test", ev, self.elapsed()))
-        return ev["acc"]
+    def _score_best(self) -> dict[str, dict]:
+        """Scores the best checkpoint on val and test (when there is one), emits the test
+        record, and writes every image's prediction to the run's predictions.csv; returns
+        {split: evaluate()'s result}."""
+        best = self.checkpoint_dir / "best.safetensors" if self.checkpoint_dir else None
+        if best is not None and best.exists():
+            self._load_weights(best)
+            # the feature cache holds only for a frozen backbone, which the best weights share
+            scored = {"val": self.evaluate(self.exp.data.val, self._cached("val"))}
+        else:  # no checkpoints (pretraining): the best epoch's own evaluation
+            scored = {"val": self.best_eval or self.last_eval}
+        if self.exp.data.test is not None:
+            scored["test"] = self.evaluate(self.exp.data.test, self._cached("test"))
+            self._emit_eval(self._eval_record("test", scored["test"], self.elapsed()))
+        if self.checkpoint_dir is not None:
+            write_predictions(self.checkpoint_dir.parent / PREDICTIONS_FILE, scored)
+        return scored
+
+
+PREDICTIONS_FILE = "predictions.csv"
+
+
+def _hits(ev: dict) -> list[bool]:
+    return [t == p for t, p in zip(ev["true"], ev["pred"], strict=True)]
+
+
+def write_predictions(path: Path, scored: dict[str, dict]) -> None:
+    """Writes one row per image of each scored split: split, index (the image's position in
+    the split), true and predicted class index, and the prediction's confidence."""
+
+    def write(tmp: Path) -> None:
+        with open(tmp, "w", newline="") as f:
+            out = csv.writer(f)
+            out.writerow(["split", "index", "true", "pred", "confidence"])
+            for split, ev in scored.items():
+                rows = zip(ev["true"], ev["pred"], ev["confidence"], strict=True)
+                for i, (t, p, c) in enumerate(rows):
+                    out.writerow([split, i, t, p, f"{c:.6f}"])
+
+    atomic_write(path, write)
 
 
 class FollowPlan(Callback):

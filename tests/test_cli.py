@@ -9,6 +9,7 @@ import sys
 import time
 from pathlib import Path
 
+import pandas as pd
 import pytest
 import torch
 
@@ -172,6 +173,14 @@ def test_train_completes_and_writes_the_whole_run_contract(two_runs):
     assert summary["state"] == "completed"
     assert set(summary["per_class_acc"]) == set(summary["classes"])
     assert len(summary["confusion_matrix"]) == len(summary["classes"])
+    # every val image's prediction by the best weights, and the interval they give
+    preds = pd.read_csv(run_dir / "predictions.csv")
+    assert list(preds.columns) == ["split", "index", "true", "pred", "confidence"]
+    val_preds = preds[preds["split"] == "val"]
+    assert (val_preds["true"] == val_preds["pred"]).mean() == pytest.approx(summary["best_val_acc"])
+    assert val_preds["confidence"].between(0, 1).all()
+    lo, hi = summary["best_val_acc_ci"]
+    assert 0 <= lo <= summary["best_val_acc"] <= hi <= 1 and hi - lo > 0
     # what using the run needs; nothing resumes a completed run, so no resume point is kept
     assert [p.name for p in (run_dir / "checkpoints").iterdir()] == ["best.safetensors"]
     assert "completed" in (run_dir / "worker.log").read_text()

@@ -28,6 +28,7 @@ ALLOWED = {
     "device": set(),
     "models": {"util"},
     "metrics": set(),
+    "stats": set(),  # bootstrap intervals (numpy): plots and the engine use them
     "data": {"util"},
     # the run store; `create_run` records the device (torch) only when it makes a run
     "store": {"callbacks", "config", "strategies", "util", "device"},
@@ -41,6 +42,7 @@ ALLOWED = {
         "device",
         "metrics",
         "models",
+        "stats",
         "strategies",
         "util",
         "weights",
@@ -112,6 +114,7 @@ TORCH_FREE = {
     "plots",
     "jobs",
     "uploads",
+    "stats",
 }
 
 
