@@ -12,14 +12,14 @@ Inputs are the run-directory contract read through `store`:
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Any
 
 import pandas as pd
 import plotly.graph_objects as go
 from plotly.subplots import make_subplots
 
-from finetune_core import store, strategies
+from finetune_core import stats, store, strategies
 from finetune_core.util.durations import fmt_duration, seconds_left
 
 # Calm, colour-blind-safe palette (Okabe-Ito); one colour per run, stable by position.
@@ -424,10 +424,14 @@ def summary_table(
     return table
 
 
-def headline(table: pd.DataFrame) -> str:
+def headline(table: pd.DataFrame, hits: Mapping[str, Sequence[bool]] | None = None) -> str:
     """Returns the one sentence that answers "which strategy, at what cost": the best run by
     best val accuracy, its difference from `full` in points, and its train-time and
-    trainable-parameter ratios to `full`."""
+    trainable-parameter ratios to `full`.
+
+    hits ({run_id: per val image, right or not}, store.read_hits) make it say how sure it
+    is: when the paired-bootstrap interval of the best run's lead over the next one holds 0,
+    it calls no winner and names the cheaper of the two instead."""
     done = table.dropna(subset=["best_val_acc"]) if not table.empty else table
     if done.empty:
         return "No run has finished an epoch yet, so there is nothing to compare."
@@ -438,9 +442,12 @@ def headline(table: pd.DataFrame) -> str:
             f"Only one run has results: {best['run']} reached "
             f"{fmt_pct(best['best_val_acc'])} val accuracy."
         )
+    second = done.drop(index=best.name)
+    runner_up = second.loc[second["best_val_acc"].idxmax()]
+    tie = _within_noise(best, runner_up, hits or {})
+    if tie is not None:
+        return tie
     if full.empty:
-        second = done.drop(index=best.name)
-        runner_up = second.loc[second["best_val_acc"].idxmax()]
         return (
             f"{best['run']} is best with {fmt_pct(best['best_val_acc'])} val accuracy, "
             f"{_points(best['best_val_acc'] - runner_up['best_val_acc'])} ahead of "
@@ -463,6 +470,36 @@ def headline(table: pd.DataFrame) -> str:
         f"{_points(diff)} {'above' if diff >= 0 else 'below'} full fine-tuning "
         f"({fmt_pct(ref['best_val_acc'])}){_cost(best, ref)}."
     )
+
+
+def _within_noise(
+    best: pd.Series, other: pd.Series, hits: Mapping[str, Sequence[bool]]
+) -> str | None:
+    """Returns the sentence for two runs the data cannot tell apart (the paired-bootstrap
+    95 % interval of their difference on the same val images holds 0), else None."""
+    a, b = hits.get(best["run_id"]), hits.get(other["run_id"])
+    if not a or not b or len(a) != len(b):
+        return None  # not scored on the same images: no paired interval
+    diff = stats.paired_difference(a, b)
+    if not diff.within_noise:
+        return None
+    cheap, dear = sorted((best, other), key=_cheapness)
+    return (
+        f"{best['run']} and {other['run']} are within noise of each other: "
+        f"{fmt_pct(best['best_val_acc'])} and {fmt_pct(other['best_val_acc'])} val accuracy, "
+        f"a difference whose 95 % interval ({100 * diff.lo:+.1f} to {100 * diff.hi:+.1f} "
+        f"points on these {diff.images} images) holds 0, so neither wins; {cheap['run']} is "
+        f"the cheaper{_cost(cheap, dear)}."
+    )
+
+
+def _cheapness(run: pd.Series) -> tuple[float, float]:
+    """Fewest trainable parameters first, then the shortest train time."""
+
+    def number(value) -> float:
+        return float(value) if pd.notna(value) else math.inf
+
+    return number(run["trainable_params"]), number(run["train_time_s"])
 
 
 def _points(diff: float) -> str:

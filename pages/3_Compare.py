@@ -98,7 +98,8 @@ def comparison(was_live: bool) -> None:
     table = plots.summary_table(configs, summaries, metrics, statuses)
     label = dict(zip(table["run_id"], table["run"], strict=True))
 
-    st.subheader(plots.headline(table))
+    hits = {r: store.read_hits(root / r) for r in chosen}  # per val image: for the noise
+    st.subheader(plots.headline(table, {r: h for r, h in hits.items() if h}))
     for warning in plots.comparison_warnings(configs):
         st.warning(warning, icon=":material/warning:")
     if live:

@@ -96,7 +96,7 @@ ALLOWED = {
         "util",
         "worker",
     },
-    "plots": {"store", "strategies", "util"},
+    "plots": {"stats", "store", "strategies", "util"},
     "__main__": {"cli"},
 }
 

@@ -226,6 +226,31 @@ def test_headline_when_full_wins_reports_the_best_partial_strategy():
     assert "0.1× the training time and 0.027 % of the trainable parameters" in text
 
 
+def _hits(right: int, images: int, first: int = 0) -> list[bool]:
+    """right of images correct, starting at image `first` (wrapping around)."""
+    return [((i - first) % images) < right for i in range(images)]
+
+
+def test_headline_calls_no_winner_inside_the_noise_and_names_the_cheaper():
+    table = _table(
+        full=("full", 0.80, 100.0, 11_000_000),
+        **{"last_n 1": ("last_n", 0.83, 40.0, 2_200_000)},
+        linear_probe=("linear_probe", 0.70, 10.0, 3_000),
+    )
+    # 100 val images: 83 against 80 right, mostly the same ones
+    hits = {"full": _hits(80, 100), "last_n 1": _hits(83, 100, first=97), "linear_probe": []}
+    text = plots.headline(table, hits)
+    assert text.startswith("last_n 1 and full are within noise of each other: 83.0 % and 80.0 %")
+    assert "holds 0, so neither wins; last_n 1 is the cheaper, using 0.4× the training time" in text
+    assert "on these 100 images" in text and "is best" not in text
+    # the same accuracies on 5,000 images where full's right images are a subset: a real gap
+    many = {"full": _hits(4000, 5000), "last_n 1": _hits(4150, 5000)}
+    assert plots.headline(table, many).startswith("last_n 1 is best with 83.0 % val accuracy")
+    # runs scored on other images cannot be paired: the plain sentence
+    other = {"full": _hits(80, 100), "last_n 1": _hits(83, 90)}
+    assert plots.headline(table, other).startswith("last_n 1 is best")
+
+
 def test_headline_without_results_or_without_full_still_says_something_true():
     assert "nothing to compare" in plots.headline(_table())
     table = _table(a=("linear_probe", 0.6, 1.0, 10), b=("bitfit", 0.65, 2.0, 20))

@@ -3,6 +3,7 @@ state, renamed, deleted; and reading its files back."""
 
 from __future__ import annotations
 
+import csv
 import os
 import shutil
 from pathlib import Path
@@ -97,6 +98,23 @@ def read_summary(run_dir: str | os.PathLike) -> dict[str, Any] | None:
     if not isinstance(data, dict):
         return None
     return upgrade(data, f"{Path(run_dir) / 'summary.json'}")
+
+
+PREDICTIONS_FILE = "predictions.csv"  # written by the engine: split,index,true,pred,confidence
+
+
+def read_hits(run_dir: str | os.PathLike, split: str = "val") -> list[bool] | None:
+    """Returns, per image of the split in its order, whether the run's best weights got it
+    right (predictions.csv), or None when the run has no readable predictions for it."""
+    hits: list[bool] = []
+    try:
+        with open(Path(run_dir) / PREDICTIONS_FILE, newline="") as f:
+            for row in csv.DictReader(f):
+                if row.get("split") == split:
+                    hits.append(row["true"] == row["pred"])
+    except (OSError, UnicodeDecodeError, csv.Error, KeyError):
+        return None
+    return hits or None
 
 
 def write_summary(run_dir: str | os.PathLike, summary: dict[str, Any]) -> None:
