@@ -692,6 +692,30 @@ def comparison_warnings(configs: Mapping[str, Mapping[str, Any]]) -> list[str]:
     return found
 
 
+UNDERTRAINED_FALL = 0.10  # a training loss that fell less than this share is under-trained
+
+
+def undertrained(metrics: pd.DataFrame) -> str | None:
+    """Returns what to try when a run's training loss barely fell (its last tenth of train
+    records, median, at least UNDERTRAINED_FALL below its first tenth), None otherwise or
+    with too few records to tell (fewer than 4, or no finished epoch)."""
+    if metrics.empty or "split" not in metrics:
+        return None
+    train = metrics.loc[metrics["split"] == "train", "loss"].dropna()
+    if len(train) < 4 or not (metrics["split"] == "val").any():
+        return None
+    tenth = max(1, len(train) // 10)
+    first, last = float(train.iloc[:tenth].median()), float(train.iloc[-tenth:].median())
+    if first <= 0 or last < (1 - UNDERTRAINED_FALL) * first:
+        return None
+    fell = max(0.0, 1 - last / first)
+    return (
+        f"under-trained: its training loss fell only {100 * fell:.0f} % (from {first:.3g} to "
+        f"{last:.3g}). Try a higher learning rate (python -m finetune_core lr-find suggests "
+        "one), more epochs, or a strategy that trains more of the network."
+    )
+
+
 def config_diff(configs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
     """Returns the settings that differ between runs: one row per field, one column per run
     label; empty when the runs agree on everything (names and group ids do not count)."""

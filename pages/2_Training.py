@@ -287,6 +287,9 @@ if summary:
     result = plots.result_sentence(summary)
     if result:
         st.markdown(f"**Result:** {result}")
+    advice = plots.undertrained(store.read_metrics(run_dir))
+    if advice:
+        st.warning(f"This run is {advice}", icon=":material/trending_flat:")
     if summary.get("skipped_files"):
         with st.expander(f"{len(summary['skipped_files'])} files were skipped (unreadable)"):
             st.write(summary["skipped_files"])

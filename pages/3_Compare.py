@@ -102,6 +102,11 @@ def comparison(was_live: bool) -> None:
     st.subheader(plots.headline(table, {r: h for r, h in hits.items() if h}))
     for warning in plots.comparison_warnings(configs):
         st.warning(warning, icon=":material/warning:")
+    for r in chosen:
+        if statuses[r].get("state") not in store.LIVE_STATES:
+            advice = plots.undertrained(metrics[r])
+            if advice:
+                st.warning(f"{label[r]} is {advice}", icon=":material/trending_flat:")
     if live:
         st.info(
             f"{len(live)} of {len(chosen)} runs are still training; this page updates as "

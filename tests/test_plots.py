@@ -348,3 +348,16 @@ def test_comparison_warns_when_runs_differ_in_data_model_or_epochs():
     assert len(found) == 2
     assert "data" in found[0] and "builtin:shapes" in found[0] and "digits.zip" in found[0]
     assert "epochs" in found[1] and "3" in found[1] and "5" in found[1]
+
+
+def test_a_run_whose_training_loss_barely_fell_is_called_under_trained():
+    learning = _metrics("a")  # loss 2/step: falls from 0.4 to 0.07
+    assert plots.undertrained(learning) is None
+    flat = learning.copy()
+    train = flat["split"] == "train"
+    flat.loc[train, "loss"] = [1.80, 1.79, 1.78, 1.78, 1.77, 1.76]  # 2 % lower at the end
+    advice = plots.undertrained(flat)
+    assert advice.startswith("under-trained: its training loss fell only 2 % (from 1.8 to 1.76)")
+    assert "higher learning rate" in advice and "lr-find" in advice
+    assert plots.undertrained(flat[flat["split"] == "train"]) is None  # no epoch finished
+    assert plots.undertrained(flat.iloc[:0]) is None
