@@ -1,12 +1,15 @@
-"""The command line: python -m finetune_core train | lr-find | list | show | compare | stop |
-resume | worker | queue | models.
+"""The command line: python -m finetune_core train | lr-find | sweep | list | show | compare |
+stop | resume | worker | queue | models.
 
 `train` validates everything before a run folder exists (exit 2 with a message naming the
 flag), then runs the same worker body as the dashboard's queue, in the foreground, with a
 progress bar on stderr; the absolute run folder is the last line of stdout. Exit codes:
 0 completed, 1 failed, 2 invalid input, 130 stopped. `lr-find` takes train's flags and
 validates them the same way, runs the learning-rate range test and prints the suggested lr
-as the last line of stdout; it makes no run folder.
+as the last line of stdout; it makes no run folder. `sweep` queues several strategies (or
+every unfreeze depth, `--depths`) as one group with train's other flags, waits with progress
+on stderr and prints the group id last: exit 0 when every run completed, 1 when one failed,
+130 when stopped.
 
 Commands that only read runs (list, show, compare, stop) never load torch: the commands
 that train import the engine when they run.
@@ -332,6 +335,130 @@ def cmd_lr_find(args) -> int:
     return 0
 
 
+DEFAULT_SWEEP = "full,last_n:1,linear_probe"  # New run's default comparison
+MAX_SEEDS = 5
+SWEEP_POLL_S = 1.0
+
+
+def sweep_specs(strategy_list: str | None, depths: bool, model: str) -> list[dict[str, Any]]:
+    """Returns the strategy fields of each member of a sweep: `--depths` gives last_n for
+    k = 0 .. G-1 plus full (G the model's backbone groups); a strategy list gives one per
+    item, "name:value" setting the strategy's main option. Raises ConfigError naming the flag."""
+    if depths:
+        if strategy_list:
+            raise ConfigError({"--strategies": "give --strategies or --depths, not both"})
+        from finetune_core import models  # the model's groups: torchvision's registry
+
+        try:
+            groups = len(models.group_names(model))
+        except (KeyError, ValueError) as e:
+            raise ConfigError({"model": str(e)}) from None
+        specs = [{"strategy": "last_n", "unfreeze_last": k} for k in range(groups)]
+        return [*specs, {"strategy": "full"}]
+    from finetune_core import strategies
+
+    specs = []
+    for item in (strategy_list or DEFAULT_SWEEP).split(","):
+        name, _, value = item.strip().partition(":")
+        try:
+            strategy = strategies.get(name)
+        except ValueError as e:
+            raise ConfigError({"--strategies": str(e)}) from None
+        fields: dict[str, Any] = {"strategy": name}
+        if value:
+            if not strategy.options:
+                raise ConfigError(
+                    {"--strategies": f"{name} has no option to set ({item!r}); write {name} alone"}
+                )
+            main = strategy.options[0]
+            try:
+                fields[main.name] = type(main.default)(value)
+            except ValueError:
+                kind = type(main.default).__name__
+                raise ConfigError(
+                    {"--strategies": f"{item!r}: {main.name} takes a {kind}, got {value!r}"}
+                ) from None
+        specs.append(fields)
+    if not specs or not all(s["strategy"] for s in specs):
+        raise ConfigError({"--strategies": "name at least one strategy, e.g. full,linear_probe"})
+    return specs
+
+
+def _sweep_seeds(text: str) -> int:
+    try:
+        seeds = int(text)
+    except ValueError:
+        seeds = 0
+    if not 1 <= seeds <= MAX_SEEDS:
+        raise ConfigError({"--seeds": f"must be a whole number from 1 to {MAX_SEEDS}, got {text}"})
+    return seeds
+
+
+def _sweep_line(members: dict[Path, dict[str, Any]], labels: dict[str, str]) -> str:
+    done = sum(s.get("state") in store.FINAL_STATES for s in members.values())
+    live = [
+        f"{labels[d.name]}: epoch {s.get('epoch') or 0}/{s.get('epochs') or '?'}"
+        for d, s in members.items()
+        if s.get("state") == "running"
+    ]
+    return f"{done}/{len(members)} done" + (f" · {', '.join(live)}" if live else "")
+
+
+def cmd_sweep(args) -> int:
+    root = store.runs_dir(args.runs_dir)
+    try:
+        base = config_from_args(args)
+        seeds = _sweep_seeds(args.seeds)
+        specs = sweep_specs(args.strategies, args.depths, base.model)
+        cfgs = [
+            config.from_dict({**spec, "seed": base.seed + i}, base=base)
+            for spec in specs
+            for i in range(seeds)
+        ]
+    except ConfigError as e:
+        _report(e.errors)
+        return runner.EXIT_INVALID
+    from finetune_core import preflight  # the models, data and weights checks need torch
+
+    for cfg in cfgs:
+        errors = preflight.validate(cfg, runs_dir=root)
+        if errors:
+            _report(errors)
+            return runner.EXIT_INVALID
+    run_dirs = runner.enqueue(cfgs, root, group=True)
+    group = store.read_config(run_dirs[0]).get("group")
+    labels = {d.name: strategies_label(store.read_config(d)) for d in run_dirs}
+    print(f"group {group}: {len(run_dirs)} runs queued in {root}", file=sys.stderr)
+    stopped = False
+    try:
+        while True:
+            members = {d: store.read_status(d) for d in run_dirs}
+            print(f"\r{_sweep_line(members, labels)}\033[K", end="", file=sys.stderr, flush=True)
+            if all(s.get("state") in store.FINAL_STATES for s in members.values()):
+                break
+            time.sleep(SWEEP_POLL_S)
+    except KeyboardInterrupt:
+        stopped = True
+        for d in run_dirs:
+            runner.stop_run(d)
+        print("\nstopping the group: each run saves a checkpoint", file=sys.stderr)
+    print(file=sys.stderr)
+    states = {d: store.read_status(d).get("state") for d in run_dirs}
+    for d in run_dirs:
+        print(f"{labels[d.name]:<24} {states[d] or '?':<10} {d.name}", file=sys.stderr)
+    print(group)
+    if stopped or "stopped" in states.values():
+        return runner.EXIT_STOPPED
+    return runner.EXIT_COMPLETED if set(states.values()) == {"completed"} else runner.EXIT_FAILED
+
+
+def strategies_label(cfg: dict[str, Any]) -> str:
+    from finetune_core import strategies
+
+    label = strategies.label(cfg)
+    return f"{label} seed {cfg.get('seed')}"
+
+
 def cmd_resume(args) -> int:
     run_dir = store.resolve_run(args.run, store.runs_dir(args.runs_dir))
     if args.queue:
@@ -505,6 +632,34 @@ def build_parser() -> argparse.ArgumentParser:
     )
     runs_dir_flag(p)
     p.set_defaults(func=cmd_lr_find)
+
+    p = sub.add_parser(
+        "sweep",
+        help="a comparison without the browser: queue strategies as one group, wait, print its id",
+    )
+    _add_config_flags(p)
+    p.add_argument(
+        "--config", default=None, metavar="FILE.json", help="settings file; flags override it"
+    )
+    p.add_argument(
+        "--strategies",
+        default=None,
+        metavar="LIST",
+        help=f"comma-separated; name:value sets the strategy's main option (default: {DEFAULT_SWEEP})",
+    )
+    p.add_argument(
+        "--depths",
+        action="store_true",
+        help="last_n for k = 0 (a linear probe) up to every backbone group but one, plus full",
+    )
+    p.add_argument(
+        "--seeds",
+        default="1",
+        metavar="K",
+        help=f"runs per strategy, seeds SEED .. SEED+K-1 (1 to {MAX_SEEDS}; default 1)",
+    )
+    runs_dir_flag(p)
+    p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("list", help="list runs, newest first")
     runs_dir_flag(p)

@@ -93,6 +93,7 @@ ALLOWED = {
         "preflight",
         "runner",
         "store",
+        "strategies",
         "util",
         "worker",
     },
