@@ -729,3 +729,152 @@ def config_diff(configs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
         if len({repr(v) for v in values}) > 1:
             rows[f] = ["–" if v is None else str(v) for v in values]
     return pd.DataFrame.from_dict(rows, orient="index", columns=[labels[r] for r in configs])
+
+
+# ---------------------------------------------------------------- how deep to train
+
+
+def depth_points(
+    configs: Mapping[str, Mapping[str, Any]], summaries: Mapping[str, Mapping[str, Any] | None]
+) -> pd.DataFrame:
+    """Returns one row per completed last_n or full run: run_id, depth (backbone groups
+    trained: last_n's k; full is marked by full=True and sorts last), seed, acc (best val),
+    lo and hi (its 95 % interval), train_time_s, trainable_params."""
+    rows = []
+    for rid, cfg in configs.items():
+        summary = summaries.get(rid) or {}
+        strategy = cfg.get("strategy")
+        if summary.get("state") != "completed" or summary.get("best_val_acc") is None:
+            continue
+        if strategy not in ("last_n", "full"):
+            continue
+        ci = summary.get("best_val_acc_ci") or [None, None]
+        rows.append(
+            {
+                "run_id": rid,
+                "full": strategy == "full",
+                "depth": cfg.get("unfreeze_last") if strategy == "last_n" else None,
+                "seed": cfg.get("seed"),
+                "acc": summary["best_val_acc"],
+                "lo": ci[0],
+                "hi": ci[1],
+                "train_time_s": summary.get("train_time_s"),
+                "trainable_params": summary.get("trainable_params"),
+            }
+        )
+    columns = ["run_id", "full", "depth", "seed", "acc", "lo", "hi"]
+    return pd.DataFrame(rows, columns=[*columns, "train_time_s", "trainable_params"])
+
+
+def _depth_label(row) -> str:
+    if row["full"]:
+        return "full"
+    return "0 (probe)" if row["depth"] == 0 else str(int(row["depth"]))
+
+
+def _by_depth(points: pd.DataFrame) -> pd.DataFrame:
+    """Returns one row per depth, shallow to full: label, mean acc, lo/hi (the widest of its
+    seeds' intervals), mean train time and trainable parameters, run_ids, seeds."""
+    frame = points.assign(
+        label=points.apply(_depth_label, axis=1),
+        order=points["depth"].fillna(math.inf).where(~points["full"], math.inf),
+    )
+    grouped = frame.groupby("label", sort=False)
+    out = grouped.agg(
+        order=("order", "first"),
+        acc=("acc", "mean"),
+        lo=("lo", "min"),
+        hi=("hi", "max"),
+        train_time_s=("train_time_s", "mean"),
+        trainable_params=("trainable_params", "mean"),
+        runs=("run_id", list),
+        seeds=("seed", list),
+    )
+    return out.sort_values("order").reset_index()
+
+
+def depth_curve(points: pd.DataFrame) -> go.Figure:
+    """Returns accuracy (mean over seeds, with its 95 % interval) against the backbone groups
+    trained, from the linear probe to full, and the train time on a second axis."""
+    fig = make_subplots(specs=[[{"secondary_y": True}]])
+    if not points.empty:
+        d = _by_depth(points)
+        fig.add_trace(
+            go.Scatter(
+                x=d["label"],
+                y=100 * d["acc"],
+                mode="lines+markers",
+                name="val accuracy (95 % interval)",
+                error_y=dict(
+                    type="data",
+                    symmetric=False,
+                    array=(100 * (d["hi"] - d["acc"])).fillna(0),
+                    arrayminus=(100 * (d["acc"] - d["lo"])).fillna(0),
+                ),
+            ),
+            secondary_y=False,
+        )
+        fig.add_trace(
+            go.Bar(x=d["label"], y=d["train_time_s"], name="train time (s)", opacity=0.3),
+            secondary_y=True,
+        )
+    fig.update_yaxes(title_text="val accuracy (%)", secondary_y=False)
+    fig.update_yaxes(title_text="train time (s)", secondary_y=True, showgrid=False)
+    return _style(
+        fig,
+        height=320,
+        title="How much to unfreeze: accuracy by backbone groups trained",
+        xaxis_title="backbone groups trained (from the top)",
+    )
+
+
+def depth_sentence(points: pd.DataFrame, hits: Mapping[str, Sequence[bool]]) -> str | None:
+    """Returns which depth is the cheapest within noise of the best (the paired-bootstrap
+    interval of their difference, pooled over seeds, holds 0), or None with fewer than 3
+    depths. Without per-image predictions it compares the mean accuracies only, and says so."""
+    if points.empty:
+        return None
+    d = _by_depth(points)
+    if len(d) < 3:
+        return None
+    best = d.loc[d["acc"].idxmax()]
+
+    def pooled(row) -> list[bool] | None:
+        found = [hits.get(r) for r in row["runs"]]
+        return [h for run in found for h in run] if all(found) else None
+
+    best_hits = pooled(best)
+    if best_hits is None:
+        return (
+            f"The best depth is {_depth_words(best['label'])} ({fmt_pct(best['acc'])} val "
+            "accuracy); these runs have no per-image predictions, so how sure that is "
+            "cannot be said."
+        )
+    for _, row in d.sort_values(["trainable_params", "train_time_s"]).iterrows():
+        if row["label"] == best["label"]:
+            break
+        mine = pooled(row)
+        if best_hits is None or mine is None or len(mine) != len(best_hits):
+            continue
+        # seeds pair up in the same order: image i of seed s against image i of seed s
+        diff = stats.paired_difference(mine, best_hits)
+        if diff.within_noise:
+            return (
+                f"{_depth_words(row['label']).capitalize()} is the cheapest within noise of the "
+                f"best ({_depth_words(best['label'])}: {fmt_pct(best['acc'])} val accuracy): "
+                f"{fmt_pct(row['acc'])}, a difference whose 95 % interval "
+                f"({100 * diff.lo:+.1f} to {100 * diff.hi:+.1f} points) holds 0"
+                f"{_cost(row, best)}."
+            )
+    return (
+        f"The best depth is {_depth_words(best['label'])} ({fmt_pct(best['acc'])} val "
+        "accuracy); no cheaper depth is within noise of it."
+    )
+
+
+def _depth_words(label: str) -> str:
+    if label == "full":
+        return "full fine-tuning"
+    if label.startswith("0"):
+        return "training only the head (a linear probe)"
+    return f"training the top {label} backbone group{'' if label == '1' else 's'}"

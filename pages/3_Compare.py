@@ -113,6 +113,12 @@ def comparison(was_live: bool) -> None:
             "they go and the sentence above is provisional."
         )
 
+    points = plots.depth_points(configs, summaries)
+    depth = plots.depth_sentence(points, {r: h for r, h in hits.items() if h})
+    if depth:  # three or more unfreeze depths (sweep --depths): the headline view
+        st.markdown(f"**How much to unfreeze:** {depth}")
+        st.plotly_chart(plots.depth_curve(points), key="depth_curve", width="stretch")
+
     c1, c2 = st.columns(2)
     c1.plotly_chart(
         plots.accuracy_vs_cost(table, "trainable_params"), key="acc_params", width="stretch"

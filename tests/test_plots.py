@@ -361,3 +361,58 @@ def test_a_run_whose_training_loss_barely_fell_is_called_under_trained():
     assert "higher learning rate" in advice and "lr-find" in advice
     assert plots.undertrained(flat[flat["split"] == "train"]) is None  # no epoch finished
     assert plots.undertrained(flat.iloc[:0]) is None
+
+
+def _depth_runs(accs: dict, seeds=(0, 1)):
+    """accs: {depth or "full": accuracy}; each depth trained with every seed."""
+    configs, summaries = {}, {}
+    for depth, acc in accs.items():
+        for seed in seeds:
+            rid = f"{depth}-{seed}"
+            full = depth == "full"
+            configs[rid] = {"strategy": "full" if full else "last_n", "seed": seed}
+            if not full:
+                configs[rid]["unfreeze_last"] = depth
+            summaries[rid] = {
+                "state": "completed",
+                "best_val_acc": acc,
+                "best_val_acc_ci": [acc - 0.05, acc + 0.05],
+                "train_time_s": 10.0 * (5 if full else depth + 1),
+                "trainable_params": 1000 * (10**6 if full else 10**depth),
+            }
+    return configs, summaries
+
+
+def test_the_depth_curve_draws_each_depth_once_from_the_probe_to_full():
+    configs, summaries = _depth_runs({0: 0.60, 1: 0.78, 2: 0.80, "full": 0.81})
+    configs["other"] = {"strategy": "bitfit", "seed": 0}  # not a depth: left out
+    summaries["other"] = {"state": "completed", "best_val_acc": 0.5}
+    points = plots.depth_points(configs, summaries)
+    assert len(points) == 8
+    fig = plots.depth_curve(points)
+    acc = fig.data[0]
+    assert list(acc.x) == ["0 (probe)", "1", "2", "full"]
+    assert list(acc.y) == pytest.approx([60, 78, 80, 81])
+    assert list(fig.data[1].y) == [10.0, 20.0, 30.0, 50.0]  # train time per depth
+
+
+def test_the_depth_sentence_names_the_cheapest_depth_within_noise_of_the_best():
+    configs, summaries = _depth_runs({0: 0.60, 1: 0.79, 2: 0.80, "full": 0.81})
+    # 200 val images per seed: full gets 162 right, the top-1 run 158, the probe 120
+    hits = {}
+    for rid in configs:
+        right, first = {"0": (120, 0), "1": (158, 10), "2": (160, 5), "full": (162, 0)}[
+            rid.split("-")[0]
+        ]
+        hits[rid] = _hits(right, 200, first)  # the runs differ on a few images either way
+    points = plots.depth_points(configs, summaries)
+    text = plots.depth_sentence(points, hits)
+    assert text.startswith(
+        "Training the top 1 backbone group is the cheapest within noise of the best "
+        "(full fine-tuning: 81.0 % val accuracy): 79.0 %"
+    )
+    assert "holds 0" in text
+    # without per-image predictions it says it cannot tell how sure it is
+    assert "cannot be said" in plots.depth_sentence(points, {})
+    two = plots.depth_points(*_depth_runs({0: 0.6, "full": 0.8}))
+    assert plots.depth_sentence(two, {}) is None  # fewer than 3 depths: no depth view
