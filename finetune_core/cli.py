@@ -1,5 +1,5 @@
 """The command line: python -m finetune_core train | lr-find | sweep | list | show | compare |
-stop | resume | worker | queue | models.
+stop | cancel | resume | worker | queue | models.
 
 `train` validates everything before a run folder exists (exit 2 with a message naming the
 flag), then runs the same worker body as the dashboard's queue, in the foreground, with a
@@ -553,7 +553,51 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def _group_stop(args, cancel_only: bool) -> int:
+    if args.run:
+        print("error: --group: give a run or --group, not both", file=sys.stderr)
+        return runner.EXIT_INVALID
+    try:
+        outcome = runner.stop_group(
+            store.runs_dir(args.runs_dir), args.group, cancel_only=cancel_only
+        )
+    except store.RunError as e:
+        print(f"error: --group: {e}", file=sys.stderr)
+        return runner.EXIT_INVALID
+    for run_id, what in outcome.items():
+        print(f"{run_id}: {what}")
+    acted = [w for w in outcome.values() if w != "not running"]
+    print(
+        f"group {args.group}: {len(acted)} of {len(outcome)} runs "
+        + ("cancelled" if cancel_only else "stopped or cancelled")
+    )
+    return 0 if acted else 1
+
+
+def cmd_cancel(args) -> int:
+    if args.group:
+        return _group_stop(args, cancel_only=True)
+    if not args.run:
+        print("error: give a queued run, or --group GROUP", file=sys.stderr)
+        return runner.EXIT_INVALID
+    run_dir = store.resolve_run(args.run, store.runs_dir(args.runs_dir))
+    if runner.cancel_run(run_dir):
+        print(f"cancelled {run_dir.name} before it started")
+        return 0
+    state = store.read_status(run_dir).get("state")
+    print(
+        f"run {run_dir.name} is {state}, not queued; nothing to cancel (stop it instead)",
+        file=sys.stderr,
+    )
+    return 1
+
+
 def cmd_stop(args) -> int:
+    if args.group:
+        return _group_stop(args, cancel_only=False)
+    if not args.run:
+        print("error: give a run, or --group GROUP", file=sys.stderr)
+        return runner.EXIT_INVALID
     run_dir = store.resolve_run(args.run, store.runs_dir(args.runs_dir))
     outcome = runner.stop_run(run_dir)
     if outcome == "not running":
@@ -678,9 +722,16 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser(
         "stop", help="stop a running run (it saves a checkpoint) or cancel a queued one"
     )
-    p.add_argument("run")
+    p.add_argument("run", nargs="?", help="a run id, a unique prefix, or a path")
+    p.add_argument("--group", default=None, help="stop every run of this group (sweep prints it)")
     runs_dir_flag(p)
     p.set_defaults(func=cmd_stop)
+
+    p = sub.add_parser("cancel", help="take a queued run, or a group's queued runs, off the queue")
+    p.add_argument("run", nargs="?", help="a run id, a unique prefix, or a path")
+    p.add_argument("--group", default=None, help="cancel every queued run of this group")
+    runs_dir_flag(p)
+    p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("resume", help="resume a stopped, crashed or failed run")
     p.add_argument("run")

@@ -565,6 +565,31 @@ def stop_run(run_dir: str | os.PathLike) -> str:
     return "stopping"
 
 
+def group_runs(runs_dir: str | os.PathLike, group: str) -> list[Path]:
+    """Returns the run folders of a group (the `group` in their config.json), oldest first."""
+    found = []
+    for run_dir in store.run_dirs(Path(runs_dir)):
+        if store.is_run_dir(run_dir) and store.read_config(run_dir).get("group") == group:
+            found.append(run_dir)
+    return sorted(found, key=lambda d: d.name)
+
+
+def stop_group(runs_dir: str | os.PathLike, group: str, *, cancel_only: bool = False) -> dict:
+    """Stops a group as a whole: its queued runs are cancelled first (so that the queue
+    starts none of them), then its running ones are stopped, unless cancel_only. Returns
+    {run id: what happened} ("cancelled", "stopping", "not running"); RunError when no run
+    has that group."""
+    members = group_runs(runs_dir, group)
+    if not members:
+        raise store.RunError(f"no run of group {group!r} in {runs_dir}")
+    outcome = {d.name: ("cancelled" if cancel_run(d) else "not running") for d in members}
+    if not cancel_only:
+        for d in members:
+            if outcome[d.name] != "cancelled":
+                outcome[d.name] = stop_run(d)
+    return outcome
+
+
 def cancel_run(run_dir: str | os.PathLike) -> bool:
     """Takes a queued run out of the queue (state stopped, "cancelled before it started");
     returns False when it was no longer queued."""

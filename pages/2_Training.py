@@ -196,6 +196,17 @@ def group_links(members: dict[str, dict]) -> None:
         icon=":material/compare:",
         query_params={"group": group},
     )
+    live = [m for m, s in members.items() if s.get("state") in store.LIVE_STATES]
+    if live and st.button(
+        f"Stop the group ({len(live)} live)",
+        icon=":material/stop_circle:",
+        key="stop_group",
+        help="Cancels its queued runs, then stops the one that trains (it saves a checkpoint)",
+    ):
+        outcome = runner.stop_group(root, group)
+        acted = sum(w != "not running" for w in outcome.values())
+        st.toast(f"Group {group}: {acted} run(s) stopped or cancelled")
+        st.rerun()
 
 
 def _live_member(members: dict[str, dict]) -> str | None:

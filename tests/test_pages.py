@@ -729,6 +729,20 @@ def test_training_follows_a_group_to_its_live_run_and_shows_every_members_progre
     assert len(at.get("progress")) == 4
 
 
+def test_training_stops_a_group_as_a_whole(runs, worker):
+    ids = write_group(runs)
+    make_live(runs / ids[1], worker.pid)
+    at = page("pages/2_Training.py", run=ids[0])
+    assert not at.exception
+    at.button(key="stop_group").click().run()
+    assert not at.exception
+    assert worker.wait(timeout=30) == -signal.SIGTERM  # the live member was asked to stop
+    status = json.loads((runs / ids[1] / "status.json").read_text())
+    assert status.get("stop_requested_at")
+    at = page("pages/2_Training.py", run=ids[0])  # nothing live any more: no button
+    assert not [b for b in at.button if b.key == "stop_group"]
+
+
 def test_home_delete_confirmation_is_not_styled_as_the_primary_action(runs):
     write_run(runs, "20250101-000000-aaaaaa", name="before")
     at = page("app.py")

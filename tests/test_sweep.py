@@ -82,3 +82,62 @@ def test_a_sweep_queues_one_group_waits_for_it_and_prints_its_id_last(tmp_path):
     states = {json.loads((p / "status.json").read_text())["state"] for p in members}
     assert states == {"completed"}
     assert "4/4 done" in err and "linear_probe seed 1" in err
+
+
+def _cli(*args):
+    proc = subprocess.run(
+        [sys.executable, "-m", "finetune_core", *args],
+        capture_output=True,
+        text=True,
+        cwd=REPO,
+        env={**os.environ, "PYTHONPATH": str(REPO)},
+        timeout=300,
+    )
+    return proc.returncode, proc.stdout, proc.stderr
+
+
+def _state(run_dir):
+    return json.loads((run_dir / "status.json").read_text())
+
+
+def test_cancel_group_takes_every_queued_run_of_the_group_off_the_queue(tmp_path):
+    from finetune_core import store
+    from finetune_core.config import RunConfig
+
+    runs = tmp_path / "runs"
+    tiny = dict(data="builtin:shapes", weights="none", image_size=32, epochs=1)
+    group = [store.create_run(RunConfig(**tiny), runs, group="g-1") for _ in range(3)]
+    other = store.create_run(RunConfig(**tiny), runs, group="g-2")
+    code, out, err = _cli("cancel", "--group", "g-1", "--runs-dir", str(runs))
+    assert code == 0, err
+    assert all(_state(d)["state"] == "stopped" and _state(d)["cancelled"] for d in group)
+    assert _state(other)["state"] == "queued"  # another group: untouched
+    assert "3 of 3 runs cancelled" in out
+    code, _, err = _cli("stop", "--group", "nope", "--runs-dir", str(runs))
+    assert code == 2 and "error: --group: no run of group 'nope'" in err
+
+
+def test_stop_group_stops_the_running_member_and_cancels_the_queued_ones(tmp_path):
+    import time
+
+    from finetune_core import runner
+    from finetune_core.config import RunConfig
+
+    runs = tmp_path / "runs"
+    long = dict(data="builtin:shapes", weights="none", image_size=32, epochs=50)
+    members = runner.enqueue([RunConfig(**long) for _ in range(3)], runs, group="g-1")
+    deadline = time.time() + 180
+    while _state(members[0])["state"] != "running" or not _state(members[0]).get("step"):
+        assert time.time() < deadline, _state(members[0])
+        time.sleep(0.5)
+    code, out, err = _cli("stop", "--group", "g-1", "--runs-dir", str(runs))
+    assert code == 0, err
+    deadline = time.time() + 180
+    while _state(members[0])["state"] == "running":
+        assert time.time() < deadline, _state(members[0])
+        time.sleep(0.5)
+    first = _state(members[0])
+    assert first["state"] == "stopped" and not first.get("cancelled")  # with a checkpoint
+    assert (members[0] / "checkpoints" / "last_state.pt").exists()
+    for d in members[1:]:
+        assert _state(d)["state"] == "stopped" and _state(d)["cancelled"]
