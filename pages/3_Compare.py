@@ -18,7 +18,7 @@ from dashboard.common import (
     shown_or_blank,
     warm_up,
 )
-from finetune_core import plots, store
+from finetune_core import plots, runner, store
 
 root = setup_page("Compare")
 st.title("Compare")
@@ -112,6 +112,18 @@ def comparison(was_live: bool) -> None:
             f"{len(live)} of {len(chosen)} runs are still training; this page updates as "
             "they go and the sentence above is provisional."
         )
+        groups = {configs[r].get("group") for r in live} - {None}
+        if len(groups) == 1 and st.button(
+            "Stop the group",
+            icon=":material/stop_circle:",
+            key="compare_stop_group",
+            help="Cancels its queued runs, then stops the one that trains (it saves a checkpoint)",
+        ):
+            (group,) = groups
+            outcome = runner.stop_group(root, group)
+            acted = sum(w != "not running" for w in outcome.values())
+            st.toast(f"Group {group}: {acted} run(s) stopped or cancelled")
+            st.rerun()
 
     points = plots.depth_points(configs, summaries)
     depth = plots.depth_sentence(points, {r: h for r, h in hits.items() if h})

@@ -743,6 +743,17 @@ def test_training_stops_a_group_as_a_whole(runs, worker):
     assert not [b for b in at.button if b.key == "stop_group"]
 
 
+def test_compare_stops_a_live_group_as_a_whole(runs, worker):
+    ids = write_group(runs)
+    make_live(runs / ids[2], worker.pid)
+    at = page("pages/3_Compare.py", group="20250101-120000-abcdef")
+    assert not at.exception
+    at.button(key="compare_stop_group").click().run()
+    assert not at.exception
+    assert worker.wait(timeout=30) == -signal.SIGTERM
+    assert json.loads((runs / ids[2] / "status.json").read_text()).get("stop_requested_at")
+
+
 def test_home_delete_confirmation_is_not_styled_as_the_primary_action(runs):
     write_run(runs, "20250101-000000-aaaaaa", name="before")
     at = page("app.py")
