@@ -649,21 +649,21 @@ def build_parser() -> argparse.ArgumentParser:
             help="runs folder (default: $FINETUNE_RUNS_DIR, else ./runs)",
         )
 
-    train = sub.add_parser("train", help="train one run in the foreground")
-    _add_config_flags(train)
-    train.add_argument(
-        "--config", default=None, metavar="FILE.json", help="settings file; flags override it"
-    )
-    runs_dir_flag(train)
+    def with_train_flags(name: str, help: str) -> argparse.ArgumentParser:
+        """A command that takes train's settings: every config flag, --config, --runs-dir."""
+        p = sub.add_parser(name, help=help)
+        _add_config_flags(p)
+        p.add_argument(
+            "--config", default=None, metavar="FILE.json", help="settings file; flags override it"
+        )
+        runs_dir_flag(p)
+        return p
+
+    train = with_train_flags("train", "train one run in the foreground")
     train.set_defaults(func=cmd_train)
 
-    p = sub.add_parser(
-        "lr-find",
-        help="learning-rate range test for train's settings: prints the suggested lr last",
-    )
-    _add_config_flags(p)
-    p.add_argument(
-        "--config", default=None, metavar="FILE.json", help="settings file; flags override it"
+    p = with_train_flags(
+        "lr-find", "learning-rate range test for train's settings: prints the suggested lr last"
     )
     p.add_argument(
         "--steps",
@@ -674,16 +674,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument(
         "--csv", default=None, metavar="FILE", help="write the curve: lr,loss,smoothed_loss"
     )
-    runs_dir_flag(p)
     p.set_defaults(func=cmd_lr_find)
 
-    p = sub.add_parser(
+    p = with_train_flags(
         "sweep",
-        help="a comparison without the browser: queue strategies as one group, wait, print its id",
-    )
-    _add_config_flags(p)
-    p.add_argument(
-        "--config", default=None, metavar="FILE.json", help="settings file; flags override it"
+        "a comparison without the browser: queue strategies as one group, wait, print its id",
     )
     p.add_argument(
         "--strategies",
@@ -702,7 +697,6 @@ def build_parser() -> argparse.ArgumentParser:
         metavar="K",
         help=f"runs per strategy, seeds SEED .. SEED+K-1 (1 to {MAX_SEEDS}; default 1)",
     )
-    runs_dir_flag(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("list", help="list runs, newest first")

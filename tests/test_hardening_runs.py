@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -368,20 +367,7 @@ def test_out_of_memory_fails_the_run_not_resumable_and_the_next_queued_run_compl
 # A full disk: a real 20 MB file system in a mount namespace of its own
 
 
-def _unshare_works() -> bool:
-    if os.geteuid() != 0 or shutil.which("unshare") is None:
-        return False
-    probe = subprocess.run(
-        ["unshare", "-m", "sh", "-c", "mount -t tmpfs -o size=1m tmpfs /mnt"],
-        capture_output=True,
-        timeout=30,
-    )
-    return probe.returncode == 0
-
-
-needs_unshare = pytest.mark.skipif(
-    not _unshare_works(), reason="needs root and `unshare -m` for a small file system of its own"
-)
+# Needs root and `unshare -m` (CI runs as root, like this machine): never skipped.
 
 # Run inside the namespace: mounts the 20 MB tmpfs, then the scenario's code (SCENARIO).
 NAMESPACE_PRELUDE = """
@@ -500,7 +486,6 @@ for name, rd in (("training", run_dir), ("training_orphan", orphan)):
 """
 
 
-@needs_unshare
 def test_a_full_disk_ends_the_run_failed_resumable_and_every_reader_still_works(tmp_path):
     seen = _in_namespace(tmp_path, TRAINING_ON_A_FULL_DISK)
     assert seen["started"] and seen["free_after_fill"] < 64  # blocks of 4 KiB
@@ -553,7 +538,6 @@ seen["second"] = store.read_status(second)
 """
 
 
-@needs_unshare
 def test_the_supervisor_outlives_a_full_disk_and_starts_the_next_run_once_space_is_back(tmp_path):
     seen = _in_namespace(tmp_path, SUPERVISOR_ON_A_FULL_DISK)
     log = (tmp_path / "out" / "supervisor.log").read_text()
@@ -590,7 +574,6 @@ seen["status"] = store.read_status(run_dir)
 """
 
 
-@needs_unshare
 def test_the_supervisor_records_a_final_state_the_worker_had_no_room_for(tmp_path):
     seen = _in_namespace(tmp_path, WORKER_WITHOUT_ROOM_FOR_ITS_FINAL_STATE, timeout=120)
     assert seen["free_after_fill"] < 64

@@ -43,6 +43,20 @@ def run_dirs(root: Path) -> list[Path]:
     return [Path(e.path) for e in entries if e.is_dir() and not e.name.startswith(".")]
 
 
+def _by_id(text: str, root: Path) -> tuple[Path | None, list[str]]:
+    """Returns (the run folder in root whose id is text or starts with it, or None; the ids
+    of root's runs, newest first); RunError when text starts several ids."""
+    ids = sorted((p.name for p in run_dirs(root) if is_run_dir(p)), reverse=True)
+    matches = [text] if text in ids else [i for i in ids if i.startswith(text)]
+    if len(matches) > 1:
+        shown = ", ".join(matches[:10]) + (" ..." if len(matches) > 10 else "")
+        raise RunError(
+            f"run {text!r} is ambiguous: it matches {len(matches)} runs ({shown}); "
+            "give more characters of the id"
+        )
+    return ((root / matches[0]).resolve() if matches else None), ids
+
+
 def resolve_run(ref: str | os.PathLike, root: str | os.PathLike | None = None) -> Path:
     """Returns the absolute run folder for a run id, a unique id prefix, or a path.
 
@@ -56,18 +70,9 @@ def resolve_run(ref: str | os.PathLike, root: str | os.PathLike | None = None) -
     if is_run_dir(path):
         return path.resolve()
     root = Path(root) if root is not None else runs_dir()
-    ids = sorted((p.name for p in run_dirs(root) if is_run_dir(p)), reverse=True)
-    if ref_text in ids:
-        return (root / ref_text).resolve()
-    matches = [i for i in ids if i.startswith(ref_text)]
-    if len(matches) == 1:
-        return (root / matches[0]).resolve()
-    if matches:
-        shown = ", ".join(matches[:10]) + (" ..." if len(matches) > 10 else "")
-        raise RunError(
-            f"run {ref_text!r} is ambiguous: it matches {len(matches)} runs ({shown}); "
-            "give more characters of the id"
-        )
+    found, ids = _by_id(ref_text, root)
+    if found is not None:
+        return found
     if ("/" in ref_text or path.exists()) and not path.is_dir():
         raise RunError(f"{ref_text} is not a run folder (it does not exist)")
     if path.is_dir():
@@ -102,15 +107,7 @@ def resolve_run_id(ref: str, root: str | os.PathLike) -> Path:
             f"no run {text!r} {where}: a link names a run by its id (YYYYMMDD-HHMMSS-xxxxxx), "
             "never a path"
         )
-    root = Path(root)
-    ids = sorted((p.name for p in run_dirs(root) if is_run_dir(p)), reverse=True)
-    matches = [text] if text in ids else [i for i in ids if i.startswith(text)]
-    if len(matches) == 1:
-        return (root / matches[0]).resolve()
-    if matches:
-        shown = ", ".join(matches[:10]) + (" ..." if len(matches) > 10 else "")
-        raise RunError(
-            f"run {text!r} is ambiguous: it matches {len(matches)} runs ({shown}); "
-            "give more characters of the id"
-        )
-    raise RunError(f"no run {text!r} {where}")
+    found, _ = _by_id(text, Path(root))
+    if found is None:
+        raise RunError(f"no run {text!r} {where}")
+    return found
