@@ -43,6 +43,7 @@ class RunConfig:
     )
     strategy: str = setting("full", _strategy_help(), label="Strategy", choices=strategies.names)
     unfreeze_last: int = strategies.option("unfreeze_last")
+    surgical_group: int = strategies.option("surgical_group")
     unfreeze_every: int = strategies.option("unfreeze_every")
     probe_epochs: int = strategies.option("probe_epochs")
     epochs: int = setting(

@@ -4,7 +4,7 @@ import pytest
 import torch
 from test_engine import synthetic_data
 
-from finetune_core import config, engine, models, preflight, strategies
+from finetune_core import cli, config, engine, models, preflight, strategies
 from finetune_core.config import RunConfig
 from finetune_core.strategies.l2sp import L2SP
 
@@ -42,6 +42,85 @@ def test_last_n_trains_the_top_groups_and_the_head(resnet18):
 def test_last_n_beyond_the_groups_is_an_error(resnet18):
     with pytest.raises(ValueError, match="exceeds"):
         strategies.make_plan(cfg(strategy="last_n", unfreeze_last=6), resnet18)
+
+
+def test_surgical_trains_exactly_the_chosen_group_and_the_head(resnet18):
+    plan = strategies.make_plan(cfg(strategy="surgical", surgical_group=2), resnet18)
+    (phase,) = plan.phases
+    layer3 = sum(p.numel() for p in resnet18.model.layer3.parameters())
+    assert [g.name for g in phase.groups if g.trainable] == ["layer3", "head"]
+    assert {g.name: g.trainable_params for g in phase.groups} == {
+        "stem": 0,
+        "layer1": 0,
+        "layer2": 0,
+        "layer3": layer3,
+        "layer4": 0,
+        "head": 512 * K + K,
+    }
+    assert phase.trainable_params == layer3 + 512 * K + K
+    assert {n.split(".")[0] for n in phase.param_names} == {"layer3", "fc"}
+    assert not plan.frozen_backbone  # part of the backbone trains: no feature cache
+    # 1 counts as last_n does: the group just below the head; the last one is the stem
+    top = strategies.make_plan(cfg(strategy="surgical", surgical_group=1), resnet18)
+    last_1 = strategies.make_plan(cfg(strategy="last_n", unfreeze_last=1), resnet18)
+    assert top.phases[0].param_names == last_1.phases[0].param_names
+    stem = strategies.make_plan(cfg(strategy="surgical", surgical_group=5), resnet18)
+    assert [g.name for g in stem.phases[0].groups if g.trainable] == ["stem", "head"]
+
+
+def test_surgical_outside_the_groups_names_the_range(resnet18):
+    names = models.group_names("resnet18")
+    surgical = strategies.get("surgical")
+    for k in (0, 6):
+        found = surgical.check_groups(cfg(strategy="surgical", surgical_group=k), "resnet18", names)
+        assert set(found) == {"surgical_group"}
+        assert "resnet18 has 5 backbone groups" in found["surgical_group"]
+        assert "--surgical-group must be 1 to 5 (1 = layer4" in found["surgical_group"]
+        with pytest.raises(ValueError, match="1 to 5"):
+            strategies.make_plan(cfg(strategy="surgical", surgical_group=k), resnet18)
+    assert (
+        surgical.check_groups(cfg(strategy="surgical", surgical_group=5), "resnet18", names) == {}
+    )
+    errors = preflight.validate(cfg(strategy="surgical", surgical_group=6))
+    assert "--surgical-group must be 1 to 5" in errors["surgical_group"]
+    assert "surgical_group" in config.validate_fields(cfg(strategy="surgical", surgical_group=0))
+
+
+def test_surgical_is_labelled_with_its_group_from_flags_and_config_files():
+    args = cli.build_parser().parse_args(
+        ["train", "--strategy", "surgical", "--surgical-group", "2"]
+    )
+    run = cli.config_from_args(args)
+    assert (run.strategy, run.surgical_group) == ("surgical", 2)
+    assert strategies.label(run) == "surgical 2"
+    assert strategies.label(config.from_dict({"strategy": "surgical"})) == "surgical 1"
+    stored = {"strategy": "surgical", "surgical_group": 3}  # a config.json as the store reads it
+    assert strategies.label(stored) == "surgical 3"
+    assert strategies.preset_fields("surgical 2") == {"strategy": "surgical", "surgical_group": 2}
+
+
+def test_surgical_training_changes_only_its_group_and_the_head(tmp_path):
+    # builtin:shapes, random init, 32 px: one real epoch of surgical 2 on resnet18
+    run = RunConfig(
+        model="resnet18",
+        weights="none",
+        image_size=32,
+        epochs=1,
+        strategy="surgical",
+        surgical_group=2,
+        lr=0.05,
+    )
+    exp = engine.prepare(run)
+    before = {k: v.detach().clone() for k, v in exp.parts.model.state_dict().items()}
+    trainer = engine.Trainer(exp, [], tmp_path)
+    assert not trainer.use_feature_cache()
+    assert trainer.fit()["state"] == "completed"
+    after = exp.parts.model.state_dict()
+    changed = {k for k in before if not torch.equal(before[k], after[k])}
+    # every weight and BatchNorm statistic of layer3 and the head moved, nothing else did:
+    # the frozen groups above (layer4) and below ran in eval mode
+    assert changed == {k for k in before if k.startswith(("layer3.", "fc."))}
+    assert any(k.startswith("layer4.") and k.endswith("running_mean") for k in before)
 
 
 def test_full_trains_everything(resnet18):

@@ -1,4 +1,4 @@
-"""The freezing strategies: full, linear_probe, last_n, gradual, lp_ft and bitfit."""
+"""The freezing strategies: full, linear_probe, last_n, surgical, gradual, lp_ft and bitfit."""
 
 from __future__ import annotations
 
@@ -60,6 +60,43 @@ class LastN(Strategy):
         if k > n:
             raise ValueError(f"--unfreeze-last {k} exceeds the {n} backbone groups")
         return [PhaseSpec(f"last {k}", 1, cfg.epochs, k)]
+
+
+@register
+class Surgical(Strategy):
+    name = "surgical"
+    summary = "one chosen backbone group and the head (surgical fine-tuning, Lee et al. 2023)"
+    options = (
+        Option(
+            "surgical_group",
+            1,
+            "surgical: the one backbone group trained, counted from the top as last_n counts "
+            "(1 = the group just below the head); Lee et al. 2023 found the best group depends "
+            "on the kind of distribution shift: early groups for input-level shifts such as "
+            "image corruptions, middle ones for feature-level shifts, the top for label shifts",
+            label="Surgical group (from the top)",
+            min=1,
+            step=1,
+        ),
+    )
+    label_format = "{name} {surgical_group}"
+    presets = ({"surgical_group": 1}, {"surgical_group": 2}, {"surgical_group": 3})
+
+    def check_groups(self, cfg, model, group_names):
+        n, k = len(group_names), cfg.surgical_group
+        if not 1 <= k <= n:
+            return {
+                "surgical_group": f"{model} has {n} backbone groups ({', '.join(group_names)}); "
+                f"--surgical-group must be 1 to {n} (1 = {group_names[-1]}, just below the "
+                f"head; {n} = {group_names[0]})"
+            }
+        return {}
+
+    def phases(self, cfg, group_names):
+        n, k = len(group_names), cfg.surgical_group
+        if not 1 <= k <= n:
+            raise ValueError(f"--surgical-group {k} is outside the {n} backbone groups (1 to {n})")
+        return [PhaseSpec(f"only {group_names[n - k]}", 1, cfg.epochs, 1, frozen_above=k - 1)]
 
 
 @register

@@ -106,8 +106,7 @@ def make_plan(cfg: Any, parts) -> Plan:
     lrs = group_lrs(cfg, names)
     phases = []
     for spec in strategy.phases(cfg, names):
-        trained = set(names[len(names) - spec.top_groups :]) if spec.top_groups else set()
-        trained.add(HEAD)
+        trained = {*spec.trained_groups(names), HEAD}
         chosen = frozenset(
             p
             for p, g in owner.items()

@@ -24,12 +24,25 @@ BASELINE = "full"  # the strategy every comparison measures the others against
 
 @dataclass(frozen=True)
 class PhaseSpec:
-    """A span of epochs and how many of the top backbone groups train in it."""
+    """A span of epochs and which backbone groups train in it: `top_groups` of them, next to
+    each other, counted from the top, below the `frozen_above` top groups that stay frozen
+    (0 for every strategy but surgical: the top k groups)."""
 
     name: str  # e.g. "linear probe", "fine-tune", "unfreeze layer4"
     start_epoch: int  # from 1
     end_epoch: int  # inclusive
     top_groups: int  # backbone groups trained, counted from the top (0: only the head)
+    frozen_above: int = 0  # top groups kept frozen above the trained ones (surgical: k - 1)
+
+    def trained_groups(self, group_names: list[str]) -> list[str]:
+        """Returns the backbone groups that train in this phase, stem side first."""
+        n, top, skip = len(group_names), self.top_groups, self.frozen_above
+        if top < 0 or skip < 0 or top + skip > n:
+            raise ValueError(
+                f"phase {self.name!r} trains {top} groups below {skip} frozen ones, but the "
+                f"model has {n} backbone groups"
+            )
+        return list(group_names[n - skip - top : n - skip])
 
 
 class Strategy:
