@@ -84,6 +84,23 @@ def _speed(r: RunReading) -> float | None:
     return float(speed.median()) if len(speed) else None
 
 
+def _bound(r: RunReading, key: str, i: int) -> float | None:
+    """Returns one end (0 low, 1 high) of the summary's 95 % interval `key`, if it has one."""
+    ci = r.from_summary(key)
+    if isinstance(ci, (list, tuple)) and len(ci) == 2 and ci[i] is not None:
+        return float(ci[i])
+    return None
+
+
+def _whole(value: Any) -> int | None:
+    return value if isinstance(value, int) and not isinstance(value, bool) else None
+
+
+def _lr(r: RunReading) -> float | None:
+    lr = r.config.get("lr")
+    return float(lr) if isinstance(lr, (int, float)) and not isinstance(lr, bool) else None
+
+
 # created_at outside these years is no creation time (a broken or hand-edited status.json)
 _SANE_TIMES = (datetime(1990, 1, 1).timestamp(), datetime(9000, 1, 1).timestamp())
 
@@ -109,18 +126,44 @@ COLUMNS: dict[str, Callable[[RunReading], Any]] = {
     "best_val_acc": lambda r: _or_metrics(r, "best_val_acc", "val", "acc", pd.Series.max),
     "final_val_acc": lambda r: _or_metrics(r, "final_val_acc", "val", "acc", lambda v: v.iloc[-1]),
     "test_acc": lambda r: r.from_summary("test_acc"),
+    # 95 % bootstrap intervals of the best weights' accuracy over the split's images
+    "best_val_acc_lo": lambda r: _bound(r, "best_val_acc_ci", 0),
+    "best_val_acc_hi": lambda r: _bound(r, "best_val_acc_ci", 1),
+    "test_acc_lo": lambda r: _bound(r, "test_acc_ci", 0),
+    "test_acc_hi": lambda r: _bound(r, "test_acc_ci", 1),
     "trainable_params": lambda r: _counted(r, "trainable_params"),
     "total_params": lambda r: _counted(r, "total_params"),
     "trainable_pct": _trainable_pct,
     "train_time_s": lambda r: _or_metrics(r, "train_time_s", "train", "time_s", pd.Series.max),
     "images_per_s": _speed,
     "epochs_run": lambda r: r.from_summary("epochs_run"),
+    # measured costs; runs from before they were measured leave them blank
+    "peak_memory_bytes": lambda r: _whole(r.from_summary("peak_memory_bytes")),
+    "memory_measure": lambda r: r.from_summary("memory_measure"),
+    "stored_bytes": lambda r: _whole(r.from_summary("stored_bytes")),
+    "seed": lambda r: _whole(r.config.get("seed")),
+    "split_seed": lambda r: _whole(r.config.get("split_seed")),
+    "lr": _lr,  # the lr the run trained with (the tuned one when tune_lr)
+    "tune_lr": lambda r: r.config.get("tune_lr") is True,  # absent in older runs: False
     "group": lambda r: r.config.get("group"),
     "created_at": _created,
     "disk_bytes": lambda r: disk_bytes(r.run_dir) if r.run_dir else 0,
     "path": lambda r: str(r.run_dir.resolve()) if r.run_dir else None,
 }
-_FLOATS = ("best_val_acc", "final_val_acc", "test_acc", "trainable_pct", "train_time_s")
+_FLOATS = (
+    "best_val_acc",
+    "final_val_acc",
+    "test_acc",
+    "best_val_acc_lo",
+    "best_val_acc_hi",
+    "test_acc_lo",
+    "test_acc_hi",
+    "trainable_pct",
+    "train_time_s",
+    "peak_memory_bytes",
+    "stored_bytes",
+    "lr",
+)
 
 
 def _cell(column: str, r: RunReading) -> Any:
