@@ -11,8 +11,10 @@ Inputs are the run-directory contract read through `store`:
 
 from __future__ import annotations
 
+import json
 import math
 from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
 from typing import Any
 
 import pandas as pd
@@ -391,11 +393,22 @@ SUMMARY_COLUMNS = [
     "best_val_acc",
     "final_val_acc",
     "test_acc",
+    "best_val_acc_lo",
+    "best_val_acc_hi",
+    "test_acc_lo",
+    "test_acc_hi",
     "trainable_params",
     "trainable_pct",
     "total_params",
     "train_time_s",
     "images_per_s",
+    "peak_memory_bytes",
+    "memory_measure",
+    "stored_bytes",
+    "seed",
+    "lr",
+    "tune_lr",
+    "group",
 ]
 
 
@@ -424,73 +437,283 @@ def summary_table(
     return table
 
 
-def headline(table: pd.DataFrame, hits: Mapping[str, Sequence[bool]] | None = None) -> str:
-    """Returns the one sentence that answers "which strategy, at what cost": the best run by
-    best val accuracy, its difference from `full` in points, and its train-time and
-    trainable-parameter ratios to `full`.
+# ---------------------------------------------------------------- which accuracy
 
-    hits ({run_id: per val image, right or not}, store.read_hits) make it say how sure it
-    is: when the paired-bootstrap interval of the best run's lead over the next one holds 0,
-    it calls no winner and names the cheaper of the two instead."""
-    done = table.dropna(subset=["best_val_acc"]) if not table.empty else table
+
+@dataclass(frozen=True)
+class Accuracy:
+    """Which accuracy a comparison reports: its column in the table of runs (0-1), the split
+    its per-image predictions come from (store.read_hits) and its name on the page."""
+
+    column: str
+    split: str
+    words: str
+
+    @property
+    def lo(self) -> str:
+        """Returns the column of the low end of its 95 % interval."""
+        return f"{self.column}_lo"
+
+    @property
+    def hi(self) -> str:
+        """Returns the column of the high end of its 95 % interval."""
+        return f"{self.column}_hi"
+
+
+TEST = Accuracy("test_acc", "test", "test accuracy")
+VAL = Accuracy("best_val_acc", "val", "val accuracy")
+
+
+def accuracy_basis(table: pd.DataFrame) -> Accuracy:
+    """Returns TEST when every run with results has a test accuracy, else VAL.
+
+    Test images are the ones neither training, the choice of the best epoch nor a tuned
+    learning rate saw; a run still training, or one without a test split, has none, and
+    then every figure of the comparison uses val accuracy (and says so)."""
+    if table.empty or "test_acc" not in table or "best_val_acc" not in table:
+        return VAL
+    scored = table[table["best_val_acc"].notna() | table["test_acc"].notna()]
+    if scored.empty or scored["test_acc"].isna().any():
+        return VAL
+    if "tested" in scored and (scored["tested"] < scored["seeds"]).any():
+        return VAL  # a seed_table: a seed without a test accuracy hides in the mean
+    return TEST
+
+
+# ---------------------------------------------------------------- seeds
+
+# What a config holds besides its settings: the seed of the run, the format version and
+# the software versions. Runs that differ only in these repeat one strategy.
+_NOT_A_SETTING = ("seed", "env", "schema")
+
+
+def seed_key(cfg: Mapping[str, Any]) -> str:
+    """Returns what a run's config says apart from its seed (and its lr, when the lr was
+    tuned: a tuned lr may differ from seed to seed); runs that share it repeat one strategy
+    (their group and name are part of it)."""
+    drop = set(_NOT_A_SETTING) | ({"lr"} if cfg.get("tune_lr") is True else set())
+    kept = {k: v for k, v in cfg.items() if k not in drop}
+    return json.dumps(kept, sort_keys=True, default=str)
+
+
+def _seed_order(cfg: Mapping[str, Any]) -> float:
+    seed = cfg.get("seed")
+    return (
+        float(seed) if isinstance(seed, (int, float)) and not isinstance(seed, bool) else math.inf
+    )
+
+
+def seed_groups(configs: Mapping[str, Mapping[str, Any]]) -> dict[str, list[str]]:
+    """Returns {label: run_ids by seed}, in the order of configs: runs whose configs differ
+    only in seed (seed_key) share a label without the seed ("full"); a run alone keeps its
+    label of run_labels. Labels are unique (a clash takes its first run's id suffix)."""
+    by_key: dict[str, list[str]] = {}
+    for rid, cfg in configs.items():
+        by_key.setdefault(seed_key(cfg), []).append(rid)
+    alone = run_labels(configs)
+    named = {}
+    for key, rids in by_key.items():
+        cfg = configs[rids[0]]
+        named[key] = (
+            alone[rids[0]] if len(rids) == 1 else (cfg.get("name") or strategies.label(cfg))
+        )
+    counts: dict[str, int] = {}
+    for label in named.values():
+        counts[label] = counts.get(label, 0) + 1
+    groups = {}
+    for key, rids in by_key.items():
+        label = named[key] if counts[named[key]] == 1 else f"{named[key]} · {rids[0][-6:]}"
+        groups[label] = sorted(rids, key=lambda r: (_seed_order(configs[r]), r))
+    return groups
+
+
+def member_labels(groups: Mapping[str, Sequence[str]], configs) -> dict[str, str]:
+    """Returns {run_id: its label}: the group's label, with "seed s" for a group of several."""
+    found = {}
+    for label, rids in groups.items():
+        for rid in rids:
+            seed = configs[rid].get("seed")
+            found[rid] = label if len(rids) == 1 else f"{label} seed {seed}"
+    return found
+
+
+# Numbers of the table of runs that a strategy run with several seeds reports as a mean
+# (with their standard deviation over the seeds in <column>_std).
+_MEANS = (
+    "best_val_acc",
+    "final_val_acc",
+    "test_acc",
+    "best_val_acc_lo",
+    "best_val_acc_hi",
+    "test_acc_lo",
+    "test_acc_hi",
+    "trainable_params",
+    "trainable_pct",
+    "total_params",
+    "train_time_s",
+    "images_per_s",
+    "peak_memory_bytes",
+    "stored_bytes",
+    "lr",
+)
+
+
+def seed_table(table: pd.DataFrame, groups: Mapping[str, Sequence[str]]) -> pd.DataFrame:
+    """Returns one row per strategy of seed_groups, in its order: a run alone as its row of
+    the table of runs; k seeds as the mean of each number over the seeds that have it, with
+    <column>_std (the sample standard deviation over the seeds, NaN with fewer than two) beside
+    it and state as "2 completed, 1 running" when the seeds' states differ. Adds run (the
+    group's label), seeds (k), run_ids, seed_list and lr_list (by seed), tested (the seeds
+    with a test accuracy), tune_lr (any seed's); run_id is the first run's."""
+    by_id = {row["run_id"]: row for row in table.to_dict("records")}
+    rows = []
+    for label, rids in groups.items():
+        members = [by_id[r] for r in rids if r in by_id]
+        if not members:
+            continue
+        row = dict(members[0])
+        row.update(
+            run=label,
+            seeds=len(members),
+            run_ids=tuple(m["run_id"] for m in members),
+            seed_list=tuple(m.get("seed") for m in members),
+            lr_list=tuple(m.get("lr") for m in members),
+            tested=sum(pd.notna(m.get("test_acc")) for m in members),
+            tune_lr=any(_is_true(m.get("tune_lr")) for m in members),
+        )
+        for column in _MEANS:
+            if column not in row:
+                continue
+            values = pd.to_numeric(pd.Series([m[column] for m in members]), errors="coerce")
+            if len(members) > 1:
+                row[column] = values.mean()  # NaN when no seed has it
+            row[f"{column}_std"] = values.std() if values.count() > 1 else math.nan
+        states = list(dict.fromkeys(m.get("state") for m in members))
+        if len(states) > 1:
+            row["state"] = ", ".join(
+                f"{sum(m.get('state') == s for m in members)} {s}" for s in states
+            )
+        rows.append(row)
+    frame = pd.DataFrame(rows)
+    for column in _MEANS:
+        if column in frame:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce")
+    return frame
+
+
+def pooled_hits(
+    strategies_table: pd.DataFrame, hits: Mapping[str, Sequence[bool] | None]
+) -> dict[str, list[bool]]:
+    """Returns {run_id of each row of a seed_table: the per-image outcomes of its runs, one
+    seed after the other}, for the rows whose every run has them: paired with another row of
+    the same seeds, image i of seed s meets image i of seed s."""
+    pooled = {}
+    for row in strategies_table.to_dict("records"):
+        found = [hits.get(r) for r in row.get("run_ids") or (row["run_id"],)]
+        if found and all(found):
+            pooled[row["run_id"]] = [h for run in found for h in run]
+    return pooled
+
+
+def _seeds(row: Mapping[str, Any]) -> int:
+    n = row.get("seeds")
+    return int(n) if pd.api.types.is_number(n) and n == n and n >= 1 else 1
+
+
+def _with_seeds(row: Mapping[str, Any], text: str) -> str:
+    n = _seeds(row)
+    return f"{text} (mean of {n} seeds)" if n > 1 else text
+
+
+# ---------------------------------------------------------------- the headline
+
+
+def headline(
+    table: pd.DataFrame,
+    hits: Mapping[str, Sequence[bool]] | None = None,
+    accuracy: Accuracy | None = None,
+) -> str:
+    """Returns the one sentence that answers "which strategy, at what cost": the best run (a
+    row of summary_table, or a strategy of seed_table: the mean over its seeds) by `accuracy`
+    (accuracy_basis: test accuracy when every run has a test split, else val), its difference
+    from `full` in points, and its train-time and trainable-parameter ratios to `full`.
+
+    hits ({run_id: per image of the accuracy's split, right or not}; store.read_hits, pooled
+    over seeds by pooled_hits) make it say how sure it is: when the paired-bootstrap interval
+    of the best run's lead over the next one holds 0, it calls no winner and names the
+    cheaper of the two instead."""
+    acc = accuracy or accuracy_basis(table)
+    col, words = acc.column, acc.words
+    done = table.dropna(subset=[col]) if not table.empty and col in table else table.iloc[:0]
     if done.empty:
         return "No run has finished an epoch yet, so there is nothing to compare."
-    best = done.loc[done["best_val_acc"].idxmax()]
+    best = done.loc[done[col].idxmax()]
     full = done[done["strategy"].map(strategies.is_baseline)]
     if len(done) == 1:
+        who = "run" if _seeds(best) == 1 else "strategy"
         return (
-            f"Only one run has results: {best['run']} reached "
-            f"{fmt_pct(best['best_val_acc'])} val accuracy."
+            f"Only one {who} has results: {best['run']} reached "
+            f"{_with_seeds(best, f'{fmt_pct(best[col])} {words}')}."
         )
     second = done.drop(index=best.name)
-    runner_up = second.loc[second["best_val_acc"].idxmax()]
-    tie = _within_noise(best, runner_up, hits or {})
+    runner_up = second.loc[second[col].idxmax()]
+    tie = _within_noise(best, runner_up, hits or {}, acc)
     if tie is not None:
         return tie
+    best_text = _with_seeds(best, f"{fmt_pct(best[col])} {words}")
     if full.empty:
         return (
-            f"{best['run']} is best with {fmt_pct(best['best_val_acc'])} val accuracy, "
-            f"{_points(best['best_val_acc'] - runner_up['best_val_acc'])} ahead of "
+            f"{best['run']} is best with {best_text}, "
+            f"{_points(best[col] - runner_up[col])} ahead of "
             f"{runner_up['run']}; there is no full fine-tuning run to compare costs against."
         )
-    ref = full.loc[full["best_val_acc"].idxmax()]
+    ref = full.loc[full[col].idxmax()]
     if strategies.is_baseline(best["strategy"]):
         partial = done[~done["strategy"].map(strategies.is_baseline)]
         if partial.empty:
-            return f"{best['run']} is best with {fmt_pct(best['best_val_acc'])} val accuracy."
-        alt = partial.loc[partial["best_val_acc"].idxmax()]
+            return f"{best['run']} is best with {best_text}."
+        alt = partial.loc[partial[col].idxmax()]
         return (
-            f"{best['run']} is best with {fmt_pct(best['best_val_acc'])} val accuracy; the best "
-            f"partial strategy, {alt['run']}, is {_points(alt['best_val_acc'] - ref['best_val_acc'])}"
-            f" from it{_cost(alt, ref)}."
+            f"{best['run']} is best with {best_text}; the best partial strategy, {alt['run']}, "
+            f"is {_points(alt[col] - ref[col])} from it{_cost(alt, ref)}."
         )
-    diff = best["best_val_acc"] - ref["best_val_acc"]
+    diff = best[col] - ref[col]
     return (
-        f"{best['run']} is best with {fmt_pct(best['best_val_acc'])} val accuracy, "
+        f"{best['run']} is best with {best_text}, "
         f"{_points(diff)} {'above' if diff >= 0 else 'below'} full fine-tuning "
-        f"({fmt_pct(ref['best_val_acc'])}){_cost(best, ref)}."
+        f"({fmt_pct(ref[col])}){_cost(best, ref)}."
     )
 
 
 def _within_noise(
-    best: pd.Series, other: pd.Series, hits: Mapping[str, Sequence[bool]]
+    best: pd.Series, other: pd.Series, hits: Mapping[str, Sequence[bool]], acc: Accuracy
 ) -> str | None:
     """Returns the sentence for two runs the data cannot tell apart (the paired-bootstrap
-    95 % interval of their difference on the same val images holds 0), else None."""
+    95 % interval of their difference on the same images, pooled over seeds, holds 0), else
+    None."""
     a, b = hits.get(best["run_id"]), hits.get(other["run_id"])
     if not a or not b or len(a) != len(b):
         return None  # not scored on the same images: no paired interval
+    if best.get("seed_list") != other.get("seed_list"):
+        return None  # other seeds: with a split drawn per seed, other images too
     diff = stats.paired_difference(a, b)
     if not diff.within_noise:
         return None
     cheap, dear = sorted((best, other), key=_cheapness)
+    seeds = _seeds(best)
+    where = f"on these {diff.images // seeds} images" + (f" × {seeds} seeds" if seeds > 1 else "")
+    means = " (means over seeds)" if seeds > 1 or _seeds(other) > 1 else ""
     return (
         f"{best['run']} and {other['run']} are within noise of each other: "
-        f"{fmt_pct(best['best_val_acc'])} and {fmt_pct(other['best_val_acc'])} val accuracy, "
+        f"{fmt_pct(best[acc.column])} and {fmt_pct(other[acc.column])} {acc.words}{means}, "
         f"a difference whose 95 % interval ({100 * diff.lo:+.1f} to {100 * diff.hi:+.1f} "
-        f"points on these {diff.images} images) holds 0, so neither wins; {cheap['run']} is "
+        f"points {where}) holds 0, so neither wins; {cheap['run']} is "
         f"the cheaper{_cost(cheap, dear)}."
     )
+
+
+def _is_true(value: Any) -> bool:
+    return pd.api.types.is_bool(value) and bool(value)
 
 
 def _cheapness(run: pd.Series) -> tuple[float, float]:
@@ -537,67 +760,324 @@ def fmt_share(p: float) -> str:
     return f"{100 * p:.2g} %"
 
 
+def _fill(colour: str, alpha: float = 0.18) -> str:
+    """Returns a #RRGGBB colour as rgba with the given opacity (for a band under a line)."""
+    r, g, b = (int(colour[i : i + 2], 16) for i in (1, 3, 5))
+    return f"rgba({r},{g},{b},{alpha})"
+
+
 def compare_curves(metrics: pd.DataFrame, y: str = "acc", x: str = "epoch") -> go.Figure:
     """Returns one val-split trace per run (the `run` column) of `y` (acc or loss) against
-    `x` (epoch or time_s)."""
+    `x` (epoch or time_s).
+
+    Runs that share a label and differ in run_id (a strategy with several seeds) draw one
+    line, the mean over their seeds at each epoch (x: the mean of their x there), in a band
+    from the lowest to the highest seed; the legend and the hover say so."""
     name = {"acc": "val accuracy (%)", "loss": "val loss"}.get(y, y)
     xname = {"epoch": "epoch", "time_s": "wall time (s)"}.get(x, x)
     val = _split(metrics, "val")
     if val.empty or "run" not in val:
         return _empty(name.capitalize(), "No epoch has finished yet")
     fig = go.Figure()
+    scale = 100 if y == "acc" else 1
+    banded = False
     for i, (run, rows) in enumerate(val.groupby("run", sort=False)):
-        scale = 100 if y == "acc" else 1
+        colour = PALETTE[i % len(PALETTE)]
+        seeds = rows["run_id"].nunique() if "run_id" in rows else 1
+        if seeds <= 1:
+            fig.add_scatter(
+                x=rows[x],
+                y=scale * rows[y],
+                name=str(run),
+                mode="lines+markers",
+                line=dict(color=colour),
+            )
+            continue
+        banded = True
+        per = rows.groupby("epoch")
+        band = pd.DataFrame(
+            {
+                "x": per[x].mean() if x != "epoch" else per["epoch"].first(),
+                "mean": scale * per[y].mean(),
+                "lo": scale * per[y].min(),
+                "hi": scale * per[y].max(),
+                "n": per[y].count(),
+            }
+        ).sort_index()
+        xs = list(band["x"])
         fig.add_scatter(
-            x=rows[x],
-            y=scale * rows[y],
-            name=str(run),
-            mode="lines+markers",
-            line=dict(color=PALETTE[i % len(PALETTE)]),
+            x=xs + xs[::-1],
+            y=list(band["hi"]) + list(band["lo"])[::-1],
+            name=f"{run}: min–max over {seeds} seeds",
+            fill="toself",
+            fillcolor=_fill(colour),
+            line=dict(width=0),
+            mode="lines",
+            hoverinfo="skip",
+            legendgroup=str(run),
+            showlegend=False,
         )
-    fig.update_layout(title=f"{name.capitalize()} by {xname}", xaxis_title=xname, yaxis_title=name)
+        fig.add_scatter(
+            x=xs,
+            y=band["mean"],
+            name=f"{run} (mean of {seeds} seeds, band min–max)",
+            mode="lines+markers",
+            line=dict(color=colour),
+            legendgroup=str(run),
+            customdata=band[["lo", "hi", "n"]].to_numpy(),
+            hovertemplate="%{y:.3g} (seeds %{customdata[0]:.3g} to %{customdata[1]:.3g}, "
+            f"mean of %{{customdata[2]}})<extra>{run}</extra>",
+        )
+    title = f"{name.capitalize()} by {xname}"
+    if banded:
+        title += " · mean over seeds, band: lowest to highest seed"
+    fig.update_layout(title=title, xaxis_title=xname, yaxis_title=name)
     return _style(fig)
 
 
-def accuracy_vs_cost(table: pd.DataFrame, cost: str = "trainable_params") -> go.Figure:
-    """Returns best val accuracy (%) against a cost column (trainable_params or train_time_s),
-    one marker trace per run, so the cheapest good strategy stands out top left."""
-    xname = {"trainable_params": "trainable parameters", "train_time_s": "train time (s)"}[cost]
-    rows = table.dropna(subset=["best_val_acc", cost]) if not table.empty else table
+# ---------------------------------------------------------------- cost and the Pareto front
+
+# cost column -> (name on an axis, how a value reads, divisor for the axis, log axis)
+COSTS: dict[str, tuple[str, Any, float, bool]] = {
+    "trainable_params": ("trainable parameters", lambda v: fmt_count(v), 1.0, True),
+    "train_time_s": ("train time (s)", lambda v: fmt_duration(v), 1.0, False),
+    "peak_memory_bytes": ("peak memory (MB)", lambda v: fmt_bytes(v), 1e6, False),
+    "stored_bytes": ("stored size (MB)", lambda v: fmt_bytes(v), 1e6, True),
+}
+_COST_NOUN = {
+    "trainable_params": "trainable parameters",
+    "train_time_s": "train time",
+    "peak_memory_bytes": "a measured peak memory",
+    "stored_bytes": "a stored size",
+}
+
+
+def cost_name(cost: str) -> str:
+    """Returns how a cost column reads in a picker: "peak memory"."""
+    return COSTS[cost][0].split(" (")[0]
+
+
+def pareto_front(table: pd.DataFrame, cost: str, acc: str = "best_val_acc") -> list[str]:
+    """Returns the runs (their `run` labels, cheapest first) on the Pareto front of accuracy
+    `acc` (higher is better) against `cost` (lower is better): those no other run beats, that
+    is, is at least as accurate at no more cost and better in one of the two. Runs that tie
+    on both are all on it; runs missing either value are left out."""
+    if table.empty or acc not in table or cost not in table:
+        return []
+    rows = table.assign(
+        _a=pd.to_numeric(table[acc], errors="coerce"),
+        _c=pd.to_numeric(table[cost], errors="coerce"),
+    ).dropna(subset=["_a", "_c"])
+    a, c = rows["_a"].to_numpy(), rows["_c"].to_numpy()
+    front = []
+    for i in range(len(rows)):
+        beaten = (a >= a[i]) & (c <= c[i]) & ((a > a[i]) | (c < c[i]))
+        if not beaten.any():
+            front.append(i)
+    front.sort(key=lambda i: (c[i], -a[i]))
+    return [str(rows["run"].iloc[i]) for i in front]
+
+
+def _missing(table: pd.DataFrame, column: str) -> list[str]:
+    """Returns the runs of table that lack column."""
+    if table.empty:
+        return []
+    if column not in table:
+        return [str(r) for r in table["run"]]
+    return [str(r) for r in table.loc[table[column].isna(), "run"]]
+
+
+def accuracy_vs_cost(
+    table: pd.DataFrame, cost: str = "trainable_params", accuracy: Accuracy | None = None
+) -> go.Figure:
+    """Returns accuracy (%) against a cost (COSTS: trainable parameters, train time, peak
+    memory, stored size), one marker trace per run (or per strategy of a seed_table, with
+    ± its standard deviation over seeds), so the cheapest good strategy stands out top left.
+
+    The Pareto front (pareto_front) is marked: its runs as diamonds joined by a dashed step
+    line, every other run fainter; runs without the cost are left out and counted below."""
+    acc = accuracy or accuracy_basis(table)
+    xname, fmt, unit, log = COSTS[cost]
+    title = f"Accuracy vs {xname.split(' (')[0]}"
+    have = [c for c in (acc.column, cost) if c in table]
+    rows = table.dropna(subset=[acc.column, cost]) if len(have) == 2 else table.iloc[:0]
     if rows.empty:
-        return _empty(f"Accuracy vs {xname}", "No finished epoch yet")
+        return _empty(title, f"No run with {_COST_NOUN[cost]} and an accuracy yet")
+    front = set(pareto_front(rows, cost, acc.column))
     fig = go.Figure()
     for i, (_, r) in enumerate(rows.iterrows()):
+        on = str(r["run"]) in front
+        std = r.get(f"{acc.column}_std")
         fig.add_scatter(
-            x=[r[cost]],
-            y=[100 * r["best_val_acc"]],
+            x=[float(r[cost]) / unit],
+            y=[100 * float(r[acc.column])],
             name=str(r["run"]),
             mode="markers+text",
             text=[str(r["run"])],
             textposition="top center",
             cliponaxis=False,
-            marker=dict(size=14, color=PALETTE[i % len(PALETTE)]),
+            opacity=1.0 if on else 0.55,
+            marker=dict(
+                size=16 if on else 12,
+                symbol="diamond" if on else "circle",
+                color=PALETTE[i % len(PALETTE)],
+                line=dict(width=1.5 if on else 0, color="#333333"),
+            ),
+            error_y=dict(type="data", array=[100 * float(std)], visible=True)
+            if std is not None and std == std
+            else None,
+            hovertemplate=f"{r['run']}: %{{y:.1f}} % {acc.words}, {fmt(r[cost])}"
+            + (" · on the Pareto front" if on else " · another run is better and cheaper")
+            + "<extra></extra>",
+        )
+    ordered = rows[rows["run"].astype(str).isin(front)].sort_values([cost, acc.column])
+    shapes = []
+    if len(ordered) > 1:  # the front as steps: each run holds its accuracy up to the next cost
+        xs = list(ordered[cost].astype(float) / unit)
+        ys = list(100 * ordered[acc.column].astype(float))
+        path = f"M {xs[0]},{ys[0]}" + "".join(
+            f" H {x1} V {y1}" for x1, y1 in zip(xs[1:], ys[1:], strict=True)
+        )
+        shapes.append(
+            dict(type="path", path=path, line=dict(color="#555555", width=1, dash="dash"))
+        )
+    lacking = _missing(table.dropna(subset=[acc.column]) if acc.column in table else table, cost)
+    annotations = []
+    if lacking:
+        annotations.append(
+            dict(
+                text=f"{len(lacking)} run(s) without {_COST_NOUN[cost]} left out",
+                showarrow=False,
+                xref="paper",
+                yref="paper",
+                x=0,
+                y=-0.28,
+                xanchor="left",
+                font=dict(size=11),
+            )
         )
     fig.update_layout(
-        title=f"Accuracy vs {xname}",
+        title=f"{title} · ◆ Pareto front",
         xaxis_title=xname,
-        yaxis_title="best val accuracy (%)",
+        yaxis_title=f"{acc.words} (%)",
         showlegend=False,
         hovermode="closest",
+        shapes=shapes,
+        annotations=annotations,
     )
     # Room around the markers so that their labels are never cut at the plot's edges.
-    acc = 100 * rows["best_val_acc"].astype(float)
-    pad = max(2.0, 0.15 * float(acc.max() - acc.min()))
-    fig.update_yaxes(range=[float(acc.min()) - pad, float(acc.max()) + 2 * pad])
-    x = rows[cost].astype(float)
-    if cost == "trainable_params":
-        lo, hi = math.log10(max(1.0, x.min())), math.log10(max(1.0, x.max()))
+    y = 100 * rows[acc.column].astype(float)
+    pad = max(2.0, 0.15 * float(y.max() - y.min()))
+    fig.update_yaxes(range=[float(y.min()) - pad, float(y.max()) + 2 * pad])
+    x = rows[cost].astype(float) / unit
+    if log:
+        tiny = float(x[x > 0].min()) if (x > 0).any() else 1.0
+        lo, hi = math.log10(max(tiny, float(x.min()))), math.log10(max(tiny, float(x.max())))
         span = max(0.5, 0.15 * (hi - lo))
         fig.update_xaxes(type="log", range=[lo - span, hi + span])
     else:
-        span = max(1.0, 0.15 * float(x.max() - x.min()))
+        span = max(0.1 * float(x.max()) or 1.0, 0.15 * float(x.max() - x.min()))
         fig.update_xaxes(range=[max(0.0, float(x.min()) - span), float(x.max()) + span])
     return _style(fig)
+
+
+def pareto_sentence(
+    table: pd.DataFrame, cost: str = "trainable_params", accuracy: Accuracy | None = None
+) -> str:
+    """Returns which runs are on the Pareto front of accuracy against cost, which are beaten
+    on both, and which were left out for want of the cost (older runs lack measured memory
+    and stored size)."""
+    acc = accuracy or accuracy_basis(table)
+    noun = cost_name(cost)
+    scored = table.dropna(subset=[acc.column]) if acc.column in table else table.iloc[:0]
+    front = pareto_front(scored, cost, acc.column)
+    lacking = _missing(scored, cost)
+    left_out = (
+        f" Left out for want of {_COST_NOUN[cost]} (runs from before it was recorded): "
+        f"{', '.join(lacking)}."
+        if lacking
+        else ""
+    )
+    if not front:
+        return f"No run has both {acc.words} and {_COST_NOUN[cost]} yet.{left_out}"
+    rest = [str(r) for r in scored["run"] if str(r) not in front and str(r) not in lacking]
+    text = (
+        f"Best trade-offs of {acc.words} against {noun} (the Pareto front, cheapest first): "
+        f"{', '.join(front)}"
+    )
+    if rest:
+        text += f"; a run at least as accurate for no more {noun} beats {', '.join(rest)}"
+    return text + "." + left_out
+
+
+def _pct_cell(mean: Any, std: Any) -> str:
+    if mean is None or mean != mean:
+        return ""
+    return f"{100 * mean:.1f}" + (f" ± {100 * std:.1f}" if std is not None and std == std else "")
+
+
+def _time_cell(mean: Any, std: Any) -> str:
+    if mean is None or mean != mean:
+        return ""
+    if std is None or std != std:
+        return fmt_duration(mean)
+    return f"{fmt_duration(mean)} ± {fmt_duration(std) if std >= 1 else f'{std:.2g} s'}"
+
+
+def _lr_cell(lrs: Sequence[Any], tuned: bool) -> str:
+    shown = list(dict.fromkeys(f"{float(v):.3g}" for v in lrs if v is not None and v == v))
+    return (", ".join(shown) + (" · tuned" if tuned else "")) if shown else ""
+
+
+def results_table(
+    strategies_table: pd.DataFrame,
+    accuracy: Accuracy | None = None,
+) -> pd.DataFrame:
+    """Returns Compare's table of final metrics as shown, one row per run or strategy of a
+    seed_table: run, [seeds], state, best_val_acc, test_acc, final_val_acc (in %: numbers
+    when every row is one run, else text "mean ± std over seeds"), interval (the 95 % interval
+    of `accuracy` for a run alone), trainable, train_time, peak_memory, stored, lr (each seed's
+    lr, "· tuned" when a tuning chose it) and images_per_s."""
+    acc = accuracy or accuracy_basis(strategies_table)
+    t = strategies_table
+    if t.empty:
+        return pd.DataFrame(columns=["run", "state", "best_val_acc", "test_acc", "final_val_acc"])
+    seeds = [_seeds(r) for r in t.to_dict("records")]
+    several = max(seeds) > 1
+
+    def col(name: str) -> pd.Series:
+        return t[name] if name in t else pd.Series([math.nan] * len(t), index=t.index)
+
+    shown = pd.DataFrame({"run": t["run"]})
+    if several:
+        shown["seeds"] = seeds
+    shown["state"] = t["state"]
+    for name in ("best_val_acc", "test_acc", "final_val_acc"):
+        if several:
+            shown[name] = [
+                _pct_cell(m, s) for m, s in zip(col(name), col(f"{name}_std"), strict=True)
+            ]
+        else:
+            shown[name] = 100 * pd.to_numeric(col(name), errors="coerce")
+    shown["interval"] = [
+        f"{100 * lo:.1f}–{100 * hi:.1f} %" if n == 1 and lo == lo and hi == hi else ""
+        for n, lo, hi in zip(seeds, col(acc.lo), col(acc.hi), strict=True)
+    ]
+    shown["trainable"] = [
+        "" if n is None or n != n else f"{fmt_count(n)} · {fmt_share(pct / 100)}"
+        for n, pct in zip(col("trainable_params"), col("trainable_pct"), strict=True)
+    ]
+    shown["train_time"] = [
+        _time_cell(m, s) for m, s in zip(col("train_time_s"), col("train_time_s_std"), strict=True)
+    ]
+    shown["peak_memory"] = ["" if v != v else fmt_bytes(v) for v in col("peak_memory_bytes")]
+    shown["stored"] = ["" if v != v else fmt_bytes(v) for v in col("stored_bytes")]
+    shown["lr"] = [
+        _lr_cell(r.get("lr_list") or [r.get("lr")], _is_true(r.get("tune_lr")))
+        for r in t.to_dict("records")
+    ]
+    shown["images_per_s"] = ["" if v != v else f"{v:,.0f}" for v in col("images_per_s")]
+    return shown.reset_index(drop=True)
 
 
 def per_class_chart(summaries: Mapping[str, Mapping[str, Any]]) -> go.Figure:
@@ -733,37 +1213,75 @@ def config_diff(configs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
 
 # ---------------------------------------------------------------- how deep to train
 
+# the strategies a depth view draws: how many groups train from the top (last_n, full), or
+# which one group alone (surgical)
+_DEPTH_OPTION = {"last_n": "unfreeze_last", "surgical": "surgical_group", "full": None}
+_SERIES_WORDS = {"top": "top k groups (last_n)", "surgical": "only group k (surgical)"}
+_DEPTH_COLUMNS = [
+    "run_id",
+    "series",
+    "full",
+    "depth",
+    "seed",
+    "acc",
+    "lo",
+    "hi",
+    "split",
+    "train_time_s",
+    "trainable_params",
+    "peak_memory_bytes",
+]
+
 
 def depth_points(
-    configs: Mapping[str, Mapping[str, Any]], summaries: Mapping[str, Mapping[str, Any] | None]
+    configs: Mapping[str, Mapping[str, Any]],
+    summaries: Mapping[str, Mapping[str, Any] | None],
+    accuracy: Accuracy | None = None,
 ) -> pd.DataFrame:
-    """Returns one row per completed last_n or full run: run_id, depth (backbone groups
-    trained: last_n's k; full is marked by full=True and sorts last), seed, acc (best val),
-    lo and hi (its 95 % interval), train_time_s, trainable_params."""
-    rows = []
+    """Returns one row per completed last_n, full or surgical run: run_id, series ("top":
+    last_n's top k groups, and full, marked by full=True, sorting last; "surgical": only
+    group k, counted from the top), depth (k), seed, acc (`accuracy`; by default test
+    accuracy when every such run has one, else best val), lo and hi (its 95 % interval),
+    split ("test" or "val"), train_time_s, trainable_params, peak_memory_bytes (NaN for runs
+    from before memory was measured)."""
+    done = []
     for rid, cfg in configs.items():
         summary = summaries.get(rid) or {}
-        strategy = cfg.get("strategy")
         if summary.get("state") != "completed" or summary.get("best_val_acc") is None:
             continue
-        if strategy not in ("last_n", "full"):
+        if cfg.get("strategy") in _DEPTH_OPTION:
+            done.append((rid, cfg, summary))
+    if accuracy is None:
+        tested = done and all(s.get("test_acc") is not None for _, _, s in done)
+        accuracy = TEST if tested else VAL
+    rows = []
+    for rid, cfg, summary in done:
+        if summary.get(accuracy.column) is None:
             continue
-        ci = summary.get("best_val_acc_ci") or [None, None]
+        strategy = cfg["strategy"]
+        option = _DEPTH_OPTION[strategy]
+        ci = summary.get(f"{accuracy.column}_ci") or [None, None]
+        memory = summary.get("peak_memory_bytes")
         rows.append(
             {
                 "run_id": rid,
-                "full": strategy == "full",
-                "depth": cfg.get("unfreeze_last") if strategy == "last_n" else None,
+                "series": "surgical" if strategy == "surgical" else "top",
+                "full": option is None,
+                "depth": cfg.get(option) if option else None,
                 "seed": cfg.get("seed"),
-                "acc": summary["best_val_acc"],
+                "acc": summary[accuracy.column],
                 "lo": ci[0],
                 "hi": ci[1],
+                "split": accuracy.split,
                 "train_time_s": summary.get("train_time_s"),
                 "trainable_params": summary.get("trainable_params"),
+                "peak_memory_bytes": memory if isinstance(memory, (int, float)) else None,
             }
         )
-    columns = ["run_id", "full", "depth", "seed", "acc", "lo", "hi"]
-    return pd.DataFrame(rows, columns=[*columns, "train_time_s", "trainable_params"])
+    frame = pd.DataFrame(rows, columns=_DEPTH_COLUMNS)
+    for column in ("acc", "lo", "hi", "train_time_s", "trainable_params", "peak_memory_bytes"):
+        frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
+    return frame
 
 
 def _depth_label(row) -> str:
@@ -772,14 +1290,21 @@ def _depth_label(row) -> str:
     return "0 (probe)" if row["depth"] == 0 else str(int(row["depth"]))
 
 
+def _words_of(points: pd.DataFrame) -> str:
+    split = points["split"].iloc[0] if "split" in points and len(points) else "val"
+    return TEST.words if split == "test" else VAL.words
+
+
 def _by_depth(points: pd.DataFrame) -> pd.DataFrame:
-    """Returns one row per depth, shallow to full: label, mean acc, lo/hi (the widest of its
-    seeds' intervals), mean train time and trainable parameters, run_ids, seeds."""
+    """Returns one row per series and depth, shallow to full: series, label, mean acc, lo/hi
+    (the widest of its seeds' intervals), mean train time, trainable parameters and peak
+    memory, runs and seeds (by seed)."""
     frame = points.assign(
         label=points.apply(_depth_label, axis=1),
-        order=points["depth"].fillna(math.inf).where(~points["full"], math.inf),
-    )
-    grouped = frame.groupby("label", sort=False)
+        order=points["depth"].astype("float64").fillna(math.inf).where(~points["full"], math.inf),
+        _seed=pd.to_numeric(points["seed"], errors="coerce"),
+    ).sort_values("_seed", kind="stable")
+    grouped = frame.groupby(["series", "label"], sort=False)
     out = grouped.agg(
         order=("order", "first"),
         acc=("acc", "mean"),
@@ -787,56 +1312,118 @@ def _by_depth(points: pd.DataFrame) -> pd.DataFrame:
         hi=("hi", "max"),
         train_time_s=("train_time_s", "mean"),
         trainable_params=("trainable_params", "mean"),
+        peak_memory_bytes=("peak_memory_bytes", "mean"),
         runs=("run_id", list),
         seeds=("seed", list),
     )
-    return out.sort_values("order").reset_index()
+    return out.reset_index().sort_values(["order", "series"], ascending=[True, False])
 
 
 def depth_curve(points: pd.DataFrame) -> go.Figure:
     """Returns accuracy (mean over seeds, with its 95 % interval) against the backbone groups
-    trained, from the linear probe to full, and the train time on a second axis."""
+    trained, from the linear probe to full ("top k groups": last_n), with "only group k"
+    (surgical) as a second series at its group; train time as bars on a second axis and,
+    when the runs measured it, peak memory on a third."""
     fig = make_subplots(specs=[[{"secondary_y": True}]])
+    words = _words_of(points)
+    memory = False
     if not points.empty:
         d = _by_depth(points)
-        fig.add_trace(
-            go.Scatter(
-                x=d["label"],
-                y=100 * d["acc"],
-                mode="lines+markers",
-                name="val accuracy (95 % interval)",
-                error_y=dict(
-                    type="data",
-                    symmetric=False,
-                    array=(100 * (d["hi"] - d["acc"])).fillna(0),
-                    arrayminus=(100 * (d["acc"] - d["lo"])).fillna(0),
+        order = list(dict.fromkeys(d.sort_values("order", kind="stable")["label"]))
+        memory = bool(d["peak_memory_bytes"].notna().any())
+        for i, series in enumerate(("top", "surgical")):
+            rows = d[d["series"] == series]
+            if rows.empty:
+                continue
+            colour = PALETTE[i]
+            fig.add_trace(
+                go.Scatter(
+                    x=rows["label"],
+                    y=100 * rows["acc"],
+                    mode="lines+markers",
+                    name=f"{_SERIES_WORDS[series]}: {words}, 95 % interval",
+                    line=dict(color=colour, dash="solid" if series == "top" else "dash"),
+                    marker=dict(symbol="circle" if series == "top" else "diamond", size=9),
+                    error_y=dict(
+                        type="data",
+                        symmetric=False,
+                        array=(100 * (rows["hi"] - rows["acc"])).fillna(0),
+                        arrayminus=(100 * (rows["acc"] - rows["lo"])).fillna(0),
+                    ),
+                    customdata=[[len(r)] for r in rows["runs"]],
+                    hovertemplate="%{y:.1f} % (%{customdata[0]} run(s))",
                 ),
-            ),
-            secondary_y=False,
-        )
-        fig.add_trace(
-            go.Bar(x=d["label"], y=d["train_time_s"], name="train time (s)", opacity=0.3),
-            secondary_y=True,
-        )
-    fig.update_yaxes(title_text="val accuracy (%)", secondary_y=False)
+                secondary_y=False,
+            )
+            fig.add_trace(
+                go.Bar(
+                    x=rows["label"],
+                    y=rows["train_time_s"],
+                    name=f"train time (s), {_SERIES_WORDS[series].split(' (')[0]}",
+                    marker_color=colour,
+                    opacity=0.25,
+                ),
+                secondary_y=True,
+            )
+        for i, series in enumerate(("top", "surgical")):
+            rows = d[(d["series"] == series) & d["peak_memory_bytes"].notna()]
+            if rows.empty:
+                continue
+            fig.add_trace(
+                go.Scatter(
+                    x=rows["label"],
+                    y=rows["peak_memory_bytes"] / 1e6,
+                    mode="lines+markers",
+                    name=f"peak memory (MB), {_SERIES_WORDS[series].split(' (')[0]}",
+                    line=dict(color=PALETTE[5 + i], dash="dot", width=1.5),
+                    marker=dict(symbol="x", size=7),
+                    yaxis="y3",
+                )
+            )
+        fig.update_xaxes(categoryorder="array", categoryarray=order)
+    fig.update_yaxes(title_text=f"{words} (%)", secondary_y=False)
     fig.update_yaxes(title_text="train time (s)", secondary_y=True, showgrid=False)
-    return _style(
+    _style(
         fig,
-        height=320,
+        height=400,
         title="How much to unfreeze: accuracy by backbone groups trained",
-        xaxis_title="backbone groups trained (from the top)",
+        xaxis_title="backbone groups trained, counted from the top "
+        "(top k: the k top groups; only group k: that group alone)",
+        barmode="group",
     )
+    # many series: the legend goes below the chart, out of the title's way
+    fig.update_layout(
+        legend=dict(orientation="h", yanchor="top", y=-0.3, xanchor="left", x=0.0),
+        margin=dict(l=50, r=70 if memory else 20, t=50, b=110),
+        hovermode="x unified",
+    )
+    if memory:
+        fig.update_layout(
+            xaxis=dict(domain=[0.0, 0.9]),
+            yaxis3=dict(
+                title=dict(text="peak memory (MB)"),
+                overlaying="y",
+                side="right",
+                anchor="free",
+                position=1.0,
+                showgrid=False,
+                rangemode="tozero",
+            ),
+        )
+    return fig
 
 
 def depth_sentence(points: pd.DataFrame, hits: Mapping[str, Sequence[bool]]) -> str | None:
     """Returns which depth is the cheapest within noise of the best (the paired-bootstrap
     interval of their difference, pooled over seeds, holds 0), or None with fewer than 3
-    depths. Without per-image predictions it compares the mean accuracies only, and says so."""
+    depths (surgical groups count as depths). Without per-image predictions (of the points'
+    split) it compares the mean accuracies only, and says so."""
     if points.empty:
         return None
     d = _by_depth(points)
     if len(d) < 3:
         return None
+    words = _words_of(points)
     best = d.loc[d["acc"].idxmax()]
 
     def pooled(row) -> list[bool] | None:
@@ -844,37 +1431,39 @@ def depth_sentence(points: pd.DataFrame, hits: Mapping[str, Sequence[bool]]) -> 
         return [h for run in found for h in run] if all(found) else None
 
     best_hits = pooled(best)
+    best_words = _depth_words(best["label"], best["series"])
     if best_hits is None:
         return (
-            f"The best depth is {_depth_words(best['label'])} ({fmt_pct(best['acc'])} val "
-            "accuracy); these runs have no per-image predictions, so how sure that is "
-            "cannot be said."
+            f"The best depth is {best_words} ({fmt_pct(best['acc'])} {words}); these runs "
+            "have no per-image predictions, so how sure that is cannot be said."
         )
     for _, row in d.sort_values(["trainable_params", "train_time_s"]).iterrows():
-        if row["label"] == best["label"]:
+        if (row["series"], row["label"]) == (best["series"], best["label"]):
             break
         mine = pooled(row)
-        if best_hits is None or mine is None or len(mine) != len(best_hits):
+        if mine is None or len(mine) != len(best_hits) or row["seeds"] != best["seeds"]:
             continue
         # seeds pair up in the same order: image i of seed s against image i of seed s
         diff = stats.paired_difference(mine, best_hits)
         if diff.within_noise:
             return (
-                f"{_depth_words(row['label']).capitalize()} is the cheapest within noise of the "
-                f"best ({_depth_words(best['label'])}: {fmt_pct(best['acc'])} val accuracy): "
+                f"{_depth_words(row['label'], row['series']).capitalize()} is the cheapest "
+                f"within noise of the best ({best_words}: {fmt_pct(best['acc'])} {words}): "
                 f"{fmt_pct(row['acc'])}, a difference whose 95 % interval "
                 f"({100 * diff.lo:+.1f} to {100 * diff.hi:+.1f} points) holds 0"
                 f"{_cost(row, best)}."
             )
     return (
-        f"The best depth is {_depth_words(best['label'])} ({fmt_pct(best['acc'])} val "
-        "accuracy); no cheaper depth is within noise of it."
+        f"The best depth is {best_words} ({fmt_pct(best['acc'])} {words}); no cheaper depth "
+        "is within noise of it."
     )
 
 
-def _depth_words(label: str) -> str:
+def _depth_words(label: str, series: str = "top") -> str:
     if label == "full":
         return "full fine-tuning"
     if label.startswith("0"):
         return "training only the head (a linear probe)"
+    if series == "surgical":
+        return f"training only backbone group {label} from the top (surgical)"
     return f"training the top {label} backbone group{'' if label == '1' else 's'}"

@@ -1,5 +1,6 @@
-"""Compare: which strategy, at what cost. Headline, cost charts, curves, table, per-class,
-confusion matrices, config diff.
+"""Compare: which strategy, at what cost. Headline, the depth view, accuracy against each cost
+with its Pareto front, curves (a band over seeds), table, per-class, confusion matrices,
+config diff. Runs that differ only in their seed are one strategy.
 
 ?group=<id> or ?runs=id,id,... selects the runs; otherwise the newest group.
 """
@@ -15,7 +16,6 @@ from dashboard.common import (
     run_choice_labels,
     setup_page,
     share_column,
-    shown_or_blank,
     warm_up,
 )
 from finetune_core import plots, runner, store
@@ -96,10 +96,32 @@ def comparison(was_live: bool) -> None:
     if was_live and not live:
         st.rerun()  # everything finished: draw the final page once, then stop refreshing
     table = plots.summary_table(configs, summaries, metrics, statuses)
-    label = dict(zip(table["run_id"], table["run"], strict=True))
+    basis = plots.accuracy_basis(table)  # test accuracy when every run has a test split
+    groups = plots.seed_groups(configs)  # a strategy repeated with k seeds is one row
+    label = plots.member_labels(groups, configs)
+    per_strategy = plots.seed_table(table, groups)
 
-    hits = {r: store.read_hits(root / r) for r in chosen}  # per val image: for the noise
-    st.subheader(plots.headline(table, {r: h for r, h in hits.items() if h}))
+    hits = {r: store.read_hits(root / r, basis.split) for r in chosen}  # for the noise
+    pooled = plots.pooled_hits(per_strategy, hits)
+    st.subheader(plots.headline(per_strategy, pooled, basis))
+    tested = int(table["test_acc"].notna().sum())
+    if basis is plots.TEST:
+        st.caption(
+            "Test accuracy: images that neither training, the choice of the best epoch nor a "
+            "tuned learning rate saw. Val accuracy is beside it in the table."
+        )
+    elif tested:
+        st.caption(
+            f"Val accuracy: {tested} of {len(table)} runs have a test accuracy, so the "
+            "comparison uses val accuracy, which every run has."
+        )
+    if (per_strategy["seeds"] > 1).any():
+        st.caption(
+            "Runs that differ only in their seed are one strategy: accuracies and times are "
+            "the mean ± standard deviation over its seeds, curves the mean with a band from "
+            "the lowest to the highest seed, and two strategies are within noise when the "
+            "95 % paired-bootstrap interval of their difference, pooled over seeds, holds 0."
+        )
     for warning in plots.comparison_warnings(configs):
         st.warning(warning, icon=":material/warning:")
     for r in chosen:
@@ -112,30 +134,44 @@ def comparison(was_live: bool) -> None:
             f"{len(live)} of {len(chosen)} runs are still training; this page updates as "
             "they go and the sentence above is provisional."
         )
-        groups = {configs[r].get("group") for r in live} - {None}
-        if len(groups) == 1 and st.button(
+        live_groups = {configs[r].get("group") for r in live} - {None}
+        if len(live_groups) == 1 and st.button(
             "Stop the group",
             icon=":material/stop_circle:",
             key="compare_stop_group",
             help="Cancels its queued runs, then stops the one that trains (it saves a checkpoint)",
         ):
-            (group,) = groups
+            (group,) = live_groups
             outcome = runner.stop_group(root, group)
             acted = sum(w != "not running" for w in outcome.values())
             st.toast(f"Group {group}: {acted} run(s) stopped or cancelled")
             st.rerun()
 
-    points = plots.depth_points(configs, summaries)
+    points = plots.depth_points(configs, summaries, basis)
     depth = plots.depth_sentence(points, {r: h for r, h in hits.items() if h})
-    if depth:  # three or more unfreeze depths (sweep --depths): the headline view
+    if depth:  # three or more depths (sweep --depths, --surgical): the headline view
         st.markdown(f"**How much to unfreeze:** {depth}")
         st.plotly_chart(plots.depth_curve(points), key="depth_curve", width="stretch")
 
-    c1, c2 = st.columns(2)
-    c1.plotly_chart(
-        plots.accuracy_vs_cost(table, "trainable_params"), key="acc_params", width="stretch"
-    )
-    c2.plotly_chart(plots.accuracy_vs_cost(table, "train_time_s"), key="acc_time", width="stretch")
+    costs = list(plots.COSTS)
+    for column, default, key in zip(
+        st.columns(2),
+        ("trainable_params", "train_time_s"),
+        ("cost_left", "cost_right"),
+        strict=True,
+    ):
+        cost = column.selectbox(
+            "Accuracy against",
+            costs,
+            index=costs.index(default),
+            format_func=plots.cost_name,
+            key=key,
+            help="The Pareto front: the runs no other run beats on both accuracy and this cost",
+        )
+        column.plotly_chart(
+            plots.accuracy_vs_cost(per_strategy, cost, basis), key=f"chart_{key}", width="stretch"
+        )
+        column.caption(plots.pareto_sentence(per_strategy, cost, basis))
 
     x = st.radio(
         "Curves against",
@@ -144,42 +180,53 @@ def comparison(was_live: bool) -> None:
         key="compare_x",
         format_func={"epoch": "epoch", "time_s": "wall time"}.get,
     )
-    long = [m.assign(run=label[r]) for r, m in metrics.items() if not m.empty]
+    run_of = {r: g for g, rids in groups.items() for r in rids}
+    long = [m.assign(run=run_of[r], run_id=r) for r, m in metrics.items() if not m.empty]
     frame = pd.concat(long, ignore_index=True) if long else pd.DataFrame()
     c1, c2 = st.columns(2)
     c1.plotly_chart(plots.compare_curves(frame, "acc", x), key="curve_acc", width="stretch")
     c2.plotly_chart(plots.compare_curves(frame, "loss", x), key="curve_loss", width="stretch")
 
     st.markdown("#### Final metrics")
-    shown = pd.DataFrame(
-        {
-            "run": table["run"],
-            "state": table["state"],
-            "best_val_acc": 100 * table["best_val_acc"],
-            "final_val_acc": 100 * table["final_val_acc"],
-            "test_acc": 100 * table["test_acc"].astype(float),
-            "trainable": [
-                ""
-                if n is None or n != n
-                else f"{plots.fmt_count(n)} · {plots.fmt_share(pct / 100)}"
-                for n, pct in zip(table["trainable_params"], table["trainable_pct"], strict=True)
-            ],
-            "train_time": shown_or_blank(table["train_time_s"], plots.fmt_duration),
-            "images_per_s": shown_or_blank(table["images_per_s"], lambda v: f"{v:,.0f}"),
-        }
-    )
+    shown = plots.results_table(per_strategy, basis)
+    several = "seeds" in shown
+
+    def accuracy_column(title: str):
+        if several:  # "mean ± std" text
+            return st.column_config.TextColumn(title, help="mean ± standard deviation over seeds")
+        return share_column(title, width="small")
+
+    measures = sorted({m for m in table["memory_measure"].dropna()})
     st.dataframe(
         shown,
         hide_index=True,
         width="stretch",
         column_config={
-            "best_val_acc": share_column("best val acc", width="small"),
-            "final_val_acc": share_column("final val acc", width="small"),
-            "test_acc": share_column("test acc", width="small"),
+            "seeds": st.column_config.NumberColumn("seeds", help="runs of this strategy"),
+            "best_val_acc": accuracy_column("best val acc"),
+            "test_acc": accuracy_column("test acc"),
+            "final_val_acc": accuracy_column("final val acc"),
+            "interval": st.column_config.TextColumn(
+                f"{basis.words} 95 % interval",
+                help="bootstrap over the split's images (one run; with seeds see ±)",
+            ),
             "trainable": st.column_config.TextColumn(
                 "trainable", help="parameters that train, and their share of all"
             ),
             "train_time": "train time",
+            "peak_memory": st.column_config.TextColumn(
+                "peak memory",
+                help="peak training memory, measured during training"
+                + (f" ({', '.join(measures)})" if measures else "")
+                + "; blank for runs from before it was measured",
+            ),
+            "stored": st.column_config.TextColumn(
+                "stored size",
+                help="what must be kept for this run: the trained pieces and the head",
+            ),
+            "lr": st.column_config.TextColumn(
+                "lr", help="the learning rate it trained with; tuned: chosen by a short search"
+            ),
             "images_per_s": "images/s",
         },
     )

@@ -416,3 +416,290 @@ def test_the_depth_sentence_names_the_cheapest_depth_within_noise_of_the_best():
     assert "cannot be said" in plots.depth_sentence(points, {})
     two = plots.depth_points(*_depth_runs({0: 0.6, "full": 0.8}))
     assert plots.depth_sentence(two, {}) is None  # fewer than 3 depths: no depth view
+
+
+# ---------------------------------------------------------------- seeds, test accuracy, cost
+
+
+def _seeded(runs: dict, group="g", test=True):
+    """runs: {run_id: (strategy, seed, val acc, test acc or None, train time, extra config)}
+    -> configs and summaries of one comparison group."""
+    configs, summaries = {}, {}
+    for rid, (strategy, seed, val, test_acc, t, extra) in runs.items():
+        configs[rid] = {
+            "strategy": strategy,
+            "seed": seed,
+            "lr": 0.01,
+            "group": group,
+            "epochs": 1,
+            "env": {"torch": rid},  # never a difference
+            **extra,
+        }
+        summaries[rid] = {
+            "state": "completed",
+            "best_val_acc": val,
+            "final_val_acc": val,
+            "test_acc": test_acc if test else None,
+            "test_acc_ci": [test_acc - 0.04, test_acc + 0.04] if test and test_acc else None,
+            "best_val_acc_ci": [val - 0.05, val + 0.05],
+            "trainable_params": 11_000_000 if strategy == "full" else 3_000,
+            "total_params": 11_000_000,
+            "train_time_s": t,
+        }
+    return configs, summaries
+
+
+def test_summary_table_exposes_intervals_measured_costs_seed_and_lr_and_tolerates_older_runs():
+    configs = {
+        "new": {"strategy": "full", "seed": 3, "lr": 0.05, "tune_lr": True},
+        "old": {"strategy": "full", "seed": 0, "lr": 0.01},  # before tune_lr and the costs
+    }
+    summaries = {
+        "new": {
+            "state": "completed",
+            "best_val_acc": 0.8,
+            "best_val_acc_ci": [0.75, 0.85],
+            "test_acc": 0.78,
+            "test_acc_ci": [0.7, 0.86],
+            "peak_memory_bytes": 123_000_000,
+            "memory_measure": "cpu: saved tensors + parameters, gradients, optimizer state",
+            "stored_bytes": 45_000_000,
+        },
+        "old": {"state": "completed", "best_val_acc": 0.7, "test_acc_ci": "broken"},
+    }
+    table = plots.summary_table(configs, summaries).set_index("run_id")
+    new, old = table.loc["new"], table.loc["old"]
+    assert (new["test_acc_lo"], new["test_acc_hi"]) == (0.7, 0.86)
+    assert (new["best_val_acc_lo"], new["best_val_acc_hi"]) == (0.75, 0.85)
+    assert (new["peak_memory_bytes"], new["stored_bytes"]) == (123_000_000, 45_000_000)
+    assert new["memory_measure"].startswith("cpu")
+    assert (new["seed"], new["lr"], new["tune_lr"]) == (3, 0.05, True)
+    assert pd.isna(old["test_acc_lo"]) and pd.isna(old["peak_memory_bytes"])
+    assert pd.isna(old["stored_bytes"]) and old["tune_lr"] == False  # noqa: E712
+
+
+def test_runs_that_differ_only_in_seed_are_one_strategy_reported_as_mean_and_std():
+    configs, summaries = _seeded(
+        {
+            "20250101-000000-aaaaa0": ("full", 0, 0.80, 0.78, 100.0, {}),
+            "20250101-000000-aaaaa1": ("full", 1, 0.82, 0.80, 110.0, {}),
+            # tuned: each seed may get its own lr, still one strategy
+            "20250101-000000-bbbbb0": ("linear_probe", 0, 0.60, 0.58, 10.0, {"tune_lr": True}),
+            "20250101-000000-bbbbb1": ("linear_probe", 1, 0.64, 0.62, 12.0, {"tune_lr": True}),
+            # another lr without tuning is another setting: its own row
+            "20250101-000000-ccccc0": ("linear_probe", 0, 0.70, 0.69, 10.0, {"lr": 0.1}),
+        }
+    )
+    configs["20250101-000000-bbbbb1"]["lr"] = 0.3
+    groups = plots.seed_groups(configs)
+    assert list(groups) == ["full", "linear_probe", "linear_probe · ccccc0"]
+    assert groups["full"] == ["20250101-000000-aaaaa0", "20250101-000000-aaaaa1"]
+    labels = plots.member_labels(groups, configs)
+    assert labels["20250101-000000-aaaaa1"] == "full seed 1"
+    assert labels["20250101-000000-ccccc0"] == "linear_probe · ccccc0"
+
+    table = plots.summary_table(configs, summaries)
+    per = plots.seed_table(table, groups).set_index("run")
+    full = per.loc["full"]
+    assert full["seeds"] == 2 and full["run_ids"] == tuple(groups["full"])
+    assert full["best_val_acc"] == pytest.approx(0.81)
+    assert full["best_val_acc_std"] == pytest.approx(0.01414, abs=1e-4)  # sample std
+    assert full["test_acc"] == pytest.approx(0.79) and full["train_time_s"] == 105.0
+    alone = per.loc["linear_probe · ccccc0"]
+    assert alone["seeds"] == 1 and alone["best_val_acc"] == 0.70
+    assert pd.isna(alone["best_val_acc_std"])
+
+    shown = plots.results_table(plots.seed_table(table, groups)).set_index("run")
+    assert list(shown.columns[:6]) == [
+        "seeds",
+        "state",
+        "best_val_acc",
+        "test_acc",
+        "final_val_acc",
+        "interval",
+    ]
+    assert shown.loc["full", "best_val_acc"] == "81.0 ± 1.4"
+    assert shown.loc["full", "test_acc"] == "79.0 ± 1.4"
+    assert shown.loc["full", "train_time"] == "1 min 45 s ± 7 s"
+    assert shown.loc["linear_probe", "lr"] == "0.01, 0.3 · tuned"
+    assert shown.loc["linear_probe · ccccc0", "lr"] == "0.1"
+    assert shown.loc["linear_probe · ccccc0", "interval"] == "65.0–73.0 %"  # its test CI
+    assert shown.loc["linear_probe · ccccc0", "peak_memory"] == ""  # not measured
+
+
+def test_a_comparison_of_single_runs_looks_as_before():
+    configs, summaries = _seeded(
+        {"a": ("full", 0, 0.8, 0.7, 100.0, {}), "b": ("bitfit", 0, 0.6, 0.5, 50.0, {})}
+    )
+    table = plots.summary_table(configs, summaries)
+    groups = plots.seed_groups(configs)
+    per = plots.seed_table(table, groups)
+    assert list(per["run"]) == list(table["run"]) == ["full", "bitfit"]
+    assert plots.headline(per) == plots.headline(table)
+    shown = plots.results_table(per)
+    assert "seeds" not in shown and list(shown["best_val_acc"]) == pytest.approx([80.0, 60.0])
+
+
+def test_curves_of_a_strategy_with_seeds_draw_the_mean_in_a_band_from_lowest_to_highest():
+    m = pd.concat(
+        [
+            _metrics("full", accs=(0.5, 0.8)).assign(run_id="f0"),
+            _metrics("full", accs=(0.6, 0.7), t_epoch=4.0).assign(run_id="f1"),
+            _metrics("probe", accs=(0.3, 0.4)).assign(run_id="p0"),
+        ]
+    )
+    fig = plots.compare_curves(m, y="acc", x="epoch")
+    assert "band: lowest to highest seed" in fig.layout.title.text
+    band, mean, probe = fig.data
+    assert band.fill == "toself" and band.showlegend is False
+    assert list(band.x) == [1, 2, 2, 1]
+    assert list(band.y) == pytest.approx([60, 80, 70, 50])  # highest forward, lowest back
+    assert mean.name == "full (mean of 2 seeds, band min–max)"
+    assert list(mean.y) == pytest.approx([55, 75])
+    assert probe.name == "probe" and probe.fill is None  # one seed: a plain line
+    by_time = plots.compare_curves(m, y="loss", x="time_s")
+    assert list(by_time.data[1].x) == [3.0, 6.0]  # the seeds' mean wall time per epoch
+    single = plots.compare_curves(_metrics("full").assign(run_id="f0"))
+    assert [t.name for t in single.data] == ["full"]
+    assert "band" not in single.layout.title.text
+
+
+def test_the_headline_uses_test_accuracy_when_every_run_has_one_and_pools_seeds():
+    runs = {
+        "f0": ("full", 0, 0.82, 0.80, 100.0, {}),
+        "f1": ("full", 1, 0.84, 0.82, 100.0, {}),
+        "l0": ("last_n", 0, 0.80, 0.81, 40.0, {"unfreeze_last": 1}),
+        "l1": ("last_n", 1, 0.82, 0.83, 40.0, {"unfreeze_last": 1}),
+    }
+    configs, summaries = _seeded(runs)
+    table = plots.summary_table(configs, summaries)
+    assert plots.accuracy_basis(table) is plots.TEST
+    per = plots.seed_table(table, plots.seed_groups(configs))
+    # no predictions: the plain sentence, by test accuracy (the val ranking is the other way)
+    assert plots.headline(per) == (
+        "last_n 1 is best with 82.0 % test accuracy (mean of 2 seeds), 1.0 point above full "
+        "fine-tuning (81.0 %), using 0.4× the training time and 0.027 % of the trainable "
+        "parameters."
+    )
+    # 100 test images per seed, mostly the same ones right: within noise, pooled over seeds
+    hits = {
+        "f0": _hits(80, 100),
+        "f1": _hits(82, 100),
+        "l0": _hits(81, 100, first=98),
+        "l1": _hits(83, 100, first=97),
+    }
+    text = plots.headline(per, plots.pooled_hits(per, hits))
+    assert text.startswith(
+        "last_n 1 and full are within noise of each other: 82.0 % and 81.0 % test accuracy "
+        "(means over seeds)"
+    )
+    assert "on these 100 images × 2 seeds) holds 0" in text
+    # one run without a test split: every figure falls back to val accuracy, and says so
+    summaries["l1"]["test_acc"] = None
+    table = plots.summary_table(configs, summaries)
+    assert plots.accuracy_basis(table) is plots.VAL
+    per = plots.seed_table(table, plots.seed_groups(configs))
+    assert plots.headline(per).startswith("full is best with 83.0 % val accuracy (mean of 2")
+
+
+def _costs(**runs):
+    """runs: label=(accuracy, trainable params, peak memory bytes or None)."""
+    return pd.DataFrame(
+        [
+            dict(run=k, run_id=k, best_val_acc=a, trainable_params=p, peak_memory_bytes=m)
+            for k, (a, p, m) in runs.items()
+        ]
+    )
+
+
+def test_the_pareto_front_keeps_the_runs_no_other_beats_on_accuracy_and_cost():
+    table = _costs(
+        probe=(0.60, 3_000, 50e6),
+        top1=(0.80, 2_000_000, 90e6),
+        top2=(0.79, 4_000_000, 80e6),  # beaten on parameters by top1
+        full=(0.80, 11_000_000, 160e6),  # as accurate as top1, costlier: beaten
+        twin=(0.80, 2_000_000, None),  # ties top1 on both: both on the front
+        bad=(None, 1_000, 10e6),  # no accuracy: left out
+    )
+    assert plots.pareto_front(table, "trainable_params") == ["probe", "top1", "twin"]
+    # on memory: twin has none (an older run) and top2 is cheaper than top1
+    assert plots.pareto_front(table, "peak_memory_bytes") == ["probe", "top2", "top1"]
+    same_cost = _costs(a=(0.7, 100, None), b=(0.75, 100, None))
+    assert plots.pareto_front(same_cost, "trainable_params") == ["b"]
+    assert plots.pareto_front(table.iloc[:0], "trainable_params") == []
+    assert plots.pareto_front(table, "stored_bytes") == []  # no such column: no front
+
+
+def test_accuracy_vs_cost_marks_the_front_and_names_the_runs_left_out():
+    table = _costs(
+        probe=(0.60, 3_000, 50e6),
+        top1=(0.80, 2_000_000, 90e6),
+        full=(0.80, 11_000_000, None),
+    )
+    fig = plots.accuracy_vs_cost(table, "peak_memory_bytes", plots.VAL)
+    assert fig.layout.title.text.startswith("Accuracy vs peak memory")
+    assert [(t.name, t.x[0], t.marker.symbol) for t in fig.data] == [
+        ("probe", 50.0, "diamond"),
+        ("top1", 90.0, "diamond"),
+    ]  # in MB; full has no memory figure
+    assert fig.layout.shapes[0].path == "M 50.0,60.0 H 90.0 V 80.0"
+    assert "1 run(s) without a measured peak memory left out" in fig.layout.annotations[0].text
+    assert fig.layout.yaxis.title.text == "val accuracy (%)"
+    by_params = plots.accuracy_vs_cost(table, "trainable_params", plots.VAL)
+    symbols = {t.name: t.marker.symbol for t in by_params.data}
+    assert symbols == {"probe": "diamond", "top1": "diamond", "full": "circle"}
+    assert plots.pareto_sentence(table, "trainable_params", plots.VAL) == (
+        "Best trade-offs of val accuracy against trainable parameters (the Pareto front, "
+        "cheapest first): probe, top1; a run at least as accurate for no more trainable "
+        "parameters beats full."
+    )
+    assert plots.pareto_sentence(table, "peak_memory_bytes", plots.VAL).endswith(
+        "Left out for want of a measured peak memory (runs from before it was recorded): full."
+    )
+    empty = plots.accuracy_vs_cost(table, "stored_bytes", plots.VAL)
+    assert not empty.data and "stored size" in empty.layout.annotations[0].text
+
+
+def test_the_depth_view_draws_surgical_runs_as_their_own_series_with_peak_memory():
+    configs, summaries = _depth_runs({0: 0.60, 1: 0.78, 2: 0.80, "full": 0.81})
+    for group, acc in ((1, 0.77), (2, 0.83)):
+        for seed in (0, 1):
+            rid = f"s{group}-{seed}"
+            configs[rid] = {"strategy": "surgical", "surgical_group": group, "seed": seed}
+            summaries[rid] = {
+                "state": "completed",
+                "best_val_acc": acc,
+                "train_time_s": 15.0,
+                "trainable_params": 1000 * 10**group,
+            }
+    for rid, s in summaries.items():  # every run tested, most measured memory
+        s["test_acc"] = s["best_val_acc"] - 0.01
+        s["test_acc_ci"] = [s["test_acc"] - 0.03, s["test_acc"] + 0.03]
+        if rid != "full-0":
+            s["peak_memory_bytes"] = 10_000_000 * (1 + len(rid))
+    points = plots.depth_points(configs, summaries)
+    assert set(points["split"]) == {"test"} and len(points) == 12
+    assert list(points.loc[points["series"] == "surgical", "depth"]) == [1, 1, 2, 2]
+    fig = plots.depth_curve(points)
+    traces = {t.name: t for t in fig.data}
+    top = traces["top k groups (last_n): test accuracy, 95 % interval"]
+    assert list(top.x) == ["0 (probe)", "1", "2", "full"]
+    assert list(top.y) == pytest.approx([59, 77, 79, 80])
+    surgical = traces["only group k (surgical): test accuracy, 95 % interval"]
+    assert list(surgical.x) == ["1", "2"] and list(surgical.y) == pytest.approx([76, 82])
+    memory = traces["peak memory (MB), top k groups"]
+    assert memory.yaxis == "y3" and list(memory.x) == ["0 (probe)", "1", "2", "full"]
+    assert fig.layout.yaxis3.title.text == "peak memory (MB)"
+    assert list(fig.layout.xaxis.categoryarray) == ["0 (probe)", "1", "2", "full"]
+    assert "train time (s), only group k" in traces
+    text = plots.depth_sentence(points, {})
+    assert text.startswith(
+        "The best depth is training only backbone group 2 from the top (surgical) "
+        "(82.0 % test accuracy)"
+    )
+    # runs before peak memory was measured: no memory axis
+    for s in summaries.values():
+        s.pop("peak_memory_bytes", None)
+    plain = plots.depth_curve(plots.depth_points(configs, summaries))
+    assert not [t for t in plain.data if "memory" in t.name]
+    assert "yaxis3" not in plain.to_plotly_json()["layout"]
