@@ -19,7 +19,7 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetune_core import checkpoints, metrics, models, stats, strategies, weights
+from finetune_core import checkpoints, memory, metrics, models, stats, strategies, weights
 from finetune_core import data as data_mod
 from finetune_core.callbacks import Callback, StopTraining, make_record
 from finetune_core.config import RunConfig
@@ -211,6 +211,10 @@ class Trainer:
         self.backbone_ref: dict | None = None  # what a head-only checkpoint names, once saved
         self.trainable_per_phase: dict[str, int] = {}
         self._head_only = False  # this epoch's phase trains no backbone parameter
+        # the largest memory of a measured step (the first of each phase), and the phases
+        # measured in this session
+        self.peak_memory: memory.StepMemory | None = None
+        self.memory_measured: set[str] = set()
 
         dev = self.device
         self.amp_dtype, self.channels_last = speed_settings(dev)
@@ -347,6 +351,23 @@ class Trainer:
         self.step += 1
         return loss, logits, y
 
+    def measured_step(self, inputs: torch.Tensor, labels: torch.Tensor, batch_index: int):
+        """Takes train_step's step and measures its memory (memory.measure_step), keeping the
+        largest so far in peak_memory; returns what train_step returns. Once per phase: the
+        phase's trainable set, and so its memory, is the same at every step."""
+        held = {}
+        if self.feature_cache is not None:  # kept on the device while the probe trains
+            held["feature_cache"] = [
+                t for split in self.feature_cache.values() for t in (split.images, split.labels)
+            ]
+        if self.l2sp is not None:  # the starting weights the penalty pulls towards
+            held["l2sp_reference"] = [p0 for _, p0 in self.l2sp.pairs]
+        with memory.measure_step(self.device, self.parts.model, self.optimizer, held=held) as step:
+            out = self.train_step(inputs, labels, batch_index)
+        self.peak_memory = memory.larger(self.peak_memory, step)
+        self.memory_measured.add(self.phase)
+        return out
+
     def train_one_epoch(self, skip_batches: int = 0) -> None:
         """Trains one epoch, emitting batched train records; skip_batches resumes mid-epoch."""
         loader = self.begin_epoch()
@@ -354,7 +375,10 @@ class Trainer:
         for i, (inputs, labels) in enumerate(loader):
             if i < skip_batches:
                 continue
-            loss, logits, y = self.train_step(inputs, labels, i)
+            if self.phase in self.memory_measured:
+                loss, logits, y = self.train_step(inputs, labels, i)
+            else:
+                loss, logits, y = self.measured_step(inputs, labels, i)
             recorder.add(loss, logits, y)
             if recorder.due():
                 self._emit_train(recorder.flush())
@@ -468,6 +492,7 @@ class Trainer:
             "val_history": self.val_history,
             "elapsed": self.elapsed(),
             "trainable_per_phase": self.trainable_per_phase,
+            "peak_memory": _memory_state(self.peak_memory),
         }
         checkpoints.save_resume_point(self.checkpoint_dir, state, self._save_weights)
 
@@ -495,6 +520,7 @@ class Trainer:
         self.val_history = list(state["val_history"])
         self.elapsed_before = float(state["elapsed"])
         self.trainable_per_phase = dict(state["trainable_per_phase"])
+        self.peak_memory = _memory_from_state(state.get("peak_memory"))  # None before issue 10
         self.step = int(state["step"])
         if state["epoch_done"]:
             self.epoch = int(state["epoch"]) + 1
@@ -546,7 +572,10 @@ class Trainer:
                 self._save_weights(self.checkpoint_dir / "best.safetensors")
         seconds = max(self.elapsed(), 1e-9)
         speed = round(self.step * self.cfg.batch_size / seconds, 2)
-        return self._eval_record("val", ev, seconds, images_per_s=speed, phase=self.phase)
+        record = self._eval_record("val", ev, seconds, images_per_s=speed, phase=self.phase)
+        if self.peak_memory is not None:
+            record["peak_memory_bytes"] = self.peak_memory.total  # the peak so far
+        return record
 
     def _eval_record(
         self, split: str, ev: dict, seconds: float, *, images_per_s=None, phase=None
@@ -581,6 +610,7 @@ class Trainer:
                 test_acc = scored["test"]["acc"]
                 test_ci = stats.accuracy_interval(_hits(scored["test"]))
         best = self.best_eval or {}
+        peak = self.peak_memory
         return {
             "state": state,
             "best_val_acc": self.best_val_acc,
@@ -597,6 +627,13 @@ class Trainer:
             "confusion_matrix": best.get("confusion_matrix"),
             "epochs_run": len(self.val_history),
             "best_epoch": self.best_epoch,
+            # the largest measured step's memory (memory.py says what each method counts)
+            "peak_memory_bytes": peak.total if peak else None,
+            "memory_measure": peak.method if peak else None,
+            "peak_memory_breakdown": peak.breakdown if peak else None,
+            "stored_bytes": memory.stored_bytes(
+                self.parts, self.plan, freeze_bn=self.cfg.freeze_bn
+            ),
         }
 
     def _score_best(self) -> dict[str, dict]:
@@ -619,6 +656,19 @@ class Trainer:
 
 
 PREDICTIONS_FILE = "predictions.csv"
+
+
+def _memory_state(step: memory.StepMemory | None) -> dict | None:
+    """Returns a measurement as plain data, for last_state.pt (loaded with weights_only)."""
+    if step is None:
+        return None
+    return {"total": step.total, "method": step.method, "breakdown": dict(step.breakdown)}
+
+
+def _memory_from_state(state: dict | None) -> memory.StepMemory | None:
+    if not state:
+        return None
+    return memory.StepMemory(int(state["total"]), str(state["method"]), dict(state["breakdown"]))
 
 
 def _hits(ev: dict) -> list[bool]:

@@ -29,6 +29,7 @@ ALLOWED = {
     "models": {"util"},
     "metrics": set(),
     "stats": set(),  # bootstrap intervals (numpy): plots and the engine use them
+    "memory": set(),  # a training step's measured memory, a run's stored size (torch)
     "data": {"util"},
     # the run store; `create_run` records the device (torch) only when it makes a run
     "store": {"callbacks", "config", "strategies", "util", "device"},
@@ -40,6 +41,7 @@ ALLOWED = {
         "config",
         "data",
         "device",
+        "memory",
         "metrics",
         "models",
         "stats",
@@ -76,10 +78,13 @@ ALLOWED = {
         "pretrain",
         "runner",
         "store",
+        "tuning",
         "uploads",
         "util",
         "weights",
     },
+    # the lr search before a tuned run trains: the range test, then trainings on val
+    "tuning": {"callbacks", "data", "engine", "lr_find"},
     "estimate": {"config", "data", "device", "engine", "models"},
     # the range test builds the experiment as training does, on a model of its own
     "lr_find": {"config", "engine", "pretrain", "strategies", "weights"},
