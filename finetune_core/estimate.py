@@ -1,5 +1,6 @@
 """Time per step and peak memory of a config, measured with a few of the engine's own
-training steps on random images.
+training steps on random images; the memory as training measures it (memory.py), on the
+first step, which creates the optimizer state.
 
 Runs in its own process, never in the dashboard's server: as a background job (`run_job`,
 see jobs.py; the New run page starts one for all the configs of a comparison), or alone as
@@ -8,11 +9,8 @@ see jobs.py; the New run page starts one for all the configs of a comparison), o
 
 from __future__ import annotations
 
-import contextlib
-import ctypes
 import gc
 import json
-import resource
 import statistics
 import sys
 import time
@@ -27,30 +25,17 @@ WARMUP_STEPS = 1
 MEASURED_STEPS = 4
 
 
-def _rss_bytes() -> int:
-    with open("/proc/self/statm") as f:
-        return int(f.read().split()[1]) * resource.getpagesize()
-
-
-def _release_freed_memory() -> None:
-    """Collects garbage and hands the C heap's freed pages back to the system, so that the
-    next config's resident-memory growth is its own and not hidden by what the previous
-    config freed (glibc keeps freed memory for reuse; all configs share one process)."""
-    gc.collect()
-    with contextlib.suppress(OSError, AttributeError):
-        ctypes.CDLL(None).malloc_trim(0)
-
-
 def measure(cfg_dict: dict, num_classes: int, tick=None) -> dict:
     """Returns the engine's train_step on random images for the phase of the plan that trains
     the most parameters (the slowest one), with random weights: {"step_s" (median),
-    "step_s_min", "step_s_max" (the spread of the measured steps), "peak_bytes", "device",
-    "trainable_params", "feature_cache"}. tick() is called before every step (a job's
-    cancel check)."""
+    "step_s_min", "step_s_max" (the spread of the measured steps), "peak_bytes" (the first
+    step's memory, measured as training measures its peak_memory_bytes: engine.Trainer.
+    measured_step; a linear probe here runs its backbone without a feature cache), "memory_measure" (its method), "memory_breakdown" (bytes per
+    part), "device", "trainable_params", "feature_cache"}. tick() is called before every
+    step (a job's cancel check)."""
     cfg = from_dict(cfg_dict)
     device = pick_device(cfg.device)
-    _release_freed_memory()
-    base_rss = _rss_bytes()
+    gc.collect()  # the previous config's model and optimizer, gone before this one's
     parts = engine.build_model(cfg, num_classes)
     gen = torch.Generator().manual_seed(0)
     n = cfg.batch_size * (WARMUP_STEPS + MEASURED_STEPS)
@@ -67,36 +52,35 @@ def measure(cfg_dict: dict, num_classes: int, tick=None) -> dict:
     trainer.epoch = phase.start_epoch
     trainer.enter_phase(trainer.epoch)
     loader = trainer.begin_epoch()
-    if device.type == "cuda":
-        torch.cuda.reset_peak_memory_stats(device)
-    times, peak_rss = [], 0
+    times = []
     for i, (x, y) in enumerate(loader):
         if tick is not None:
             tick()
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         t0 = time.perf_counter()
-        trainer.train_step(x, y, i)
+        if i == 0:  # the step that creates the optimizer state: the one whose memory counts
+            trainer.measured_step(x, y, i)
+        else:
+            trainer.train_step(x, y, i)
         if device.type == "cuda":
             torch.cuda.synchronize(device)
         if i >= WARMUP_STEPS:
             times.append(time.perf_counter() - t0)
-        peak_rss = max(peak_rss, _rss_bytes())
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated(device)
-    else:
-        peak = max(0, peak_rss - base_rss)  # what this config added to the process
+    peak = trainer.peak_memory
     result = {
         "step_s": statistics.median(times),
         "step_s_min": min(times),
         "step_s_max": max(times),
-        "peak_bytes": int(peak),
+        "peak_bytes": int(peak.total),
+        "memory_measure": peak.method,
+        "memory_breakdown": dict(peak.breakdown),
         "device": str(device),
         "trainable_params": int(phase.trainable_params),
         "feature_cache": trainer.use_feature_cache(),
     }
     del trainer, exp, parts, images, loader, split
-    _release_freed_memory()
+    gc.collect()
     return result
 
 
