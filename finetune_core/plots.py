@@ -772,7 +772,7 @@ def compare_curves(metrics: pd.DataFrame, y: str = "acc", x: str = "epoch") -> g
 
     Runs that share a label and differ in run_id (a strategy with several seeds) draw one
     line, the mean over their seeds at each epoch (x: the mean of their x there), in a band
-    from the lowest to the highest seed; the legend and the hover say so."""
+    from the lowest to the highest seed; the title and the hover say so."""
     name = {"acc": "val accuracy (%)", "loss": "val loss"}.get(y, y)
     xname = {"epoch": "epoch", "time_s": "wall time (s)"}.get(x, x)
     val = _split(metrics, "val")
@@ -820,19 +820,25 @@ def compare_curves(metrics: pd.DataFrame, y: str = "acc", x: str = "epoch") -> g
         fig.add_scatter(
             x=xs,
             y=band["mean"],
-            name=f"{run} (mean of {seeds} seeds, band min–max)",
+            name=str(run),
             mode="lines+markers",
             line=dict(color=colour),
             legendgroup=str(run),
             customdata=band[["lo", "hi", "n"]].to_numpy(),
-            hovertemplate="%{y:.3g} (seeds %{customdata[0]:.3g} to %{customdata[1]:.3g}, "
-            f"mean of %{{customdata[2]}})<extra>{run}</extra>",
+            hovertemplate="%{y:.3g}: the mean of %{customdata[2]} seeds, from "
+            f"%{{customdata[0]:.3g}} to %{{customdata[1]:.3g}}<extra>{run}</extra>",
         )
     title = f"{name.capitalize()} by {xname}"
     if banded:
-        title += " · mean over seeds, band: lowest to highest seed"
+        title += " · seeds: mean, min–max band"
     fig.update_layout(title=title, xaxis_title=xname, yaxis_title=name)
-    return _style(fig)
+    _style(fig, height=340)
+    # below the chart: a legend of many runs wraps over the title when above it
+    fig.update_layout(
+        legend=dict(orientation="h", yanchor="top", y=-0.25, xanchor="left", x=0.0),
+        margin=dict(l=50, r=20, t=50, b=80),
+    )
+    return fig
 
 
 # ---------------------------------------------------------------- cost and the Pareto front
@@ -965,10 +971,13 @@ def accuracy_vs_cost(
         shapes=shapes,
         annotations=annotations,
     )
-    # Room around the markers so that their labels are never cut at the plot's edges.
+    # Room around the markers (and their ± std) so that labels are never cut at the edges.
     y = 100 * rows[acc.column].astype(float)
-    pad = max(2.0, 0.15 * float(y.max() - y.min()))
-    fig.update_yaxes(range=[float(y.min()) - pad, float(y.max()) + 2 * pad])
+    spread = f"{acc.column}_std"
+    std = 100 * rows[spread].astype(float).fillna(0.0) if spread in rows else 0.0 * y
+    low, high = float((y - std).min()), float((y + std).max())
+    pad = max(2.0, 0.15 * (high - low))
+    fig.update_yaxes(range=[low - pad, high + 2 * pad])
     x = rows[cost].astype(float) / unit
     if log:
         tiny = float(x[x > 0].min()) if (x > 0).any() else 1.0
@@ -1035,9 +1044,10 @@ def results_table(
 ) -> pd.DataFrame:
     """Returns Compare's table of final metrics as shown, one row per run or strategy of a
     seed_table: run, [seeds], state, best_val_acc, test_acc, final_val_acc (in %: numbers
-    when every row is one run, else text "mean ± std over seeds"), interval (the 95 % interval
-    of `accuracy` for a run alone), trainable, train_time, peak_memory, stored, lr (each seed's
-    lr, "· tuned" when a tuning chose it) and images_per_s."""
+    when every row is one run, else text "mean ± std over seeds"), [interval] (the 95 %
+    interval of `accuracy` of a run alone; left out when no row has one), trainable,
+    train_time, peak_memory, stored, lr (each seed's lr, "· tuned" when a tuning chose it)
+    and images_per_s."""
     acc = accuracy or accuracy_basis(strategies_table)
     t = strategies_table
     if t.empty:
@@ -1063,6 +1073,8 @@ def results_table(
         f"{100 * lo:.1f}–{100 * hi:.1f} %" if n == 1 and lo == lo and hi == hi else ""
         for n, lo, hi in zip(seeds, col(acc.lo), col(acc.hi), strict=True)
     ]
+    if not shown["interval"].any():  # strategies with seeds: their spread is the ± std
+        shown = shown.drop(columns="interval")
     shown["trainable"] = [
         "" if n is None or n != n else f"{fmt_count(n)} · {fmt_share(pct / 100)}"
         for n, pct in zip(col("trainable_params"), col("trainable_pct"), strict=True)
@@ -1175,10 +1187,15 @@ def comparison_warnings(configs: Mapping[str, Mapping[str, Any]]) -> list[str]:
 UNDERTRAINED_FALL = 0.10  # a training loss that fell less than this share is under-trained
 
 
-def undertrained(metrics: pd.DataFrame) -> str | None:
-    """Returns what to try when a run's training loss barely fell (its last tenth of train
-    records, median, at least UNDERTRAINED_FALL below its first tenth), None otherwise or
-    with too few records to tell (fewer than 4, or no finished epoch)."""
+_TRY_INSTEAD = (
+    "Try a higher learning rate (python -m finetune_core lr-find suggests one), more epochs, "
+    "or a strategy that trains more of the network."
+)
+
+
+def _loss_fell(metrics: pd.DataFrame) -> tuple[float, float] | None:
+    """Returns (first, last): the medians of the first and last tenth of the training loss
+    records, when the last is less than UNDERTRAINED_FALL below the first; else None."""
     if metrics.empty or "split" not in metrics:
         return None
     train = metrics.loc[metrics["split"] == "train", "loss"].dropna()
@@ -1188,12 +1205,74 @@ def undertrained(metrics: pd.DataFrame) -> str | None:
     first, last = float(train.iloc[:tenth].median()), float(train.iloc[-tenth:].median())
     if first <= 0 or last < (1 - UNDERTRAINED_FALL) * first:
         return None
-    fell = max(0.0, 1 - last / first)
+    return first, last
+
+
+def undertrained(metrics: pd.DataFrame) -> str | None:
+    """Returns what to try when a run's training loss barely fell (its last tenth of train
+    records, median, at least UNDERTRAINED_FALL below its first tenth), None otherwise or
+    with too few records to tell (fewer than 4, or no finished epoch)."""
+    fell = _loss_fell(metrics)
+    if fell is None:
+        return None
+    first, last = fell
     return (
-        f"under-trained: its training loss fell only {100 * fell:.0f} % (from {first:.3g} to "
-        f"{last:.3g}). Try a higher learning rate (python -m finetune_core lr-find suggests "
-        "one), more epochs, or a strategy that trains more of the network."
+        f"under-trained: its training loss fell only {100 * max(0.0, 1 - last / first):.0f} % "
+        f"(from {first:.3g} to {last:.3g}). {_TRY_INSTEAD}"
     )
+
+
+def undertrained_note(metrics: Mapping[str, pd.DataFrame]) -> str | None:
+    """Returns one warning for the under-trained runs among {label: metrics}: the run's own
+    sentence for one ("full is under-trained: ..."), the runs with how far each loss fell
+    for several (a comparison with seeds would repeat one sentence per seed); None for none."""
+    found = {k: f for k, m in metrics.items() if (f := _loss_fell(m)) is not None}
+    if not found:
+        return None
+    if len(found) == 1:
+        ((label, m),) = ((k, metrics[k]) for k in found)
+        return f"{label} is {undertrained(m)}"
+    runs = ", ".join(
+        f"{label} ({100 * max(0.0, 1 - last / first):.0f} %)"
+        for label, (first, last) in found.items()
+    )
+    return (
+        f"{len(found)} runs are under-trained, their training loss fell less than "
+        f"{100 * UNDERTRAINED_FALL:.0f} %: {runs}. {_TRY_INSTEAD}"
+    )
+
+
+def seed_summaries(
+    groups: Mapping[str, Sequence[str]], summaries: Mapping[str, Mapping[str, Any] | None]
+) -> dict[str, dict[str, Any]]:
+    """Returns {label: summary} per strategy of seed_groups, for the per-class and confusion
+    charts: a run alone as its summary; several seeds as one, per-class accuracy the mean
+    over the seeds and the confusion matrix their sum (when they share the classes)."""
+    pooled = {}
+    for label, rids in groups.items():
+        have = [summaries[r] for r in rids if summaries.get(r)]
+        if not have:
+            continue
+        if len(have) == 1:
+            pooled[label] = dict(have[0])
+            continue
+        classes = list(have[0].get("classes") or [])
+        same = all(list(s.get("classes") or []) == classes for s in have)
+        merged: dict[str, Any] = {"classes": classes}
+        per_class = [s.get("per_class_acc") for s in have if s.get("per_class_acc")]
+        if same and per_class:
+            merged["per_class_acc"] = {
+                c: sum(float(p.get(c, math.nan)) for p in per_class) / len(per_class)
+                for c in classes
+            }
+        matrices = [s.get("confusion_matrix") for s in have]
+        if same and all(matrices) and len({len(m) for m in matrices}) == 1:
+            merged["confusion_matrix"] = [
+                [sum(m[i][j] for m in matrices) for j in range(len(matrices[0][i]))]
+                for i in range(len(matrices[0]))
+            ]
+        pooled[label] = merged
+    return pooled
 
 
 def config_diff(configs: Mapping[str, Mapping[str, Any]]) -> pd.DataFrame:
@@ -1375,14 +1454,15 @@ def depth_curve(points: pd.DataFrame) -> go.Figure:
                     y=rows["peak_memory_bytes"] / 1e6,
                     mode="lines+markers",
                     name=f"peak memory (MB), {_SERIES_WORDS[series].split(' (')[0]}",
-                    line=dict(color=PALETTE[5 + i], dash="dot", width=1.5),
+                    line=dict(color=(PALETTE[5], PALETTE[3])[i], dash="dot", width=1.5),
                     marker=dict(symbol="x", size=7),
                     yaxis="y3",
                 )
             )
-        fig.update_xaxes(categoryorder="array", categoryarray=order)
+        # depths read as numbers ("1", "2") but are places in an order with "full" last
+        fig.update_xaxes(type="category", categoryorder="array", categoryarray=order)
     fig.update_yaxes(title_text=f"{words} (%)", secondary_y=False)
-    fig.update_yaxes(title_text="train time (s)", secondary_y=True, showgrid=False)
+    fig.update_yaxes(title_text="train time (s)", secondary_y=True, showgrid=False, tickmode="auto")
     _style(
         fig,
         height=400,
@@ -1408,6 +1488,7 @@ def depth_curve(points: pd.DataFrame) -> go.Figure:
                 position=1.0,
                 showgrid=False,
                 rangemode="tozero",
+                tickmode="auto",
             ),
         )
     return fig

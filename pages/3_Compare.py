@@ -124,11 +124,12 @@ def comparison(was_live: bool) -> None:
         )
     for warning in plots.comparison_warnings(configs):
         st.warning(warning, icon=":material/warning:")
-    for r in chosen:
-        if statuses[r].get("state") not in store.LIVE_STATES:
-            advice = plots.undertrained(metrics[r])
-            if advice:
-                st.warning(f"{label[r]} is {advice}", icon=":material/trending_flat:")
+    ended = {
+        label[r]: metrics[r] for r in chosen if statuses[r].get("state") not in store.LIVE_STATES
+    }
+    advice = plots.undertrained_note(ended)  # one warning, however many seeds
+    if advice:
+        st.warning(advice, icon=":material/trending_flat:")
     if live:
         st.info(
             f"{len(live)} of {len(chosen)} runs are still training; this page updates as "
@@ -238,7 +239,7 @@ def comparison(was_live: bool) -> None:
         key="csv",
     )
 
-    by_label = {label[r]: summaries[r] for r in chosen}
+    by_label = plots.seed_summaries(groups, summaries)  # seeds: mean per class, summed matrix
     st.plotly_chart(plots.per_class_chart(by_label), key="per_class", width="stretch")
     st.plotly_chart(plots.confusion_chart(by_label), key="confusion", width="stretch")
 

@@ -525,6 +525,45 @@ def test_runs_that_differ_only_in_seed_are_one_strategy_reported_as_mean_and_std
     assert shown.loc["linear_probe · ccccc0", "lr"] == "0.1"
     assert shown.loc["linear_probe · ccccc0", "interval"] == "65.0–73.0 %"  # its test CI
     assert shown.loc["linear_probe · ccccc0", "peak_memory"] == ""  # not measured
+    del summaries["20250101-000000-ccccc0"]["test_acc_ci"]
+    del configs["20250101-000000-ccccc0"]  # every row a strategy with seeds: no interval
+    table = plots.summary_table(configs, summaries)
+    assert "interval" not in plots.results_table(
+        plots.seed_table(table, {k: v for k, v in groups.items() if "ccccc0" not in k})
+    )
+
+
+def test_seeds_share_one_under_trained_warning_and_one_per_class_and_confusion_panel():
+    flat = _metrics("a")
+    flat.loc[flat["split"] == "train", "loss"] = [1.80, 1.79, 1.78, 1.78, 1.77, 1.76]
+    note = plots.undertrained_note({"full seed 0": flat, "full seed 1": flat, "ok": _metrics()})
+    assert note.startswith(
+        "2 runs are under-trained, their training loss fell less than 10 %: full seed 0 (2 %), "
+        "full seed 1 (2 %). Try a higher learning rate"
+    )
+    assert plots.undertrained_note({"full": flat}) == f"full is {plots.undertrained(flat)}"
+    assert plots.undertrained_note({"ok": _metrics()}) is None
+    summaries = {
+        "a": {
+            "classes": ["x", "y"],
+            "per_class_acc": {"x": 1.0, "y": 0.5},
+            "confusion_matrix": [[4, 0], [2, 2]],
+        },
+        "b": {
+            "classes": ["x", "y"],
+            "per_class_acc": {"x": 0.5, "y": 0.5},
+            "confusion_matrix": [[2, 2], [2, 2]],
+        },
+        "c": {
+            "classes": ["x", "y"],
+            "per_class_acc": {"x": 0.0, "y": 1.0},
+            "confusion_matrix": [[0, 4], [0, 4]],
+        },
+    }
+    pooled = plots.seed_summaries({"full": ["a", "b"], "probe": ["c"]}, summaries)
+    assert pooled["full"]["per_class_acc"] == {"x": 0.75, "y": 0.5}
+    assert pooled["full"]["confusion_matrix"] == [[6, 2], [4, 4]]
+    assert pooled["probe"] == summaries["c"]
 
 
 def test_a_comparison_of_single_runs_looks_as_before():
@@ -549,12 +588,12 @@ def test_curves_of_a_strategy_with_seeds_draw_the_mean_in_a_band_from_lowest_to_
         ]
     )
     fig = plots.compare_curves(m, y="acc", x="epoch")
-    assert "band: lowest to highest seed" in fig.layout.title.text
+    assert fig.layout.title.text.endswith("· seeds: mean, min–max band")
     band, mean, probe = fig.data
     assert band.fill == "toself" and band.showlegend is False
     assert list(band.x) == [1, 2, 2, 1]
     assert list(band.y) == pytest.approx([60, 80, 70, 50])  # highest forward, lowest back
-    assert mean.name == "full (mean of 2 seeds, band min–max)"
+    assert mean.name == "full" and "mean of %{customdata[2]} seeds" in mean.hovertemplate
     assert list(mean.y) == pytest.approx([55, 75])
     assert probe.name == "probe" and probe.fill is None  # one seed: a plain line
     by_time = plots.compare_curves(m, y="loss", x="time_s")
@@ -691,6 +730,7 @@ def test_the_depth_view_draws_surgical_runs_as_their_own_series_with_peak_memory
     assert memory.yaxis == "y3" and list(memory.x) == ["0 (probe)", "1", "2", "full"]
     assert fig.layout.yaxis3.title.text == "peak memory (MB)"
     assert list(fig.layout.xaxis.categoryarray) == ["0 (probe)", "1", "2", "full"]
+    assert fig.layout.xaxis.type == "category"  # "1", "2" are places, not numbers
     assert "train time (s), only group k" in traces
     text = plots.depth_sentence(points, {})
     assert text.startswith(
