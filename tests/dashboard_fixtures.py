@@ -311,3 +311,22 @@ def plot_titles(page) -> list[str]:
             el => ((el.layout && el.layout.title && el.layout.title.text) || '')
                 .replace(/<[^>]*>/g, ''))"""
     )
+
+
+def plot_traces(page, title: str) -> list[dict]:
+    """Returns the traces of the rendered Plotly chart whose title starts with `title`: name,
+    fill, points (len of x), yaxis; [] when no such chart is drawn."""
+    return page.evaluate(
+        """(title) => {
+            for (const el of document.querySelectorAll('.js-plotly-plot')) {
+                const raw = (el.layout && el.layout.title && el.layout.title.text) || '';
+                if (raw.replace(/<[^>]*>/g, '').startsWith(title)) {
+                    return (el._fullData || []).map(tr => ({
+                        name: tr.name || '', fill: tr.fill || 'none',
+                        points: tr.x && tr.x.length ? tr.x.length : 0, yaxis: tr.yaxis || 'y'}));
+                }
+            }
+            return [];
+        }""",
+        title,
+    )

@@ -9,17 +9,22 @@ from __future__ import annotations
 
 import os
 import re
+import subprocess
+import sys
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 from dashboard_fixtures import (
     CHROMIUM,
     CHROMIUM_ARGS,
+    REPO,
     free_port,
     kill_server,
     plot_points,
     plot_titles,
+    plot_traces,
     start_server,
     wait_idle,
 )
@@ -29,31 +34,72 @@ from playwright.sync_api import sync_playwright
 from finetune_core import runner, store
 
 
-@pytest.fixture
-def server(tmp_path):
-    runs = tmp_path / "runs"
+@pytest.fixture(scope="module")
+def app(tmp_path_factory):
+    """One Streamlit server and one Chromium for every test of the module (each starts in
+    seconds, but seconds add up on 2 cores); `server` gives each test an empty runs folder."""
+    base = tmp_path_factory.mktemp("e2e")
+    runs = base / "runs"
     env = dict(os.environ)
     env.update(
         FINETUNE_RUNS_DIR=str(runs),
-        TORCH_HOME=str(tmp_path / "torch"),
+        TORCH_HOME=str(base / "torch"),
         FINETUNE_REFRESH_S="1",  # progress every 1 s, charts (tested below to move) every 2 s
         FINETUNE_CHART_REFRESH_S="2",
         # browser, server and worker share 2 cores: OpenMP threads that spin while waiting
         # for a core can make a training step 30x slower
         OMP_WAIT_POLICY="PASSIVE",
         # the data folder is the session's (conftest), so built-in data is generated once
-        FINETUNE_DATA_DIR=os.environ.get("FINETUNE_DATA_DIR", str(tmp_path / "data")),
+        FINETUNE_DATA_DIR=os.environ.get("FINETUNE_DATA_DIR", str(base / "data")),
     )
     port = free_port()
-    proc = start_server(env, port, tmp_path / "server.log")
-    yield f"http://127.0.0.1:{port}", runs
-    kill_server(proc)
-    for run in store.list_runs(runs).itertuples():  # never leave a worker behind
+    proc = start_server(env, port, base / "server.log")
+    try:
+        with sync_playwright() as p:
+            browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
+            yield SimpleNamespace(
+                url=f"http://127.0.0.1:{port}", runs=runs, env=env, base=base, browser=browser
+            )
+            browser.close()
+    finally:
+        kill_server(proc)
+
+
+def _leave_nothing_running(runs: Path) -> None:
+    """Stops the runs a test left live and the folder's supervisor (never a worker behind)."""
+    if not runs.is_dir():
+        return
+    for run in store.list_runs(runs).itertuples():
         if run.state in store.LIVE_STATES:
             runner.stop_run(Path(run.path))
+    deadline = time.time() + 60
+    while time.time() < deadline and any(
+        s in store.LIVE_STATES for s in store.list_runs(runs)["state"]
+    ):
+        time.sleep(0.5)
     lock = runs / runner.SUPERVISOR_LOCK
     if runner.supervisor_running(runs) and lock.read_text().strip():
         os.kill(int(lock.read_text().strip()), 15)
+
+
+@pytest.fixture
+def server(app):
+    """(url, runs folder) of the shared server, the folder empty; what the test leaves is
+    stopped and moved aside afterwards, so tests never see each other's runs."""
+    app.runs.mkdir(parents=True, exist_ok=True)
+    yield app.url, app.runs
+    _leave_nothing_running(app.runs)
+    app.runs.rename(app.base / f"runs-{time.time_ns()}")
+
+
+@pytest.fixture
+def page(app, tmp_path):
+    """A fresh tab of the shared browser; its last look is saved in the test's folder."""
+    context = app.browser.new_context(viewport={"width": 1400, "height": 1000})
+    tab = context.new_page()
+    yield tab
+    tab.screenshot(path=tmp_path / "last.png")
+    context.close()
 
 
 def choose(page, label: str, option: str) -> None:
@@ -79,21 +125,15 @@ def set_number(page, label: str, value) -> None:
     wait_idle(page)
 
 
-def test_new_user_launches_a_comparison_watches_it_live_and_reads_the_answer(server, tmp_path):
+def test_new_user_launches_a_comparison_watches_it_live_and_reads_the_answer(server, page):
     url, runs = server
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        try:
-            user_journey(page, url, runs)
-        except BaseException:
-            page.screenshot(path=tmp_path / "failure.png")
-            for run in store.list_runs(runs).itertuples():
-                print(run.run_id, store.read_status(Path(run.path)))
-                print(store.read_log_tail(Path(run.path), 10))
-            raise
-        finally:
-            browser.close()
+    try:
+        user_journey(page, url, runs)
+    except BaseException:
+        for run in store.list_runs(runs).itertuples():
+            print(run.run_id, store.read_status(Path(run.path)))
+            print(store.read_log_tail(Path(run.path), 10))
+        raise
 
 
 def user_journey(page, url: str, runs: Path) -> None:
@@ -154,7 +194,7 @@ def user_journey(page, url: str, runs: Path) -> None:
             break
         time.sleep(1)
     assert set(store.list_runs(runs)["state"]) == {"completed"}
-    assert re.search(r"is best with \d+\.\d % val accuracy", headline), headline
+    assert re.search(r"is best with \d+\.\d % (val|test) accuracy", headline), headline
     assert any(s in headline for s in ("full", "last_n 1", "linear_probe"))
     # The page's last rerun (live -> final) may still be drawing the charts below the fold:
     # read them once they have settled, then assert.
@@ -180,39 +220,107 @@ def user_journey(page, url: str, runs: Path) -> None:
     assert points == 3 * 2, points  # three runs, two epochs
 
 
-def test_home_rename_reads_back_in_the_picker_and_no_page_asks_another_host(server):
+def test_home_rename_reads_back_in_the_picker_and_no_page_asks_another_host(server, page):
     from dashboard_fixtures import write_run
 
     url, runs = server
-    runs.mkdir(parents=True, exist_ok=True)
     write_run(runs, "20250101-000000-aaaaaa", name="before")
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=CHROMIUM, args=CHROMIUM_ARGS)
-        page = browser.new_page(viewport={"width": 1400, "height": 1000})
-        elsewhere = []
-        page.on(
-            "request",
-            lambda r: elsewhere.append(r.url) if not r.url.startswith(url) else None,
-        )
-        drawn = {"Training": "stSelectbox", "Compare": "stMultiSelect", "New_run": "stSelectbox"}
-        for path, element in (*drawn.items(), ("", "stDataFrame")):
-            page.goto(f"{url}/{path}")
-            page.wait_for_selector(f'[data-testid="{element}"]', timeout=90_000)
-            wait_idle(page)
-        busy = page.evaluate(
-            "() => Array.from(document.querySelectorAll('style')).some("
-            "s => s.textContent.includes('script-state=\"running\"]::before'))"
-        )
-        assert busy  # a slow page says it is busy: the toolbar that would is hidden
-        page.get_by_role("textbox", name="New name").fill("after")
-        page.get_by_role("button", name="Rename").click()
-        deadline = time.time() + 30
-        while store.read_config(runs / "20250101-000000-aaaaaa")["name"] != "after":
-            assert time.time() < deadline, "the rename did not happen"
-            time.sleep(0.2)
-        time.sleep(1)
+    elsewhere = []
+    page.on(
+        "request",
+        lambda r: elsewhere.append(r.url) if not r.url.startswith(url) else None,
+    )
+    drawn = {"Training": "stSelectbox", "Compare": "stMultiSelect", "New_run": "stSelectbox"}
+    for path, element in (*drawn.items(), ("", "stDataFrame")):
+        page.goto(f"{url}/{path}")
+        page.wait_for_selector(f'[data-testid="{element}"]', timeout=90_000)
         wait_idle(page)
-        picker = page.get_by_role("combobox", name="Run")
-        assert picker.input_value().startswith("after ·"), picker.input_value()
-        browser.close()
+    busy = page.evaluate(
+        "() => Array.from(document.querySelectorAll('style')).some("
+        "s => s.textContent.includes('script-state=\"running\"]::before'))"
+    )
+    assert busy  # a slow page says it is busy: the toolbar that would is hidden
+    page.get_by_role("textbox", name="New name").fill("after")
+    page.get_by_role("button", name="Rename").click()
+    deadline = time.time() + 30
+    while store.read_config(runs / "20250101-000000-aaaaaa")["name"] != "after":
+        assert time.time() < deadline, "the rename did not happen"
+        time.sleep(0.2)
+    time.sleep(1)
+    wait_idle(page)
+    picker = page.get_by_role("combobox", name="Run")
+    assert picker.input_value().startswith("after ·"), picker.input_value()
     assert elsewhere == []  # no font CDN, no telemetry: a local tool stays local
+
+
+def test_a_two_seed_depth_sweep_shows_bands_the_noise_and_how_much_to_unfreeze(app, server, page):
+    """The real CLI sweeps every unfreeze depth of a small model (4 backbone groups) with two
+    seeds and a test split; Compare then draws each strategy as its seeds' mean in a band,
+    calls no winner inside the noise, and draws the depth view, all by test accuracy."""
+    url, runs = server
+    env = {**app.env, "FINETUNE_MAX_PARALLEL": "4"}  # 10 tiny runs: mostly process starts
+    sweep = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "finetune_core",
+            "sweep",
+            "--depths",
+            "--model",
+            "squeezenet1_1",
+            "--seeds",
+            "2",
+            "--epochs",
+            "1",
+            "--image-size",
+            "32",
+            "--weights",
+            "none",
+            "--augment",
+            "none",
+            "--test-fraction",
+            "0.2",
+            "--same-lr",  # no lr tuning: this test is about what Compare shows
+            "--runs-dir",
+            str(runs),
+        ],
+        env=env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert sweep.returncode == 0, sweep.stderr[-3000:]
+    group = sweep.stdout.strip().splitlines()[-1]
+    assert len(store.list_runs(runs)) == 10  # last_n 0..3 and full, two seeds each
+
+    page.goto(f"{url}/Compare?group={group}")
+    page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+    wait_idle(page)
+    deadline = time.time() + 60
+    while time.time() < deadline:  # the charts below the fold may still be drawing
+        bands = [t for t in plot_traces(page, "Val accuracy (%) by epoch") if t["fill"] == "toself"]
+        depth = plot_traces(page, "How much to unfreeze")
+        if len(bands) == 5 and depth:
+            break
+        time.sleep(0.5)
+    heads = page.locator("h3").all_inner_texts()
+    headline = next((h for h in heads if "within noise" in h or "is best" in h), "")
+    # near-chance runs (1 epoch from random weights): their gaps are noise on 300 images
+    assert "are within noise of each other" in headline, headline
+    assert "test accuracy (means over seeds)" in headline and "× 2 seeds" in headline
+    assert "so neither wins" in headline
+    assert len(bands) == 5, plot_traces(page, "Val accuracy (%) by epoch")
+    assert all("min–max over 2 seeds" in b["name"] for b in bands)
+    names = [t["name"] for t in depth]
+    assert "top k groups (last_n): test accuracy, 95 % interval" in names, names
+    accuracy = next(t for t in depth if t["name"].startswith("top k groups"))
+    assert accuracy["points"] == 5  # the probe, 1, 2, 3 groups, full
+    memory = [t for t in depth if t["name"].startswith("peak memory")]
+    assert memory and memory[0]["yaxis"] == "y3" and memory[0]["points"] == 5
+    said = page.locator('[data-testid="stMarkdownContainer"]')
+    unfreeze = said.filter(has_text="How much to unfreeze:").first.inner_text()
+    assert "within noise of" in unfreeze and "test accuracy" in unfreeze, unfreeze
+    front = plot_traces(page, "Accuracy vs trainable parameters")
+    assert [t["name"] for t in front] == ["last_n 0", "last_n 1", "last_n 2", "last_n 3", "full"]
+    assert page.get_by_text("the mean ± standard deviation over its seeds").count() == 1
