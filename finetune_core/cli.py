@@ -340,20 +340,31 @@ MAX_SEEDS = 5
 SWEEP_POLL_S = 1.0
 
 
-def sweep_specs(strategy_list: str | None, depths: bool, model: str) -> list[dict[str, Any]]:
+def sweep_specs(
+    strategy_list: str | None, depths: bool, model: str, surgical: bool = False
+) -> list[dict[str, Any]]:
     """Returns the strategy fields of each member of a sweep: `--depths` gives last_n for
-    k = 0 .. G-1 plus full (G the model's backbone groups); a strategy list gives one per
-    item, "name:value" setting the strategy's main option. Raises ConfigError naming the flag."""
-    if depths:
+    k = 0 .. G-1 plus full (G the model's backbone groups), `--surgical` surgical for each
+    group alone (1 = the top one), both together both, full once; a strategy list gives one
+    per item, "name:value" setting the strategy's main option. Raises ConfigError naming the
+    flag."""
+    if depths or surgical:
         if strategy_list:
-            raise ConfigError({"--strategies": "give --strategies or --depths, not both"})
+            used = " and ".join(
+                f for f, on in (("--depths", depths), ("--surgical", surgical)) if on
+            )
+            raise ConfigError({"--strategies": f"give --strategies or {used}, not both"})
         from finetune_core import models  # the model's groups: torchvision's registry
 
         try:
             groups = len(models.group_names(model))
         except (KeyError, ValueError) as e:
             raise ConfigError({"model": str(e)}) from None
-        specs = [{"strategy": "last_n", "unfreeze_last": k} for k in range(groups)]
+        specs = (
+            [{"strategy": "last_n", "unfreeze_last": k} for k in range(groups)] if depths else []
+        )
+        if surgical:
+            specs += [{"strategy": "surgical", "surgical_group": k} for k in range(1, groups + 1)]
         return [*specs, {"strategy": "full"}]
     from finetune_core import strategies
 
@@ -409,9 +420,12 @@ def cmd_sweep(args) -> int:
     try:
         base = config_from_args(args)
         seeds = _sweep_seeds(args.seeds)
-        specs = sweep_specs(args.strategies, args.depths, base.model)
+        specs = sweep_specs(args.strategies, args.depths, base.model, args.surgical)
+        # `--no-tune-lr` reads as --same-lr; `--tune-lr` is the default anyway
+        tune = not args.same_lr and args.tune_lr is not False
+        shared = config.comparison_fields(base, tune=tune)
         cfgs = [
-            config.from_dict({**spec, "seed": base.seed + i}, base=base)
+            config.from_dict({**spec, **shared, "seed": base.seed + i}, base=base)
             for spec in specs
             for i in range(seeds)
         ]
@@ -429,6 +443,18 @@ def cmd_sweep(args) -> int:
     group = store.read_config(run_dirs[0]).get("group")
     labels = {d.name: strategies_label(store.read_config(d)) for d in run_dirs}
     print(f"group {group}: {len(run_dirs)} runs queued in {root}", file=sys.stderr)
+    if tune:
+        held_out = (
+            f"; {100 * shared['test_fraction']:g} % of the images held out as test "
+            "(used when the data has no test/ folder)"
+            if "test_fraction" in shared
+            else ""
+        )
+        print(
+            "each run first tunes its learning rate on the validation split (a few "
+            f"trainings at rates below where the loss blows up; --same-lr turns this off){held_out}",
+            file=sys.stderr,
+        )
     stopped = False
     try:
         while True:
@@ -695,7 +721,20 @@ def build_parser() -> argparse.ArgumentParser:
         "--seeds",
         default="1",
         metavar="K",
-        help=f"runs per strategy, seeds SEED .. SEED+K-1 (1 to {MAX_SEEDS}; default 1)",
+        help=f"runs per strategy, seeds SEED .. SEED+K-1 (1 to {MAX_SEEDS}; default 1); "
+        "every seed gets the same split",
+    )
+    p.add_argument(
+        "--surgical",
+        action="store_true",
+        help="surgical for each backbone group alone (1 = the top one), plus full",
+    )
+    p.add_argument(
+        "--same-lr",
+        action="store_true",
+        help="train every strategy at --lr; by default each run first tunes its lr on the "
+        "validation split (and, without a test/ folder, 20 %% of the images are held out as "
+        "test)",
     )
     p.set_defaults(func=cmd_sweep)
 

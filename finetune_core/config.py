@@ -74,6 +74,12 @@ class RunConfig:
         step=0.001,
         format="%g",  # 1e-06 stays readable (a fixed number of decimals shows 0.00000)
     )
+    tune_lr: bool = setting(
+        False,
+        "before training, pick the learning rate by a short search on the validation split "
+        "(a comparison tunes each strategy this way unless asked for the same settings)",
+        label="Tune the learning rate",
+    )
     optimizer: str = setting(
         "sgd",
         "sgd uses momentum 0.9; adamw decouples weight decay",
@@ -177,6 +183,14 @@ class RunConfig:
         label="Seed",
         min=0,
         max=2**32 - 1,  # what numpy and every generator the run seeds take
+        step=1,
+    )
+    split_seed: int | None = setting(
+        None,
+        "the seed of the train/val/test split; empty = seed (a comparison's seeds share one split)",
+        label="Split seed",
+        min=0,
+        max=2**32 - 1,
         step=1,
     )
     device: str = setting(
@@ -413,3 +427,20 @@ def validate_fields(cfg: RunConfig) -> dict[str, str]:
         for name, message in strategies.get(cfg.strategy).validate(cfg).items():
             e.setdefault(name, message)
     return e
+
+
+TUNED_TEST_FRACTION = 0.2  # a tuned comparison holds out this share as test (no test/ folder)
+
+
+def comparison_fields(base: RunConfig, *, tune: bool) -> dict[str, Any]:
+    """Returns the fields every member of a comparison shares beyond the base settings: one
+    split for all its seeds (split_seed), the lr search per strategy (tune_lr) and, with it,
+    a held-out test split, so that the reported figure comes from images the search never
+    saw (used only when the data has no test/ folder)."""
+    fields: dict[str, Any] = {
+        "tune_lr": tune,
+        "split_seed": base.seed if base.split_seed is None else base.split_seed,
+    }
+    if tune and base.test_fraction == 0:
+        fields["test_fraction"] = TUNED_TEST_FRACTION
+    return fields

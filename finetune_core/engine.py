@@ -84,7 +84,7 @@ def prepare(cfg: RunConfig, *, runs_dir=None, progress=None) -> Experiment:
         image_size=cfg.image_size,
         val_fraction=cfg.val_fraction,
         test_fraction=cfg.test_fraction,
-        seed=cfg.seed,
+        seed=cfg.seed if cfg.split_seed is None else cfg.split_seed,
         interpolation=spec.interpolation,
         progress=progress,
     )

@@ -133,6 +133,7 @@ def find_lr(
     progress=None,
     diverge_factor: float = 4.0,
     runs_dir: str | Path | None = None,
+    exp: engine.Experiment | None = None,
 ) -> LrCurve:
     """Returns the range test's LrCurve for cfg: at most `steps` optimizer steps with the head's
     lr growing exponentially from start_lr to end_lr (cycling the training split when it has
@@ -143,7 +144,8 @@ def find_lr(
     and clipping as training has them); only the lr schedule is replaced. progress(fraction,
     message) is called before every step (message None when only a cancel check is due) and
     with message during preparation; it may raise to cancel. runs_dir: where `run:` weights
-    are read from."""
+    are read from. exp: an experiment already prepared for cfg, whose model the test then
+    trains (the caller restores its weights); by default one of its own."""
     _check_range(steps, start_lr, end_lr, diverge_factor)
 
     def report(fraction, message):
@@ -153,9 +155,10 @@ def find_lr(
     def preparing(stage, fraction, message):
         report(None, message)
 
-    if weights.is_builtin(cfg.weights):
-        pretrain.ensure_builtin(cfg.model, preparing)
-    exp = engine.prepare(cfg, runs_dir=runs_dir, progress=preparing)
+    if exp is None:
+        if weights.is_builtin(cfg.weights):
+            pretrain.ensure_builtin(cfg.model, preparing)
+        exp = engine.prepare(cfg, runs_dir=runs_dir, progress=preparing)
     trainer = engine.Trainer(exp, feature_cache=False)
     phase = max(trainer.plan.phases, key=lambda p: p.trainable_params)
     trainer.epoch = phase.start_epoch

@@ -56,8 +56,8 @@ class Option:
             )
         if self.max_length is not None and len(str(value)) > self.max_length:
             return f"must be at most {self.max_length} characters"
-        if self.min is None and self.max is None:
-            return None
+        if (self.min is None and self.max is None) or (value is None and self.default is None):
+            return None  # no range, or an optional number left empty
         number = isinstance(value, (int, float)) and not isinstance(value, bool)
         finite = number and math.isfinite(value)
         low = finite and self.min is not None and value < self.min

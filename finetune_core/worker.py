@@ -17,6 +17,7 @@ run out of memory the same way), after freeing what the run held.
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import gc
 import os
 import signal
@@ -38,6 +39,7 @@ from finetune_core import (
     lr_find,
     pretrain,
     store,
+    tuning,
     uploads,
     weights,
 )
@@ -300,6 +302,28 @@ def _progress_reporter(run_dir: Path, flag: StopFlag, log: _Log) -> Callable:
     return progress
 
 
+def _tuned(run_dir: Path, exp: engine.Experiment, progress: Callable, log: _Log):
+    """Returns exp at its tuned lr: the search's result when the run already has one (a
+    resume), else a new search (tuning.tune_lr), written into the run folder first."""
+    found = store.read_tuning(run_dir)
+    if found is None or "chosen_lr" not in found:
+        log(f"tuning the learning rate (was {exp.cfg.lr:g}): range test, then trials on val")
+
+        def report(fraction: float | None, message: str) -> None:
+            progress("tuning", fraction, message)
+
+        found = tuning.tune_lr(exp, progress=report).to_dict()
+        trials = ", ".join(
+            f"{t['lr']:g}: " + (f"{100 * t['val_acc']:.1f} %" if "val_acc" in t else "failed")
+            for t in found["trials"]
+        )
+        log(f"tuned lr {found['chosen_lr']:g} (val accuracy per lr: {trials})")
+        store.set_tuned_lr(run_dir, found)
+    elif store.read_config(run_dir).get("lr") != found["chosen_lr"]:
+        store.set_tuned_lr(run_dir, found)  # a crash between the two writes
+    return dataclasses.replace(exp, cfg=dataclasses.replace(exp.cfg, lr=found["chosen_lr"]))
+
+
 def _is_out_of_memory(error: BaseException) -> bool:
     return type(error).__name__ == "OutOfMemoryError"
 
@@ -414,6 +438,8 @@ def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bo
             log(f"warning: {warning}")
         if flag.requested:
             raise StopRequested
+        if cfg.tune_lr:
+            exp = _tuned(run_dir, exp, progress, log)
         store.write_progress(run_dir, message="training")
         status_callback = StatusCallback(run_dir)
         summary = engine.fit(

@@ -16,6 +16,7 @@ from finetune_core.config import ConfigError
 
 REPO = Path(__file__).resolve().parent.parent
 TINY = ["--data", "builtin:shapes", "--weights", "none", "--image-size", "32", "--epochs", "1"]
+TINY += ["--same-lr"]  # the lr search has its own tests (test_tuning.py)
 
 
 def _sweep(*args, timeout=600):

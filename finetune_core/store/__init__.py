@@ -35,8 +35,10 @@ from finetune_core.store.runs import (
     read_hits,
     read_log_tail,
     read_summary,
+    read_tuning,
     rename_run,
     run_config,
+    set_tuned_lr,
     write_summary,
 )
 from finetune_core.store.schema import (
@@ -123,6 +125,8 @@ __all__ = [
     "request_stop",
     "read_hits",
     "read_summary",
+    "read_tuning",
+    "set_tuned_lr",
     "rename_run",
     "resolve_run",
     "resolve_run_id",

@@ -117,6 +117,26 @@ def read_hits(run_dir: str | os.PathLike, split: str = "val") -> list[bool] | No
     return hits or None
 
 
+TUNING_FILE = "lr_tuning.json"  # written by the worker when it tuned the run's lr
+
+
+def read_tuning(run_dir: str | os.PathLike) -> dict[str, Any] | None:
+    """Returns the run's lr search (tuning.LrTuning as a dict), or None when it had none."""
+    data = read_json(Path(run_dir) / TUNING_FILE)
+    return data if isinstance(data, dict) else None
+
+
+def set_tuned_lr(run_dir: str | os.PathLike, tuning: dict[str, Any]) -> None:
+    """Writes the lr search into the run folder, then the chosen lr into config.json (the
+    lr the run trains with); the search is written first, so a crash between the two leaves
+    a search the worker finds and applies again."""
+    run_dir = Path(run_dir)
+    write_json_atomic(run_dir / TUNING_FILE, tuning)
+    config = read_config(run_dir)
+    config["lr"] = tuning["chosen_lr"]
+    write_json_atomic(run_dir / "config.json", stamped(config))
+
+
 def write_summary(run_dir: str | os.PathLike, summary: dict[str, Any]) -> None:
     """Writes summary.json atomically, with every contract key present (null when unknown)."""
     full = {key: None for key in SUMMARY_KEYS}
