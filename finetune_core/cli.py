@@ -336,7 +336,7 @@ def cmd_lr_find(args) -> int:
 
 
 DEFAULT_SWEEP = "full,last_n:1,linear_probe"  # New run's default comparison
-MAX_SEEDS = 5
+MAX_SEEDS = config.MAX_SEEDS
 SWEEP_POLL_S = 1.0
 
 
@@ -360,12 +360,9 @@ def sweep_specs(
             groups = len(models.group_names(model))
         except (KeyError, ValueError) as e:
             raise ConfigError({"model": str(e)}) from None
-        specs = (
-            [{"strategy": "last_n", "unfreeze_last": k} for k in range(groups)] if depths else []
-        )
-        if surgical:
-            specs += [{"strategy": "surgical", "surgical_group": k} for k in range(1, groups + 1)]
-        return [*specs, {"strategy": "full"}]
+        from finetune_core import strategies
+
+        return strategies.depth_sweep(groups, depths=depths, surgical=surgical)
     from finetune_core import strategies
 
     specs = []

@@ -429,6 +429,7 @@ def validate_fields(cfg: RunConfig) -> dict[str, str]:
     return e
 
 
+MAX_SEEDS = 5  # seeds per strategy a comparison may repeat
 TUNED_TEST_FRACTION = 0.2  # a tuned comparison holds out this share as test (no test/ folder)
 
 

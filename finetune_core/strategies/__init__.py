@@ -38,6 +38,17 @@ from finetune_core.strategies.registry import (
 # The comparison a new user gets: full against two partial strategies.
 DEFAULT_COMPARISON = ("full", "last_n 1", "linear_probe")
 
+
+def depth_sweep(groups: int, *, depths: bool = True, surgical: bool = False) -> list[dict]:
+    """Returns the strategy fields of "how much should I unfreeze?" for a model with `groups`
+    backbone groups: last_n for k = 0 (a linear probe) .. groups-1 (depths), surgical for
+    each group alone, 1 = the top one (surgical), then full once."""
+    specs = [{"strategy": "last_n", "unfreeze_last": k} for k in range(groups)] if depths else []
+    if surgical:
+        specs += [{"strategy": "surgical", "surgical_group": k} for k in range(1, groups + 1)]
+    return [*specs, {"strategy": BASELINE}]
+
+
 __all__ = [
     "BASELINE",
     "DEFAULT_COMPARISON",
@@ -50,6 +61,7 @@ __all__ = [
     "Strategy",
     "all_options",
     "apply_phase",
+    "depth_sweep",
     "get",
     "group_lrs",
     "is_baseline",
