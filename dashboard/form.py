@@ -18,7 +18,14 @@ from typing import Any
 import streamlit as st
 
 from finetune_core import strategies, weights
-from finetune_core.config import OPTIONS, ConfigError, RunConfig, from_dict
+from finetune_core.config import (
+    MAX_SEEDS,
+    OPTIONS,
+    ConfigError,
+    RunConfig,
+    comparison_fields,
+    from_dict,
+)
 from finetune_core.util.files import read_json, write_json_atomic
 
 FORM_FILE = ".form_state.json"
@@ -117,6 +124,8 @@ def defaults(weights_choice: str) -> dict[str, Any]:
             PREFIX + "data_tv": "CIFAR10",
             PREFIX + "compare": True,
             PREFIX + "compare_set": list(DEFAULT_PRESETS),
+            PREFIX + "compare_tune": True,  # each strategy's lr tuned; off: same settings
+            PREFIX + "compare_seeds": 1,
         }
     )
     return values
@@ -282,22 +291,59 @@ def base_values(state) -> dict[str, Any]:
 
 
 def build_configs(state, weights: str, data: str) -> list[tuple[str, RunConfig]]:
-    """Returns [(label, RunConfig)]: one run, or one per preset in compare mode (sharing seed,
-    split, augmentation and epochs). Raises ConfigError for values of the wrong type."""
+    """Returns [(label, RunConfig)]: one run, or one per preset and seed in compare mode
+    (sharing the split, augmentation and epochs; each strategy's lr tuned unless the form
+    asks for the same settings). Raises ConfigError for values of the wrong type."""
     values = base_values(state)
     values.update(weights=weights, data=data)
     if not state.get(PREFIX + "compare"):
         return [(values.get("strategy", OPTIONS["strategy"].default), from_dict(values))]
-    out = []
-    name = values.get("name") or ""
+    specs = []
     for preset in state.get(PREFIX + "compare_set") or []:
         try:
-            v = {**values, **strategies.preset_fields(preset)}
+            specs.append((preset, strategies.preset_fields(preset)))
         except ValueError as e:  # a form saved by another version
             raise ConfigError({"strategy": str(e)}) from None
-        v["name"] = f"{name} · {preset}" if name else ""
-        out.append((preset, from_dict(v)))
+    return comparison_configs(state, values, specs)
+
+
+def comparison_configs(
+    state, values: dict[str, Any], specs: list[tuple[str, dict[str, Any]]]
+) -> list[tuple[str, RunConfig]]:
+    """Returns [(label, RunConfig)] of a comparison: each (label, strategy fields) of specs
+    with the form's seeds per strategy, one split, and the lr search unless switched off."""
+    base = from_dict(values)
+    shared = comparison_fields(base, tune=bool(state.get(PREFIX + "compare_tune", True)))
+    seeds = seeds_per_strategy(state)
+    name = values.get("name") or ""
+    out = []
+    for label, fields in specs:
+        for i in range(seeds):
+            seed = base.seed + i
+            shown = f"{label} seed {seed}" if seeds > 1 else label
+            v = {**values, **fields, **shared, "seed": seed}
+            v["name"] = f"{name} · {shown}" if name else ""
+            out.append((shown, from_dict(v)))
     return out
+
+
+def seeds_per_strategy(state) -> int:
+    """Returns the form's seeds per strategy of a comparison, 1 to MAX_SEEDS."""
+    try:
+        seeds = int(state.get(PREFIX + "compare_seeds") or 1)
+    except (TypeError, ValueError):
+        return 1
+    return min(max(seeds, 1), MAX_SEEDS)
+
+
+def depth_configs(state, weights: str, data: str, groups: int) -> list[tuple[str, RunConfig]]:
+    """Returns the comparison of "How much should I unfreeze?": last_n for k = 0 (the
+    linear probe) up to every group but one, then full, with the form's settings, seeds and
+    lr search (strategies.depth_sweep)."""
+    values = base_values(state)
+    values.update(weights=weights, data=data)
+    specs = [(strategies.label(f), f) for f in strategies.depth_sweep(groups)]
+    return comparison_configs(state, values, specs)
 
 
 def to_json(cfg: RunConfig) -> str:

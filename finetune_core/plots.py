@@ -1548,3 +1548,55 @@ def _depth_words(label: str, series: str = "top") -> str:
     if series == "surgical":
         return f"training only backbone group {label} from the top (surgical)"
     return f"training the top {label} backbone group{'' if label == '1' else 's'}"
+
+
+# ---------------------------------------------------------------- the learning-rate finder
+
+
+def lr_finder_chart(curve: Mapping[str, Any]) -> go.Figure:
+    """Returns the range test's loss against the lr on a log axis (lr_find.LrCurve.to_dict):
+    each step's loss as dots, the smoothed loss as a line, the suggestion marked."""
+    lrs, losses, smoothed = curve.get("lrs") or [], curve.get("losses") or [], curve.get("smoothed")
+    if not lrs:
+        return _empty("Learning-rate range test", "The range test took no step.")
+    fig = go.Figure()
+    fig.add_trace(
+        go.Scatter(
+            x=lrs,
+            y=losses,
+            mode="markers",
+            name="loss per step",
+            marker=dict(size=4, opacity=0.35),
+            hovertemplate="lr %{x:.3g}: loss %{y:.3f}<extra></extra>",
+        )
+    )
+    fig.add_trace(
+        go.Scatter(
+            x=lrs,
+            y=smoothed,
+            mode="lines",
+            name="smoothed loss",
+            hovertemplate="lr %{x:.3g}: smoothed %{y:.3f}<extra></extra>",
+        )
+    )
+    suggested = curve.get("suggested_lr")
+    if suggested:
+        fig.add_vline(x=suggested, line_dash="dash", line_color="#2ca02c")
+        fig.add_annotation(
+            x=math.log10(suggested),
+            y=1.0,
+            yref="paper",
+            text=f"suggested {suggested:.3g}",
+            showarrow=False,
+            yanchor="bottom",
+        )
+    top = max(smoothed or losses)
+    low = min(smoothed or losses)
+    return _style(
+        fig,
+        height=320,
+        title="Learning-rate range test: loss against lr",
+        xaxis=dict(type="log", title="learning rate (head)"),
+        yaxis=dict(title="training loss", range=[low - 0.05 * (top - low), min(top, 3 * low)]),
+        hovermode="closest",
+    )

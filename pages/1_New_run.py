@@ -30,6 +30,7 @@ from finetune_core import (
     runner,
     store,
     strategies,
+    tuning,
     uploads,
     weights,
 )
@@ -532,6 +533,7 @@ def strategy_choice(page: Page) -> None:
             "linear_probe only the head.",
         )
         fixed = _fixed_by_presets(state[F + "compare_set"])
+        comparison_settings()
     else:
         option = OPTIONS["strategy"]
         st.selectbox(option.label, option.allowed(), key=F + "strategy", help=option.help)
@@ -548,12 +550,39 @@ def strategy_choice(page: Page) -> None:
                 number_input(option.name)
 
 
+def comparison_settings() -> None:
+    """How fair the comparison is: each strategy's lr tuned (or the same settings for all),
+    and seeds per strategy."""
+    st.toggle(
+        "Tune each strategy's learning rate",
+        key=F + "compare_tune",
+        help="A linear probe needs a far higher learning rate than full fine-tuning: with one "
+        "rate for all, the comparison measures the rate, not the strategy. Each run first "
+        "trains a few times on the validation split at rates below where the loss blows up "
+        "(a range test) and keeps the best; without a test/ folder "
+        f"{100 * config_mod.TUNED_TEST_FRACTION:g} % of the images are held out as test, "
+        "which no choice saw. Costs a few trainings per run. Off: the same settings for all.",
+    )
+    if not state[F + "compare_tune"]:
+        st.caption("Same settings for all: every strategy trains at the one learning rate.")
+    st.number_input(
+        "Seeds per strategy",
+        min_value=1,
+        max_value=config_mod.MAX_SEEDS,
+        step=1,
+        key=F + "compare_seeds",
+        help="Repeat each strategy with seeds seed, seed+1, ... (one split for all): Compare "
+        "then shows the mean with a band and calls no winner inside the noise.",
+    )
+
+
 def trainable_maps(page: Page) -> None:
     """The plan of each config as a trainable map (a tab per strategy of a comparison)."""
     if page.num_classes is None:
         st.caption("The data cannot be read yet, so the map assumes 10 classes.")
-    tabs = st.tabs([label for label, _ in page.cfgs]) if len(page.cfgs) > 1 else [st.container()]
-    for tab, (label, cfg) in zip(tabs, page.cfgs, strict=True):
+    shown = list({base_label(label): cfg for label, cfg in page.cfgs}.items())  # seeds: once
+    tabs = st.tabs([label for label, _ in shown]) if len(shown) > 1 else [st.container()]
+    for tab, (label, cfg) in zip(tabs, shown, strict=True):
         with tab:
             try:
                 frame = plan_frame(form.to_json(cfg), page.num_classes or 10)
@@ -646,6 +675,84 @@ def settings_section(page: Page) -> None:
                     else:
                         number_input(name)
                     page.show(name)
+        lr_finder_part(page)
+
+
+LR_FINDER_STEPS = 100
+
+
+def lr_finder_args(page: Page) -> dict | None:
+    """Returns what the lr finder job tests (the first config of the form), or None when
+    the form cannot run yet."""
+    if not page.cfgs or page.data_info is None or page.errors:
+        return None
+    cfg = page.cfgs[0][1]
+    config = {**cfg.to_dict(), "name": "", "group": None, "tune_lr": False}
+    return {"config": config, "steps": LR_FINDER_STEPS, "runs_dir": str(root)}
+
+
+def lr_finder_part(page: Page) -> None:
+    """A learning-rate range test of the form's settings, in a background job like the
+    estimate: progress with Cancel, then loss against lr with the suggestion to accept."""
+    args = lr_finder_args(page)
+    label = page.cfgs[0][0] if page.cfgs else ""
+    with st.expander("Find a learning rate (range test)", expanded=False):
+        if args is None:
+            st.caption("Fix the problems above first: the range test trains these settings.")
+            return
+        st.caption(
+            f"{LR_FINDER_STEPS} training steps of **{label}** on a copy of the model, the "
+            "learning rate growing from 1e-7 until the loss blows up; nothing is saved as a "
+            "run. A comparison tunes each strategy's rate by itself (Strategy section)."
+        )
+        job = jobs.find(root, "lr_find", args)
+        if st.button("Run the range test", icon=":material/search:", key="lr_find"):
+            job = jobs.start(root, "lr_find", args, message="starting (loading torch)", again=True)
+        if job is None:
+            return
+        live = jobs.read(job).get("state") in jobs.LIVE
+        st.fragment(lr_finder_view, run_every=1.0 if live else None)(job, live)
+
+
+def _use_lr(value: float) -> None:
+    state[F + "lr"] = float(value)
+
+
+def lr_finder_view(job: Path, was_live: bool) -> None:
+    """The range test's progress (with Cancel), then its curve and the suggestion."""
+    status = jobs.read(job)
+    live = status.get("state") in jobs.LIVE
+    if live != was_live:
+        st.rerun()
+    if live:
+        st.progress(status.get("progress") or 0.0, text=status.get("message") or "testing")
+        st.button("Cancel the range test", key="lr_find_cancel", on_click=jobs.cancel, args=(job,))
+        return
+    if status.get("state") != "completed":
+        st.warning(f"The range test {status.get('state')}: {status.get('message')}.")
+        return
+    curve = status.get("result") or {}
+    st.plotly_chart(plots.lr_finder_chart(curve), key="lr_find_chart", width="stretch")
+    suggested = curve.get("suggested_lr")
+    if not suggested:
+        return
+    if not curve.get("loss_fell"):
+        st.warning(
+            "The loss barely fell before it blew up, so the suggestion is a guess: the "
+            "features may not suit this data (try other **Weights** or a larger **Image "
+            "size**). A comparison's own tuning trains at several rates instead."
+        )
+    st.caption(
+        f"Suggested: {suggested:.3g}, where the smoothed loss falls fastest (the minimum "
+        f"/ 10 rule would give {curve.get('min_loss_lr_over_10', 0):.3g})."
+    )
+    st.button(
+        f"Use learning rate {suggested:.3g}",
+        key="lr_find_use",
+        on_click=_use_lr,
+        args=(float(f"{suggested:.3g}"),),
+        type="primary",
+    )
 
 
 # ---------------------------------------------------------------- 5. estimate and launch
@@ -658,8 +765,16 @@ def train_images(page: Page, cfg) -> int:
 def estimate_args(page: Page) -> dict:
     """Returns what the estimate job measures: each config (without the names, which do
     not change its speed) and the number of classes."""
-    configs = {label: {**cfg.to_dict(), "name": "", "group": None} for label, cfg in page.cfgs}
+    configs = {
+        base_label(label): {**cfg.to_dict(), "name": "", "group": None, "seed": 0}
+        for label, cfg in page.cfgs
+    }  # a strategy's seeds take the same time: measured once
     return {"configs": configs, "num_classes": page.num_classes}
+
+
+def base_label(label: str) -> str:
+    """Returns a comparison member's label without its seed: "full seed 1" -> "full"."""
+    return label.rsplit(" seed ", 1)[0]
 
 
 def estimate_part(page: Page) -> None:
@@ -697,8 +812,9 @@ def estimate_view(page: Page, job: Path, was_live: bool, n_train: int) -> None:
         return
     lines, total, cached = [], [0.0, 0.0, 0.0], False
     all_images = sum(sum(c.values()) for c in page.data_info.counts.values())
+    listed = set()
     for label, cfg in page.cfgs:
-        m = (status.get("result") or {}).get(label)
+        m = (status.get("result") or {}).get(base_label(label))
         if m is None:
             continue
         steps, per_epoch = estimate.epoch_estimate(m["step_s"], n_train, cfg.batch_size)
@@ -707,8 +823,11 @@ def estimate_view(page: Page, job: Path, was_live: bool, n_train: int) -> None:
             total[k] += seconds * cfg.epochs
         cached = cached or m["feature_cache"]
         mem = m["peak_bytes"] + estimate.data_bytes(all_images, cfg.image_size)
+        if base_label(label) in listed:
+            continue  # another seed of a strategy already listed
+        listed.add(base_label(label))
         lines.append(
-            f"- **{label}**: about {plots.fmt_duration(per_epoch)} per epoch "
+            f"- **{base_label(label)}**: about {plots.fmt_duration(per_epoch)} per epoch "
             f"({steps} steps × {m['step_s']:.2f} s on {m['device']}; "
             f"{plots.fmt_duration(low)} to {plots.fmt_duration(high)} by the measured steps' "
             "spread), "
@@ -722,6 +841,14 @@ def estimate_view(page: Page, job: Path, was_live: bool, n_train: int) -> None:
             "The group trains one run at a time (set by the queue): about "
             f"{plots.fmt_duration(total[0])} in all ({plots.fmt_duration(total[1])} to "
             f"{plots.fmt_duration(total[2])}), plus data and weights preparation."
+        )
+    if any(cfg.tune_lr for _, cfg in page.cfgs):
+        low, high = tuning.CANDIDATES, tuning.CANDIDATES + tuning.MAX_EXTENSIONS
+        st.caption(
+            f"Tuning the learning rate trains each run {low} to {high} more times first (a "
+            f"trial is the run itself at another rate): about {plots.fmt_duration(total[0] * low)}"
+            f" to {plots.fmt_duration(total[0] * high)} more. Switch off **Tune each "
+            "strategy's learning rate** to compare at one rate."
         )
     if cached:
         st.caption(
@@ -767,6 +894,12 @@ def launch_section(page: Page) -> None:
             )
             for step in first_steps(page, c0):
                 st.caption(f"Before the first run trains, once: {step}.")
+            if any(cfg.tune_lr for _, cfg in page.cfgs):
+                st.caption(
+                    "Before it trains, each run tunes its learning rate: a range test, then "
+                    f"{tuning.CANDIDATES} to {tuning.CANDIDATES + tuning.MAX_EXTENSIONS} "
+                    "trainings of itself at other rates, scored on the validation split."
+                )
         if page.errors:
             names = ", ".join(f.replace("_", " ") for f in page.errors)
             st.caption(f"Launch is disabled until the problems above are fixed: {names}.")
@@ -787,6 +920,58 @@ def launch_section(page: Page) -> None:
             else:
                 state["training_follow"] = True  # Training moves on to each run as it trains
                 st.switch_page(PAGES["training"], query_params={"run": dirs[0].name})
+        depth_launch(page)
+
+
+def depth_launch(page: Page) -> None:
+    """ "How much should I unfreeze?": one click queues last_n for k = 0 (the linear probe)
+    up to every group but one, plus full, as one group with the form's settings."""
+    try:
+        groups = len(models.group_names(state[F + "model"]))
+    except (KeyError, ValueError):  # the Model section says what is wrong
+        return
+    seeds = form.seeds_per_strategy(state)
+    tuned = bool(state.get(F + "compare_tune", True))
+    runs = (groups + 1) * seeds
+    st.markdown("**Or ask how much to unfreeze**")
+    st.caption(
+        f"Queues last_n 0 (the linear probe) up to last_n {groups - 1}, then full: "
+        f"{plural(runs, 'run')} ({plural(seeds, 'seed')} each"
+        + (", each strategy's learning rate tuned" if tuned else ", one learning rate")
+        + ") with the settings above. Compare then draws accuracy against the groups "
+        "trained, with train time and memory, and names the cheapest depth within noise of "
+        "the best."
+    )
+    blocking = [k for k in page.errors if k not in ("strategy", *STRATEGY_OPTIONS)]
+    clicked = st.button(
+        "How much should I unfreeze?",
+        icon=":material/stacked_line_chart:",
+        key="launch_depths",
+        disabled=bool(blocking) or page.data_info is None,
+    )
+    if not clicked:
+        return
+    try:
+        cfgs = form.depth_configs(
+            state, page.weights_spec or "none", page.data_spec or "builtin:shapes", groups
+        )
+        for label, cfg in cfgs:
+            errors = validate(form.to_json(cfg), str(root))
+            if errors:
+                raise ConfigError({f"{label}: {k}": v for k, v in errors.items()})
+        with st.status("Queueing…") as status_box:
+            dirs = runner.enqueue([c for _, c in cfgs], root, group=True)
+            status_box.update(label=f"Queued {len(dirs)} run(s)", state="complete")
+    except (ConfigError, store.RunError) as e:
+        detail = (
+            "; ".join(f"{k}: {v}" for k, v in e.errors.items())
+            if isinstance(e, ConfigError)
+            else str(e)
+        )
+        st.error("Not launched: " + form.in_form_words(detail))
+        return
+    state["training_follow"] = True
+    st.switch_page(PAGES["training"], query_params={"run": dirs[0].name})
 
 
 # ---------------------------------------------------------------- the page

@@ -568,7 +568,8 @@ def test_new_run_flags_a_weights_file_of_another_architecture_next_to_the_choice
     assert not at.exception
     assert any(str(bad) in e and "weights" in e for e in texts(at.error))
     assert at.button(key="launch").disabled
-    assert "weights" in at.caption[-1].value  # why Launch is disabled
+    assert any("Launch is disabled" in c.value and "weights" in c.value for c in at.caption)
+    assert at.button(key="launch_depths").disabled  # "How much should I unfreeze?" too
 
 
 def test_new_run_weights_choice_says_where_imagenet_weights_come_from(new_run):
@@ -843,3 +844,78 @@ def test_new_run_says_what_the_first_run_does_once_before_it_trains(runs, tmp_pa
     assert not at.exception
     once = [c for c in texts(at.caption) if c.startswith("Before the first run trains, once")]
     assert once and "builtin weights are pretrained (about" in once[0]
+
+
+# ---------------------------------------------------------------- a fair comparison (issue 10)
+
+
+def test_new_run_compares_with_tuned_lrs_and_seeds_by_default_or_the_same_settings(new_run, runs):
+    at = new_run
+    assert at.toggle(key="f_compare_tune").value is True  # fair by default
+    at.number_input(key="f_compare_seeds").set_value(2).run()
+    assert not at.exception
+    # one trainable map per strategy, not per seed
+    assert figure_titled(at, "Trainable map · full") is not None
+    assert not [f for f in plotly_figures(at) if "seed" in str(f["layout"].get("title"))]
+    assert any("tunes its learning rate" in c.value for c in at.caption)  # what it costs
+    at.button(key="launch").click().run()
+    made = [store.read_config(Path(p)) for p in store.list_runs(runs)["path"]]
+    assert len(made) == 6 and len({c["group"] for c in made}) == 1
+    assert sorted((c["strategy"], c["seed"]) for c in made) == [
+        ("full", 0),
+        ("full", 1),
+        ("last_n", 0),
+        ("last_n", 1),
+        ("linear_probe", 0),
+        ("linear_probe", 1),
+    ]
+    # each strategy tunes its lr; a test split no choice sees; one split for every seed
+    assert {(c["tune_lr"], c["test_fraction"], c["split_seed"]) for c in made} == {(True, 0.2, 0)}
+
+    again = page("pages/1_New_run.py")
+    again.toggle(key="f_compare_tune").set_value(False).run()
+    assert any("Same settings for all" in c.value for c in again.caption)
+    from dashboard import form
+
+    cfgs = [cfg for _, cfg in form.build_configs(again.session_state, "none", "builtin:shapes")]
+    assert {(c.tune_lr, c.test_fraction) for c in cfgs} == {(False, 0.0)}
+
+
+def test_new_run_asks_how_much_to_unfreeze_in_one_click(new_run, runs):
+    at = new_run
+    at.radio(key="f_weights_choice").set_value("none").run()
+    at.button(key="launch_depths").click().run()
+    assert not at.exception
+    made = [store.read_config(Path(p)) for p in store.list_runs(runs)["path"]]
+    assert len({c["group"] for c in made}) == 1
+    # resnet18: stem, layer1..layer4 -> last_n 0 (the probe) .. 4, then full
+    assert sorted((c["strategy"], c["unfreeze_last"]) for c in made) == [
+        ("full", 1),
+        *[("last_n", k) for k in range(5)],
+    ]
+    assert all(c["tune_lr"] for c in made)
+    assert at.selectbox(key="training_run").value  # on to Training, like Launch
+
+
+def test_new_run_finds_a_learning_rate_and_fills_the_field_on_accept(new_run):
+    at = new_run
+    at.toggle(key="f_compare").set_value(False).run()
+    at.selectbox(key="f_strategy").set_value("linear_probe").run()
+    at.number_input(key="f_image_size").set_value(32).run()
+    at.radio(key="f_weights_choice").set_value("none").run()
+    at.button(key="lr_find").click().run()
+    deadline = time.time() + 180  # a background job, like the estimate
+    while not any("range test" in str(f["layout"].get("title")) for f in plotly_figures(at)):
+        assert time.time() < deadline, all_text(at)
+        time.sleep(0.5)
+        at.run()
+    assert not at.exception
+    chart = figure_titled(at, "Learning-rate range test: loss against lr")
+    assert chart["layout"]["xaxis"]["type"] == "log"
+    lrs = chart["data"][0]["x"]
+    assert len(lrs) >= 10 and lrs == sorted(lrs)  # increasing, one per step
+    use = next(b for b in at.button if b.key == "lr_find_use")
+    suggested = float(use.label.rsplit(" ", 1)[-1])
+    use.click().run()
+    assert at.number_input(key="f_lr").value == suggested
+    assert not store.list_runs(store.runs_dir()).shape[0]  # no run folder made
