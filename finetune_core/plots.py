@@ -1600,3 +1600,20 @@ def lr_finder_chart(curve: Mapping[str, Any]) -> go.Figure:
         yaxis=dict(title="training loss", range=[low - 0.05 * (top - low), min(top, 3 * low)]),
         hovermode="closest",
     )
+
+
+def tuning_sentence(tuning: Mapping[str, Any] | None) -> str | None:
+    """Returns what a run's lr search found (store.read_tuning), in one sentence, or None."""
+    if not tuning or tuning.get("chosen_lr") is None:
+        return None
+    trials = []
+    for t in tuning.get("trials") or []:
+        score = f"{100 * t['val_acc']:.1f} %" if t.get("val_acc") is not None else "failed"
+        trials.append(f"{t['lr']:.3g}: {score}")
+    text = (
+        f"Learning rate tuned before training: {tuning['chosen_lr']:.3g} "
+        f"(was {tuning.get('original_lr', 0):.3g}); val accuracy of a training at each rate "
+        f"tried: {', '.join(trials)}; the loss blew up at {tuning.get('blowup_lr', 0):.3g}."
+    )
+    notes = tuning.get("notes") or []
+    return text + (" " + " ".join(n[0].upper() + n[1:] + "." for n in notes) if notes else "")

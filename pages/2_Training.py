@@ -82,8 +82,15 @@ except store.RunError as e:
 st.caption(
     f"**{strategies.label(config)}** · {config.get('model')} · weights `{config.get('weights')}`"
     f" · data `{config.get('data')}` · {plural(config.get('epochs') or 0, 'epoch')} · image {config.get('image_size')}"
-    f" px · batch {config.get('batch_size')} · lr {config.get('lr')} · id `{run_id}`"
+    f" px · batch {config.get('batch_size')} · lr {config.get('lr')}"
+    + (" (tuned)" if config.get("tune_lr") else "")
+    + f" · id `{run_id}`"
 )
+tuned = plots.tuning_sentence(store.read_tuning(run_dir))
+if tuned:
+    st.caption(tuned)
+elif config.get("tune_lr"):
+    st.caption("Before it trains, this run tunes its learning rate on the validation split.")
 
 
 def _stop() -> None:

@@ -919,3 +919,22 @@ def test_new_run_finds_a_learning_rate_and_fills_the_field_on_accept(new_run):
     use.click().run()
     assert at.number_input(key="f_lr").value == suggested
     assert not store.list_runs(store.runs_dir()).shape[0]  # no run folder made
+
+
+def test_training_says_what_the_lr_search_chose_and_what_it_tried(runs):
+    run_dir = write_run(runs, "20250101-000000-aaaaaa", strategy="linear_probe", lr=0.0356,
+                        tune_lr=True)  # fmt: skip
+    trials = [
+        {"lr": 0.0113, "val_acc": 0.365, "val_loss": 1.9},
+        {"lr": 0.0356, "val_acc": 0.546, "val_loss": 1.5},
+        {"lr": 0.113, "error": "the loss diverged"},
+    ]
+    found = {"method": "val-search", "chosen_lr": 0.0356, "original_lr": 0.01, "trials": trials,
+             "blowup_lr": 0.356, "notes": []}  # fmt: skip
+    (run_dir / "lr_tuning.json").write_text(json.dumps(found))
+    at = page("pages/2_Training.py", run="20250101-000000-aaaaaa")
+    assert not at.exception
+    captions = " ".join(c.value for c in at.caption)
+    assert "lr 0.0356 (tuned)" in captions
+    assert "tuned before training: 0.0356 (was 0.01)" in captions
+    assert "0.0113: 36.5 %" in captions and "0.113: failed" in captions
