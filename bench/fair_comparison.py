@@ -101,6 +101,21 @@ def rows(runs: Path, group: str) -> list[dict]:
     return out
 
 
+def headline(runs: Path, group: str) -> str:
+    """Returns Compare's first sentence for the group (the page's own functions)."""
+    from finetune_core import plots, store
+
+    members = [d for d in store.run_dirs(runs) if store.read_config(d).get("group") == group]
+    configs = {d.name: store.read_config(d) for d in members}
+    summaries = {d.name: store.read_summary(d) for d in members}
+    metrics = {d.name: store.read_metrics(d) for d in members}
+    table = plots.summary_table(configs, summaries, metrics)
+    basis = plots.accuracy_basis(table)
+    per_strategy = plots.seed_table(table, plots.seed_groups(configs))
+    hits = {d.name: store.read_hits(d, basis.split) for d in members}
+    return plots.headline(per_strategy, plots.pooled_hits(per_strategy, hits), basis)
+
+
 def markdown(table: list[dict]) -> str:
     head = list(table[0])
     lines = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
@@ -137,12 +152,14 @@ def main() -> int:
             group, seconds = sweep(runs, base + extra)
             print(f"\n### {title}: group {group}, {seconds:.0f} s wall\n", flush=True)
             print(markdown(rows(runs, group)), flush=True)
+            print(f"\nCompare says: {headline(runs, group)}", flush=True)
     else:
         base = ["--depths", "--data", "builtin:shapes", "--model", "resnet18", "--weights"]
         base += ["builtin", "--image-size", "64", "--epochs", "3", "--seeds", args.seeds]
         group, seconds = sweep(runs, base)
         print(f"\n### depth sweep, tuned: group {group}, {seconds:.0f} s wall\n", flush=True)
         print(markdown(rows(runs, group)), flush=True)
+        print(f"\nCompare says: {headline(runs, group)}", flush=True)
         from finetune_core import plots, store
 
         members = [d for d in store.run_dirs(runs) if store.read_config(d).get("group") == group]
