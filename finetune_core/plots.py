@@ -1617,3 +1617,416 @@ def tuning_sentence(tuning: Mapping[str, Any] | None) -> str | None:
     )
     notes = tuning.get("notes") or []
     return text + (" " + " ".join(n[0].upper() + n[1:] + "." for n in notes) if notes else "")
+
+
+# --- what fine-tuning changed
+# Weight drift per group and epoch (store.read_drift's frames) and phase markers on curves.
+
+DRIFT_COLOURS = "Viridis"  # perceptually uniform and colour-blind safe
+_UNTRAINED = "#DDDDDD"  # a cell of exactly 0: the group has not trained (yet)
+_PHASE_SHORT = {"linear probe": "LP", "fine-tune": "FT"}
+_MARKER_GREY = "#777777"
+_MARKED_CHARTS = ("loss", "accuracy", "lr")  # the Training charts that show phase markers
+
+
+def drift_matrix(drift: pd.DataFrame) -> pd.DataFrame:
+    """Returns drift (store.read_drift's frame) as a table: one row per group (stem first,
+    the head last), one column per epoch, ||θ − θ₀|| / ||θ₀|| in the cells."""
+    if drift is None or drift.empty:
+        return pd.DataFrame()
+    order = list(dict.fromkeys(drift["group"]))
+    table = drift.pivot_table(index="group", columns="epoch", values="drift", aggfunc="mean")
+    table = table.reindex(order)
+    table.columns = [int(c) for c in table.columns]
+    return table
+
+
+def _drift_log(value: Any) -> float | None:
+    """Returns log10 of a drift for the colour (None where it is 0 or unknown)."""
+    if value is None or (isinstance(value, float) and math.isnan(value)) or value <= 0:
+        return None
+    return math.log10(value)
+
+
+def _drift_range(tables: Sequence[pd.DataFrame]) -> tuple[float, float]:
+    """Returns (lowest, highest) log10 of the drifts above 0 in tables, for one colour scale."""
+    logs = [
+        v
+        for t in tables
+        for v in (_drift_log(x) for x in t.to_numpy().ravel().tolist())
+        if v is not None
+    ]
+    if not logs:
+        return -3.0, 0.0
+    low, high = min(logs), max(logs)
+    return (low - 0.5, high + 0.5) if high - low < 1e-9 else (low, high)
+
+
+def _drift_colour_axis(low: float, high: float) -> dict:
+    """Returns the shared colour axis: log10 drift, its bar labelled in percent."""
+    ticks = [
+        math.log10(m * 10.0**k)
+        for k in range(math.floor(low) - 1, math.ceil(high) + 1)
+        for m in (1, 2, 5)
+        if low - 1e-9 <= math.log10(m * 10.0**k) <= high + 1e-9
+    ]
+    if len(ticks) > 7:  # a wide range: the powers of ten only
+        ticks = [t for t in ticks if abs(t - round(t)) < 1e-9]
+    if len(ticks) < 2:
+        ticks = [low, high]
+    return dict(
+        colorscale=DRIFT_COLOURS,
+        cmin=low,
+        cmax=high,
+        colorbar=dict(
+            title=dict(text="‖θ − θ₀‖ / ‖θ₀‖", side="right"),
+            tickvals=ticks,
+            ticktext=[fmt_share(10.0**t) for t in ticks],
+        ),
+    )
+
+
+def _drift_traces(table: pd.DataFrame, phases: Mapping[int, str], label: str) -> list[go.Heatmap]:
+    """Returns a drift table's two heatmaps: grey cells of exactly 0, then the others coloured
+    by log10 drift on the shared colour axis; the hover says the group, epoch, drift, phase."""
+    groups, epochs = [str(g) for g in table.index], list(table.columns)
+    values = table.to_numpy().tolist()
+    phase = [[phases.get(e, "") for e in epochs] for _ in groups]
+    zero = [[1.0 if v == 0 else None for v in row] for row in values]
+    coloured = [[_drift_log(v) for v in row] for row in values]
+    custom = [
+        [[v, p] for v, p in zip(row, prow, strict=True)]
+        for row, prow in zip(values, phase, strict=True)
+    ]
+    text = [
+        ["0" if v == 0 else ("" if v is None or v != v else fmt_share(v)) for v in row]
+        for row in values
+    ]
+    small = len(epochs) <= 12
+    common = dict(
+        x=epochs,
+        y=groups,
+        customdata=custom,
+        xgap=1,
+        ygap=1,
+        text=text,
+        texttemplate="%{text}" if small else None,
+    )
+    return [
+        go.Heatmap(
+            z=zero,
+            colorscale=[[0, _UNTRAINED], [1, _UNTRAINED]],
+            showscale=False,
+            name=f"{label}: not trained",
+            hovertemplate="%{y}, epoch %{x}: 0, it has not trained<br>phase %{customdata[1]}"
+            "<extra></extra>",
+            **common,
+        ),
+        go.Heatmap(
+            z=coloured,
+            coloraxis="coloraxis",
+            name=f"{label}: drift",
+            hovertemplate="%{y}, epoch %{x}: moved %{text} of its starting norm "
+            "(‖θ − θ₀‖ / ‖θ₀‖ = %{customdata[0]:.3g})<br>phase %{customdata[1]}<extra></extra>",
+            **common,
+        ),
+    ]
+
+
+def _phases_by_epoch(drift: pd.DataFrame) -> dict[int, str]:
+    rows = drift.dropna(subset=["epoch"]).drop_duplicates("epoch")
+    return {
+        int(e): ("" if pd.isna(p) else str(p))
+        for e, p in zip(rows["epoch"], rows["phase"], strict=True)
+    }
+
+
+def drift_heatmap(
+    drift: pd.DataFrame, title: str = "Weight drift from the starting weights"
+) -> go.Figure:
+    """Returns one run's weight drift (store.read_drift's frame) as a heatmap: backbone groups
+    stem (bottom) to head (top) against the epoch, coloured by ||θ − θ₀|| / ||θ₀|| on a log
+    scale; grey: exactly 0 (a group that has not trained)."""
+    table = drift_matrix(drift)
+    if table.empty:
+        return _empty(title, "Drift appears when the first epoch ends")
+    low, high = _drift_range([table])
+    fig = go.Figure(_drift_traces(table, _phases_by_epoch(drift), "run"))
+    return _style(
+        fig,
+        height=max(260, 70 + 34 * len(table)),
+        title=title,
+        xaxis=dict(title="epoch", dtick=1, type="category"),
+        yaxis=dict(title="group", type="category"),
+        coloraxis=_drift_colour_axis(low, high),
+        hovermode="closest",
+    )
+
+
+def seed_drift(drifts: Mapping[str, pd.DataFrame], rids: Sequence[str]) -> pd.DataFrame:
+    """Returns the mean drift over the runs rids (one strategy's seeds) per (epoch, group), in
+    the first run's order of groups; a read_drift-shaped frame (empty without records)."""
+    frames = [
+        drifts[r] for r in rids if r in drifts and drifts[r] is not None and not drifts[r].empty
+    ]
+    if not frames:
+        return pd.DataFrame(columns=list(store.DRIFT_COLUMNS))
+    both = pd.concat(frames, ignore_index=True)
+    order = {g: i for i, g in enumerate(dict.fromkeys(both["group"]))}
+    mean = both.groupby(["epoch", "group"], as_index=False, sort=False).agg(
+        drift=("drift", "mean"), phase=("phase", "first"), runs=("drift", "count")
+    )
+    mean["order"] = mean["group"].map(order)
+    return mean.sort_values(["epoch", "order"]).drop(columns="order").reset_index(drop=True)
+
+
+def drift_heatmaps(
+    drifts: Mapping[str, pd.DataFrame], groups: Mapping[str, Sequence[str]], columns: int = 3
+) -> go.Figure:
+    """Returns the weight drift of several strategies side by side: one heatmap per strategy
+    (groups: seed_groups' {label: run ids}; seeds averaged per epoch and group) on one
+    colour scale, so the same colour is the same drift in every panel."""
+    tables, phases = {}, {}
+    for label, rids in groups.items():
+        mean = seed_drift(drifts, rids)
+        if not mean.empty:
+            tables[label], phases[label] = drift_matrix(mean), _phases_by_epoch(mean)
+    title = "Weight drift from the starting weights"
+    if not tables:
+        return _empty(title, "Drift appears when the runs' first epochs end")
+    seeds = max(len(groups[label]) for label in tables)
+    if seeds > 1:
+        title += " · seeds: mean"
+    cols = min(columns, len(tables))
+    rows = math.ceil(len(tables) / cols)
+    same_groups = len({tuple(t.index) for t in tables.values()}) == 1
+    fig = make_subplots(
+        rows=rows,
+        cols=cols,
+        subplot_titles=[str(k) for k in tables],
+        shared_yaxes=same_groups,
+        horizontal_spacing=0.03 if same_groups else 0.08,
+        vertical_spacing=min(0.3, 0.35 / rows) if rows > 1 else 0.1,
+    )
+    low, high = _drift_range(list(tables.values()))
+    for i, (label, table) in enumerate(tables.items()):
+        row, col = i // cols + 1, i % cols + 1
+        for trace in _drift_traces(table, phases[label], str(label)):
+            fig.add_trace(trace, row=row, col=col)
+        fig.update_xaxes(title_text="epoch", type="category", row=row, col=col)
+        fig.update_yaxes(type="category", row=row, col=col)
+    groups_shown = max(len(t) for t in tables.values())
+    return _style(
+        fig,
+        height=max(280, rows * (60 + 34 * groups_shown) + 60),
+        title=title,
+        coloraxis=_drift_colour_axis(low, high),
+        hovermode="closest",
+    )
+
+
+@dataclass(frozen=True)
+class PhaseMarker:
+    """A moment a curve should mark: a phase change or the end of warm-up."""
+
+    kind: str  # "phase" (a new phase of the plan starts) or "warmup" (its last step is done)
+    label: str  # what the chart writes: "unfreeze layer4", "LP → FT", "end of warm-up"
+    step: float  # the global step at the moment (a phase: the last step of the epoch before)
+    epoch: float  # the same moment in epochs (2.0: the end of epoch 2)
+    time_s: float | None  # and in training seconds, when the records tell
+    words: str  # the hover: what changed, when
+
+
+def _phase_label(before: str, after: str) -> str:
+    if before in _PHASE_SHORT and after in _PHASE_SHORT:
+        return f"{_PHASE_SHORT[before]} → {_PHASE_SHORT[after]}"
+    return after
+
+
+def _steps_per_epoch(val: pd.DataFrame) -> float | None:
+    """Returns the steps of one epoch: a val record's step over its epoch (every epoch but a
+    resumed one ends on a multiple), else None."""
+    rows = val.dropna(subset=["epoch", "step"])
+    rows = rows[rows["epoch"] > 0]
+    if rows.empty:
+        return None
+    first = rows.iloc[0]
+    return float(first["step"]) / float(first["epoch"])
+
+
+def _time_at(train: pd.DataFrame, val: pd.DataFrame, step: float) -> float | None:
+    """Returns the training seconds at a step, interpolated between the records around it."""
+    rows = pd.concat([train, val])[["step", "time_s"]].dropna().sort_values("step")
+    if rows.empty:
+        return None
+    steps, times = rows["step"].astype(float).tolist(), rows["time_s"].astype(float).tolist()
+    if step <= steps[0]:
+        return times[0] * step / steps[0] if steps[0] else times[0]
+    for i in range(1, len(steps)):
+        (s0, t0), (s1, t1) = (steps[i - 1], times[i - 1]), (steps[i], times[i])
+        if s0 <= step <= s1:
+            return t0 if s1 == s0 else t0 + (t1 - t0) * (step - s0) / (s1 - s0)
+    return None  # after the last record: not reached yet
+
+
+def phase_markers(
+    metrics: pd.DataFrame,
+    config: Mapping[str, Any] | None,
+    status: Mapping[str, Any] | None = None,
+) -> list[PhaseMarker]:
+    """Returns a run's phase markers, in step order: each phase change of its plan (gradual
+    unfreezing, LP → FT), read from the phase of its val records (and, while the run trains,
+    status.json's phase of the epoch under way), and the end of its warm-up
+    (config warmup_epochs), once the records reach it."""
+    val, train = _split(metrics, "val"), _split(metrics, "train")
+    found: list[PhaseMarker] = []
+    if "phase" in val:
+        epochs = val.dropna(subset=["epoch"]).drop_duplicates("epoch", keep="last")
+        seen = [
+            (int(e), float(s), t, str(p))
+            for e, s, t, p in zip(
+                epochs["epoch"], epochs["step"], epochs["time_s"], epochs["phase"], strict=True
+            )
+            if not pd.isna(p)
+        ]
+        now = status or {}
+        if seen and now.get("phase") and now.get("epoch") == seen[-1][0] + 1:
+            seen.append((int(now["epoch"]), math.nan, None, str(now["phase"])))  # under way
+        for (e0, s0, t0, p0), (e1, _s1, _t1, p1) in zip(seen[:-1], seen[1:], strict=True):
+            if p1 != p0 and e1 == e0 + 1:
+                found.append(
+                    PhaseMarker(
+                        "phase",
+                        _phase_label(p0, p1),
+                        s0,
+                        float(e0),
+                        None if t0 is None or pd.isna(t0) else float(t0),
+                        f"after epoch {e0}: {p0} → {p1}",
+                    )
+                )
+    warmup = float((config or {}).get("warmup_epochs") or 0)
+    per_epoch = _steps_per_epoch(val)
+    last = max([float(s) for s in pd.concat([train["step"], val["step"]]).dropna()] or [0.0])
+    if warmup > 0 and per_epoch:
+        step = float(round(warmup * per_epoch))
+        if step <= last:
+            found.append(
+                PhaseMarker(
+                    "warmup",
+                    "end of warm-up",
+                    step,
+                    step / per_epoch,
+                    _time_at(train, val, step),
+                    f"warm-up ends at step {step:.0f} ({warmup:g} epochs): the lr schedule starts",
+                )
+            )
+    return sorted(found, key=lambda m: m.step)
+
+
+def _marker_x(marker: PhaseMarker, x: str) -> float | None:
+    value = {"step": marker.step, "epoch": marker.epoch, "time_s": marker.time_s}.get(x)
+    return None if value is None or math.isnan(value) else value
+
+
+def add_phase_markers(
+    fig: go.Figure, markers: Sequence[PhaseMarker], x: str = "step", colour: str = _MARKER_GREY
+) -> go.Figure:
+    """Returns fig with a dotted vertical line and a label at each marker, placed on the x
+    axis's unit (step, epoch or time_s); shapes and labels are named "phase: <label>" or
+    "warmup: <label>". A figure without data (a placeholder) is left as it is."""
+    if not fig.data:
+        return fig
+    shapes, notes = [], []
+    for m in markers:
+        at = _marker_x(m, x)
+        if at is None:
+            continue
+        shape, note = _marker_parts(m, at, colour)
+        shapes.append(shape)
+        notes.append(note)
+    if shapes:
+        fig.update_layout(
+            shapes=[*fig.layout.shapes, *shapes], annotations=[*fig.layout.annotations, *notes]
+        )
+    return fig
+
+
+def _marker_parts(m: PhaseMarker, at: float, colour: str, words: str | None = None):
+    name = f"{m.kind}: {m.label}"
+    shape = dict(
+        type="line",
+        name=name,
+        xref="x",
+        yref="paper",
+        x0=at,
+        x1=at,
+        y0=0,
+        y1=1,
+        line=dict(color=colour, width=1.5, dash="dot" if m.kind == "phase" else "dash"),
+        layer="below",
+    )
+    note = dict(
+        name=name,
+        x=at,
+        xref="x",
+        y=1,
+        yref="paper",
+        text=m.label,
+        hovertext=words or m.words,
+        showarrow=False,
+        textangle=-90,
+        xanchor="right",
+        yanchor="top",
+        font=dict(size=10, color=colour),
+    )
+    return shape, note
+
+
+def mark_training_charts(
+    charts: Mapping[str, go.Figure],
+    metrics: pd.DataFrame,
+    config: Mapping[str, Any] | None,
+    status: Mapping[str, Any] | None = None,
+    x: str = "step",
+) -> None:
+    """Adds the run's phase markers to its loss, accuracy and lr charts (training_charts')."""
+    markers = phase_markers(metrics, config, status)
+    for key in _MARKED_CHARTS:
+        if key in charts:
+            add_phase_markers(charts[key], markers, x)
+
+
+def mark_compare_curves(
+    fig: go.Figure,
+    metrics: pd.DataFrame,
+    configs: Mapping[str, Mapping[str, Any]] | None,
+    x: str = "epoch",
+) -> go.Figure:
+    """Returns compare_curves' figure with each strategy's phase markers (metrics: its long
+    frame with `run` and `run_id`), in the strategy's line colour; a marker several
+    strategies share (the same moment and label, such as a common warm-up) is drawn once,
+    in grey."""
+    if not fig.data or metrics is None or metrics.empty or "run" not in metrics:
+        return fig
+    colour_of = {t.name: t.line.color for t in fig.data if getattr(t, "line", None) and t.name}
+    placed: dict[tuple[float, str], list[tuple[str, PhaseMarker]]] = {}
+    for run, rows in metrics.groupby("run", sort=False):
+        rid = rows["run_id"].iloc[0] if "run_id" in rows else None
+        first = rows[rows["run_id"] == rid] if rid is not None else rows
+        for m in phase_markers(first, (configs or {}).get(rid)):
+            at = _marker_x(m, x)
+            if at is not None:
+                placed.setdefault((round(at, 6), m.label), []).append((str(run), m))
+    shapes, notes = [], []
+    for (at, _label), found in placed.items():
+        runs = [r for r, _ in found]
+        colour = (colour_of.get(runs[0]) or _MARKER_GREY) if len(runs) == 1 else _MARKER_GREY
+        m = found[0][1]
+        shape, note = _marker_parts(m, at, colour, f"{', '.join(runs)}: {m.words}")
+        shapes.append(shape)
+        notes.append(note)
+    if shapes:
+        fig.update_layout(
+            shapes=[*fig.layout.shapes, *shapes], annotations=[*fig.layout.annotations, *notes]
+        )
+    return fig

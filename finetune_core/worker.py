@@ -33,6 +33,7 @@ from typing import Any
 from finetune_core import (
     checkpoints,
     data,
+    drift,
     engine,
     estimate,
     jobs,
@@ -449,6 +450,7 @@ def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bo
                 status_callback,
                 StopCallback(flag),
                 LogCallback(_Log(log.path, echo=False)),
+                drift.DriftCallback(exp, metrics.write),  # θ₀: the model as prepared
                 *_RaiseOutOfMemory.from_env(cfg),
                 *callbacks,
             ],

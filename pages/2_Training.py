@@ -167,13 +167,14 @@ def _actions(status: dict) -> None:
 CHART_REFRESH_S = float(os.environ.get("FINETUNE_CHART_REFRESH_S") or 5 * LIVE_REFRESH_S)
 
 
-def charts_for(metrics) -> dict:
+def charts_for(metrics, status: dict | None = None) -> dict:
     """Returns the run's charts: the ones drawn last while its metrics have not changed."""
     sig = store.signature(run_dir)
     kept = st.session_state.get("_charts")
     if kept and kept["run"] == run_id and kept["sig"] == sig:
         return kept["charts"]
     charts = plots.training_charts(metrics)
+    plots.mark_training_charts(charts, metrics, config, status)  # phases, end of warm-up
     st.session_state["_charts"] = {"run": run_id, "sig": sig, "charts": charts}
     return charts
 
@@ -262,16 +263,31 @@ def live_progress(shape: tuple) -> None:
             st.progress(fraction, text=f"{names[m]}: {member.get('state', '?')} · {text}")
 
 
+def drift_view(drift) -> None:
+    """What fine-tuning changed: the run's weight drift per group and epoch (from its first
+    epoch on; runs from before drift was recorded have none)."""
+    if drift.empty:
+        return
+    st.plotly_chart(plots.drift_heatmap(drift), key="chart_drift", width="stretch")
+    st.caption(
+        "How far each group's weights moved from where the run started (the starting "
+        "weights with the new head): ‖θ − θ₀‖ / ‖θ₀‖ after each epoch, colour on a log scale; "
+        "grey is exactly 0, a group that has not trained (yet)."
+    )
+
+
 def live_charts() -> None:
     """The run's curves and the end of its log (refreshed less often than the progress)."""
-    state = store.read_status(run_dir).get("state")
+    status = store.read_status(run_dir)
+    state = status.get("state")
     metrics = store.read_metrics(run_dir)
     if state in store.LIVE_STATES or not metrics.empty:  # no step taken: no curves
-        charts = charts_for(metrics)
+        charts = charts_for(metrics, status)
         top, bottom = st.columns(2), st.columns(2)
         keys = ("loss", "accuracy", "lr", "throughput")
         for slot, key in zip((*top, *bottom), keys, strict=True):
             slot.plotly_chart(charts[key], key=f"chart_{key}", width="stretch")
+        drift_view(store.read_drift(run_dir))
     with st.expander("worker.log (last 40 lines)", expanded=state == "failed"):
         st.code(store.read_log_tail(run_dir, 40) or "(empty)", language=None)
 

@@ -87,6 +87,21 @@ if not chosen:
     st.stop()
 
 
+def what_changed(groups: dict[str, list[str]]) -> None:
+    """What fine-tuning changed: each strategy's weight drift per group and epoch, side by
+    side on one colour scale (seeds averaged)."""
+    drifts = {r: store.read_drift(root / r) for rids in groups.values() for r in rids}
+    if all(d.empty for d in drifts.values()):
+        return
+    st.plotly_chart(plots.drift_heatmaps(drifts, groups), key="drift", width="stretch")
+    st.caption(
+        "How far each group's weights moved from where the run started: ‖θ − θ₀‖ / ‖θ₀‖ "
+        "after each epoch, one colour scale (log) for every strategy; grey is exactly 0, "
+        "a group that has not trained (yet). Dotted lines on the curves mark phase changes "
+        "(gradual unfreezing, LP → FT), dashed ones the end of warm-up."
+    )
+
+
 def comparison(was_live: bool) -> None:
     configs = {r: store.read_config(root / r) for r in chosen}
     statuses = {r: store.read_status(root / r) for r in chosen}
@@ -185,8 +200,10 @@ def comparison(was_live: bool) -> None:
     long = [m.assign(run=run_of[r], run_id=r) for r, m in metrics.items() if not m.empty]
     frame = pd.concat(long, ignore_index=True) if long else pd.DataFrame()
     c1, c2 = st.columns(2)
-    c1.plotly_chart(plots.compare_curves(frame, "acc", x), key="curve_acc", width="stretch")
-    c2.plotly_chart(plots.compare_curves(frame, "loss", x), key="curve_loss", width="stretch")
+    for column, y in ((c1, "acc"), (c2, "loss")):
+        fig = plots.mark_compare_curves(plots.compare_curves(frame, y, x), frame, configs, x)
+        column.plotly_chart(fig, key=f"curve_{y}", width="stretch")
+    what_changed(groups)
 
     st.markdown("#### Final metrics")
     shown = plots.results_table(per_strategy, basis)

@@ -30,6 +30,8 @@ ALLOWED = {
     "metrics": set(),
     "stats": set(),  # bootstrap intervals (numpy): plots and the engine use them
     "memory": set(),  # a training step's measured memory, a run's stored size (torch)
+    # weight drift per group and epoch (torch); its record's split is the store's contract
+    "drift": {"callbacks", "store", "strategies"},
     "data": {"util"},
     # the run store; `create_run` records the device (torch) only when it makes a run
     "store": {"callbacks", "config", "strategies", "util", "device"},
@@ -71,6 +73,7 @@ ALLOWED = {
         "config",
         "data",
         "device",
+        "drift",
         "engine",
         "estimate",
         "jobs",

@@ -15,6 +15,7 @@ Imports neither torch nor the engine, so that listing runs stays fast.
 from finetune_core.store.metrics import (
     MetricsWriter,
     clean_metric_records,
+    read_drift,
     read_metrics,
     signature,
 )
@@ -44,6 +45,8 @@ from finetune_core.store.runs import (
 from finetune_core.store.schema import (
     ACTIVE_STATES,
     CRASHED_MESSAGE,
+    DRIFT_COLUMNS,
+    DRIFT_SPLIT,
     FINAL_STATES,
     LIVE_STATES,
     METRIC_COLUMNS,
@@ -88,6 +91,8 @@ __all__ = [
     "ACTIVE_STATES",
     "COMPARE_COLUMNS",
     "CRASHED_MESSAGE",
+    "DRIFT_COLUMNS",
+    "DRIFT_SPLIT",
     "FINAL_STATES",
     "LIST_COLUMNS",
     "LIVE_STATES",
@@ -118,6 +123,7 @@ __all__ = [
     "new_run_id",
     "read_config",
     "read_log_tail",
+    "read_drift",
     "read_metrics",
     "read_run",
     "read_status",

@@ -4,6 +4,8 @@ skipped and, after a resume, the records of the dead attempt are dropped.
 
 A page that watches a live run reads its metrics every second or two: `read_metrics`
 remembers each file it read (per process) and then parses only the lines appended since.
+The file also holds a drift record after each epoch (schema.DRIFT_SPLIT): `read_metrics`
+leaves those out, so every metric chart reads as before, and `read_drift` reads them.
 """
 
 from __future__ import annotations
@@ -18,7 +20,13 @@ from typing import Any
 import pandas as pd
 
 from finetune_core.callbacks import Callback
-from finetune_core.store.schema import METRIC_COLUMNS, SCHEMA_VERSION, upgrade
+from finetune_core.store.schema import (
+    DRIFT_COLUMNS,
+    DRIFT_SPLIT,
+    METRIC_COLUMNS,
+    SCHEMA_VERSION,
+    upgrade,
+)
 from finetune_core.util.files import json_line, write_lines_atomic
 
 
@@ -72,10 +80,13 @@ def signature(run_dir: str | os.PathLike) -> tuple[int, int, int] | None:
 
 
 class _Read:
-    """What was read of one file: up to which byte, the records parsed, the frame of them."""
+    """What was read of one file: up to which byte, the records parsed, the frame of them
+    (and, once asked for, the frame of its drift records)."""
 
-    def __init__(self, sig, offset: int, records: list, frame: pd.DataFrame):
+    def __init__(self, sig, offset: int, records: list, frame: pd.DataFrame, cleaned: list):
         self.sig, self.offset, self.records, self.frame = sig, offset, records, frame
+        self.cleaned = cleaned
+        self.drift: pd.DataFrame | None = None
 
 
 _READS: OrderedDict[Path, _Read] = OrderedDict()  # most recently read last
@@ -103,41 +114,68 @@ def read_records(run_dir: str | os.PathLike) -> list[dict[str, Any]]:
 
 
 def read_metrics(run_dir: str | os.PathLike) -> pd.DataFrame:
-    """Returns metrics.jsonl as a DataFrame, one row per record in file order.
+    """Returns metrics.jsonl as a DataFrame, one row per record in file order (drift records
+    left out: see read_drift).
 
     Columns: split, epoch, step (nullable ints), loss, acc, acc5, lr, time_s, images_per_s
     (floats, NaN where null), phase (val rows), and any extra keys. Empty with these
     columns when there is no file yet. A file read before is only read from where the last
     read stopped, unless it was replaced or shrank (a resume trims it).
     """
+    seen = _read(run_dir)
+    return metrics_frame([]) if seen is None else seen.frame.copy()
+
+
+def read_drift(run_dir: str | os.PathLike) -> pd.DataFrame:
+    """Returns the run's drift records as a DataFrame with schema.DRIFT_COLUMNS: one row per
+    (epoch, group), epochs in order and each epoch's groups stem first, the head last.
+    Empty with these columns before the first epoch ends (and for runs from before drift
+    was recorded)."""
+    seen = _read(run_dir)
+    if seen is None:
+        return drift_frame([])
+    if seen.drift is None:
+        seen.drift = drift_frame(seen.cleaned)
+    return seen.drift.copy()
+
+
+def _read(run_dir: str | os.PathLike) -> _Read | None:
+    """Returns what metrics.jsonl holds now (parsing only what was appended since the last
+    read of this process), or None when there is no file or it cannot be read."""
     path = Path(run_dir).resolve() / "metrics.jsonl"
     sig = signature(path.parent)
     if sig is None:
-        return metrics_frame([])
+        return None
     with _LOCK:
         seen = _READS.get(path)
         if seen is not None and seen.sig == sig:
             _READS.move_to_end(path)
-            return seen.frame.copy()
+            return seen
         grows = seen is not None and seen.sig[0] == sig[0] and sig[1] >= seen.offset
         offset, records = (seen.offset, list(seen.records)) if grows else (0, [])
     try:
         text, offset = _read_new_lines(path, offset)
     except OSError:
-        return metrics_frame([])
+        return None
     records += _parse_metric_lines(text, path)
-    frame = metrics_frame(clean_metric_records(records))
+    cleaned = clean_metric_records(records)
+    seen = _Read(sig, offset, records, metrics_frame(cleaned), cleaned)
     with _LOCK:
-        _READS[path] = _Read(sig, offset, records, frame)
+        _READS[path] = seen
         _READS.move_to_end(path)
         while len(_READS) > _READS_MAX:
             _READS.popitem(last=False)
-    return frame.copy()
+    return seen
 
 
 def metrics_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
-    """Returns records as read_metrics types them (the file's "schema" key left out)."""
-    records = [{k: v for k, v in r.items() if k != "schema"} for r in records]
+    """Returns records as read_metrics types them (the file's "schema" key and drift records
+    left out)."""
+    records = [
+        {k: v for k, v in r.items() if k != "schema"}
+        for r in records
+        if r.get("split") != DRIFT_SPLIT
+    ]
     frame = pd.DataFrame.from_records(records)
     for column in METRIC_COLUMNS:
         if column not in frame.columns:
@@ -153,8 +191,39 @@ def metrics_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
     return frame[list(METRIC_COLUMNS) + extra].reset_index(drop=True)
 
 
+def drift_frame(records: list[dict[str, Any]]) -> pd.DataFrame:
+    """Returns the drift records among `records` as read_drift types them."""
+    rows = []
+    for r in records:
+        if r.get("split") != DRIFT_SPLIT or not isinstance(r.get("drift"), dict):
+            continue
+        norms = r.get("start_norm") if isinstance(r.get("start_norm"), dict) else {}
+        for group, value in r["drift"].items():
+            rows.append(
+                {
+                    "epoch": r.get("epoch"),
+                    "step": r.get("step"),
+                    "time_s": r.get("time_s"),
+                    "phase": r.get("phase"),
+                    "group": group,
+                    "drift": value,
+                    "start_norm": norms.get(group),
+                }
+            )
+    frame = pd.DataFrame(rows, columns=list(DRIFT_COLUMNS))
+    for column, dtype in DRIFT_COLUMNS.items():
+        if dtype == "string":
+            frame[column] = frame[column].astype("string")
+        elif dtype == "Int64":
+            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("Int64")
+        else:
+            frame[column] = pd.to_numeric(frame[column], errors="coerce").astype("float64")
+    return frame
+
+
 class MetricsWriter(Callback):
-    """Engine callback that appends every train/val/test record to metrics.jsonl, flushed.
+    """Engine callback that appends every train/val/test record to metrics.jsonl, flushed
+    (`write` appends any other record, such as an epoch's drift).
 
     On a resumed fit, records of the dead attempt past the checkpoint's step are dropped
     first (an atomic rewrite), so the file reads cleanly even without the reader's dedupe.

@@ -112,6 +112,21 @@ RUN_ID_RE = re.compile(r"^\d{8}-\d{6}-[0-9a-f]{6}$")
 _DTYPES = {str: "string", int: "Int64", float: "float64"}
 METRIC_COLUMNS = {name: _DTYPES[kind] for name, kind in RECORD_FIELDS.items()}
 
+# The drift record (finetune_core/drift.py): one line of metrics.jsonl after each epoch, at
+# the step of its val record, with "drift" {group: ||θ − θ₀|| / ||θ₀||} and "start_norm"
+# {group: ||θ₀||}, stem first and the head last. Not a metric: read_metrics leaves it out,
+# read_drift reads it into DRIFT_COLUMNS, one row per (epoch, group).
+DRIFT_SPLIT = "drift"
+DRIFT_COLUMNS = {
+    "epoch": "Int64",
+    "step": "Int64",
+    "time_s": "float64",
+    "phase": "string",
+    "group": "string",
+    "drift": "float64",
+    "start_norm": "float64",
+}
+
 SUMMARY_KEYS = (
     "state",
     "best_val_acc",
