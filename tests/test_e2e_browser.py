@@ -324,3 +324,63 @@ def test_a_two_seed_depth_sweep_shows_bands_the_noise_and_how_much_to_unfreeze(a
     front = plot_traces(page, "Accuracy vs trainable parameters")
     assert [t["name"] for t in front] == ["last_n 0", "last_n 1", "last_n 2", "last_n 3", "full"]
     assert page.get_by_text("the mean ± standard deviation over its seeds").count() == 1
+
+
+_FIGURES = """() => Array.from(document.querySelectorAll('.js-plotly-plot')).map(el => ({
+    title: ((el.layout && el.layout.title && el.layout.title.text) || '').replace(/<[^>]*>/g, ''),
+    traces: (el._fullData || []).map(tr => ({
+        type: tr.type, name: tr.name || '',
+        x: tr.x ? Array.from(tr.x) : [], y: tr.y ? Array.from(tr.y) : [],
+        customdata: tr.customdata ? Array.from(tr.customdata, r => Array.from(r)) : []})),
+    shapes: ((el.layout && el.layout.shapes) || []).map(s => ({name: s.name || '', x0: s.x0})),
+    notes: ((el.layout && el.layout.annotations) || []).map(a => a.text || '')}))"""
+
+
+def test_a_gradual_run_shows_its_weight_drift_and_phase_markers_on_training(app, server, page):
+    """A real gradual run of the CLI (2 epochs, half an epoch of warm-up): Training draws its
+    weight drift as a heatmap (layer4 exactly 0 in the probe epoch, moved once unfrozen) and
+    marks the unfreezing and the end of warm-up on its loss, accuracy and lr charts."""
+    url, runs = server
+    args = ["--strategy", "gradual", "--epochs", "2", "--warmup-epochs", "0.5"]
+    tiny = ["--image-size", "32", "--weights", "none", "--augment", "none", "--batch-size", "64"]
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune_core", "train", *args, *tiny, "--runs-dir", str(runs)],
+        env=app.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = Path(done.stdout.strip().splitlines()[-1])
+    per_epoch = int(store.read_metrics(run_dir).query("split == 'val'")["step"].iloc[0])
+    recorded = store.read_drift(run_dir)
+
+    page.goto(f"{url}/Training?run={run_dir.name}")
+    page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+    wait_idle(page)
+    deadline = time.time() + 60
+    while True:  # the heatmap is drawn under the four charts
+        figures = {f["title"]: f for f in page.evaluate(_FIGURES)}
+        drift = next((f for t, f in figures.items() if t.startswith("Weight drift")), None)
+        if drift or time.time() > deadline:
+            break
+        time.sleep(0.5)
+    assert drift, list(figures)
+    coloured = next(t for t in drift["traces"] if t["name"].endswith("drift"))
+    assert coloured["type"] == "heatmap"
+    groups = ["stem", "layer1", "layer2", "layer3", "layer4", "head"]
+    assert coloured["y"] == groups and [int(x) for x in coloured["x"]] == [1, 2]
+    layer4 = coloured["customdata"][groups.index("layer4")]
+    assert layer4[0][0] == 0 and layer4[1][0] > 0  # frozen in epoch 1, unfrozen in epoch 2
+    assert [row[1][0] for row in coloured["customdata"]] == pytest.approx(
+        recorded[recorded["epoch"] == 2]["drift"].tolist()
+    )
+    expected = {
+        "phase: unfreeze layer4": per_epoch,
+        "warmup: end of warm-up": round(0.5 * per_epoch),
+    }
+    for title in ("Loss", "Accuracy", "Learning rate"):
+        chart = next(f for t, f in figures.items() if t.startswith(title))
+        assert {s["name"]: s["x0"] for s in chart["shapes"]} == expected, (title, chart["shapes"])
+        assert {"unfreeze layer4", "end of warm-up"} <= set(chart["notes"])
