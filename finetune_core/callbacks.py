@@ -88,5 +88,9 @@ class Callback:
     def on_epoch_end(self, trainer, record: dict[str, Any]) -> None:
         """An epoch is done and checkpointed; record is its val record."""
 
+    def on_log(self, trainer, message: str) -> None:
+        """A line for the run's log: something the engine chose that the metrics do not show
+        (a frozen part's outputs cached, or why not)."""
+
     def on_fit_end(self, trainer, summary: dict[str, Any]) -> None:
         """The run ended (completed, stopped or early-stopped); summary is what fit returns."""

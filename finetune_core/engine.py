@@ -23,6 +23,7 @@ from finetune_core import checkpoints, memory, metrics, models, stats, strategie
 from finetune_core import data as data_mod
 from finetune_core.callbacks import Callback, StopTraining, make_record
 from finetune_core.config import RunConfig
+from finetune_core.data.thumbnails import SCORED_IMAGES_FILE, write_scored_images
 from finetune_core.device import pick_device, speed_settings
 from finetune_core.strategies.l2sp import L2SP
 from finetune_core.util.files import atomic_write
@@ -652,6 +653,13 @@ class Trainer:
             self._emit_eval(self._eval_record("test", scored["test"], self.elapsed()))
         if self.checkpoint_dir is not None:
             write_predictions(self.checkpoint_dir.parent / PREDICTIONS_FILE, scored)
+            splits = {"val": self.exp.data.val, "test": self.exp.data.test}
+            # the pictures of Compare's drill-down: a full disk costs them, not the results
+            with contextlib.suppress(OSError):
+                write_scored_images(
+                    self.checkpoint_dir.parent / SCORED_IMAGES_FILE,
+                    {s: (splits[s].images, ev) for s, ev in scored.items()},
+                )
         return scored
 
 

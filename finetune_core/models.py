@@ -11,6 +11,7 @@ and the head cover every parameter exactly once.
 from __future__ import annotations
 
 import hashlib
+import inspect
 import os
 import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
@@ -18,6 +19,7 @@ from dataclasses import dataclass, field
 from functools import cache, lru_cache
 
 import torch
+import torch.fx
 import torchvision
 from torch import nn
 from torch.overrides import TorchFunctionMode
@@ -692,3 +694,166 @@ def model_info(name: str) -> dict:
     info["min_size"] = spec.min_size
     info["default_size"] = spec.default_size
     return info
+
+
+# ---------------------------------------------------------------------------------------
+# The forward cut at a group boundary (the frozen-prefix cache; issue 11, part 3)
+
+
+class CannotSplit(Exception):  # noqa: N818 - a reason, not a failure: the engine runs uncached
+    """The model's forward cannot be cut exactly at a group boundary; str() says why."""
+
+
+@dataclass(frozen=True)
+class ForwardSplit:
+    """The model's forward cut where group `boundary` starts (0-based, stem first;
+    len(groups) = the head): rest(prefix(x)) is the model's logits for x, op for op."""
+
+    boundary: int
+    prefix: Callable[[torch.Tensor], torch.Tensor]  # groups[:boundary] (and what runs among them)
+    rest: Callable[[torch.Tensor], torch.Tensor]  # groups[boundary:] and the head -> logits
+    prefix_modules: tuple[nn.Module, ...]  # the modules prefix calls, for the engine's mode check
+
+
+@cache
+def _reads_training(cls: type) -> bool:
+    """True when a module class's own forward reads self.training (StochasticDepth, Swin's
+    attention, DenseNet's layers): such a module is kept whole when tracing, so that it runs
+    in the mode it has at each call, not in the one it had when traced."""
+    try:
+        source = inspect.getsource(cls.forward)
+    except (OSError, TypeError):
+        return False
+    return "self.training" in source
+
+
+def mode_dependent(module: nn.Module) -> bool:
+    """Returns True when module's output depends on train/eval mode (dropout, BatchNorm, a
+    forward that reads self.training)."""
+    kinds = (nn.modules.dropout._DropoutNd, nn.modules.batchnorm._BatchNorm, nn.RReLU)
+    return isinstance(module, kinds) or _reads_training(type(module))
+
+
+class _Tracer(torch.fx.Tracer):
+    proxy_buffer_attributes = True  # buffers as get_attr nodes: they follow the model's device
+
+    def is_leaf_module(self, m: nn.Module, qualname: str) -> bool:
+        return super().is_leaf_module(m, qualname) or _reads_training(type(m))
+
+
+def _signature(graph: torch.fx.Graph) -> list[tuple[str, str, str]]:
+    """Returns the graph's nodes as (op, target, args) with nodes named by position."""
+    index: dict[torch.fx.Node, int] = {}
+    out = []
+    for i, node in enumerate(graph.nodes):
+        index[node] = i
+        args = torch.fx.node.map_arg((node.args, node.kwargs), lambda a: f"%{index[a]}")
+        out.append((node.op, str(node.target), repr(args)))
+    return out
+
+
+def _trace(model: nn.Module) -> torch.fx.Graph:
+    """Returns the model's forward as an fx graph; raises CannotSplit when it cannot be traced
+    or its Python code takes another path in train mode than in eval mode."""
+    modes = {m: m.training for m in model.modules()}
+    try:
+        graphs = []
+        for train in (True, False):
+            model.train(train)
+            graphs.append(_Tracer().trace(model))
+    except Exception as e:  # fx raises many kinds on data-dependent Python code
+        raise CannotSplit(f"its forward cannot be traced ({type(e).__name__}: {e})") from None
+    finally:
+        for m, training in modes.items():
+            m.training = training
+    if _signature(graphs[0]) != _signature(graphs[1]):
+        raise CannotSplit("its forward runs other operations in train mode than in eval mode")
+    graph = graphs[0]
+    if any(
+        n.op == "get_attr" and str(n.target).startswith("_tensor_constant") for n in graph.nodes
+    ):
+        raise CannotSplit("its forward uses tensors that are neither parameters nor buffers")
+    return graph
+
+
+def _one_tensor(values: list[torch.fx.Node]) -> bool:
+    return len(values) == 1 and values[0].op != "placeholder"  # not the input image itself
+
+
+def split_forward(parts: ModelParts, boundary: int) -> ForwardSplit:
+    """Returns the model's forward cut where group `boundary` starts (1 .. len(groups); at
+    len(groups) the cut is the head's input: forward_features and forward_head).
+
+    Inside the backbone the cut is found on the model's fx graph, traced with the modules
+    that read self.training kept whole (their mode is read at every call): prefix is every
+    operation up to the first one of groups[boundary:], rest the operations from there on,
+    and the cut must be one tensor (the rest uses neither the input image nor any other
+    value of the prefix). The parameterless steps between two groups (a residual sum, a
+    concatenation, ReLU or pooling) fall into the prefix, or as few of them as one tensor
+    at the cut needs; the engine checks their modes. Raises CannotSplit with the reason where that does not hold. Both halves call the
+    model's own modules and parameters (no copies): build the split after the model is on
+    its device."""
+    n = len(parts.groups)
+    if not 1 <= boundary <= n:
+        raise ValueError(f"a split boundary is 1 to {n} for {parts.name}, got {boundary}")
+    model = parts.model
+    if boundary == n:
+        above = [m for name, m in model.named_modules() if name and not _under(name, parts.head)]
+        return ForwardSplit(n, parts.forward_features, parts.forward_head, tuple(above))
+    graph = _trace(model)
+    owners = [(p, i) for i, g in enumerate(parts.groups) for p in g.prefixes]
+    owners.append((parts.head, n))
+
+    def owned(node: torch.fx.Node) -> set[int]:
+        if node.op not in ("call_module", "get_attr"):
+            return set()
+        t = str(node.target)
+        return {i for p, i in owners if _under(t, p) or _under(p, t)}
+
+    nodes = list(graph.nodes)
+    own = [owned(node) for node in nodes]
+    where = f"{parts.groups[boundary].name} of {parts.name}"
+    if any(o and min(o) < boundary <= max(o) for o in own):
+        raise CannotSplit(f"a module of {where} is also part of a group below it")
+    below = [i for i, o in enumerate(own) if o and max(o) < boundary]
+    above = [i for i, o in enumerate(own) if o and min(o) >= boundary and nodes[i].op != "get_attr"]
+    if not below or not above or max(below) > min(above):
+        raise CannotSplit(f"the groups below {where} do not all run before it")
+    position = {node: i for i, node in enumerate(nodes)}
+
+    def crossing(cut: int) -> list[torch.fx.Node]:  # values made below the cut, used above it
+        return [
+            node
+            for node in nodes[:cut]
+            if node.op != "get_attr" and any(position[u] >= cut for u in node.users)
+        ]
+
+    # the latest cut between the two groups where one tensor crosses: the parameterless
+    # steps that finish the lower group (a residual sum, a concatenation) fall below it
+    cuts = [c for c in range(min(above), max(below), -1) if _one_tensor(crossing(c))]
+    if not cuts:
+        raise CannotSplit(f"more than one value passes from the groups below {where} to it")
+    cut = cuts[0]
+    passed = crossing(cut)[0]
+
+    head_graph = torch.fx.Graph()
+    env: dict[torch.fx.Node, torch.fx.Node] = {}
+    for node in nodes[:cut]:
+        env[node] = head_graph.node_copy(node, lambda a: env[a])
+    head_graph.output(env[passed])
+
+    rest_graph = torch.fx.Graph()
+    env = {passed: rest_graph.placeholder("prefix_output")}
+    for node in nodes[cut:]:
+        for arg in node.all_input_nodes:
+            if arg not in env:  # a parameter or buffer fetched below the cut and used above
+                env[arg] = rest_graph.node_copy(arg)
+        env[node] = rest_graph.node_copy(node, lambda a: env[a])
+    prefix = torch.fx.GraphModule(model, head_graph, class_name="Prefix")
+    prefix.graph.eliminate_dead_code()  # what only the rest used (its parameters, fetched early)
+    prefix.recompile()
+    rest = torch.fx.GraphModule(model, rest_graph, class_name="Rest")
+    called = tuple(
+        model.get_submodule(str(node.target)) for node in nodes[:cut] if node.op == "call_module"
+    )
+    return ForwardSplit(boundary, prefix, rest, called)

@@ -283,6 +283,9 @@ class LogCallback(Callback):
             f"loss {record['loss']:.4f}, acc {record['acc']:.4f}"
         )
 
+    def on_log(self, trainer, message) -> None:
+        self.log(message)  # the engine's choices (the feature cache: used, or why not)
+
 
 def _progress_reporter(run_dir: Path, flag: StopFlag, log: _Log) -> Callable:
     """Returns the progress(stage, fraction, message) for preparation: status.message (<= 2 a

@@ -12,6 +12,12 @@ def _rand(generator: torch.Generator | None, shape, device) -> torch.Tensor:
     return torch.rand(shape, generator=generator, device=gen_device).to(device)
 
 
+def flip_mask(generator: torch.Generator | None, n: int, device) -> torch.Tensor:
+    """Returns which of n images `flip` mirrors (bool [n] on device): the generator's draws
+    that augment_batch makes, so a cache of both views can pick the same ones."""
+    return _rand(generator, (n,), device) < 0.5
+
+
 def augment_batch(images: torch.Tensor, mode: str, generator: torch.Generator) -> torch.Tensor:
     """Returns uint8 images with `mode` (none | flip | crop) applied per image, same device.
 
@@ -23,7 +29,7 @@ def augment_batch(images: torch.Tensor, mode: str, generator: torch.Generator) -
         return images
     b = images.shape[0]
     if mode == "flip":
-        flip = _rand(generator, (b,), images.device) < 0.5
+        flip = flip_mask(generator, b, images.device)
         return torch.where(flip[:, None, None, None], images.flip(-1), images)
     if mode != "crop":
         raise ValueError(f"unknown augment {mode!r}; choose none, flip or crop")

@@ -28,6 +28,11 @@ from finetune_core.store.paths import (
     run_dirs,
     runs_dir,
 )
+from finetune_core.store.predictions import (
+    read_predictions,
+    read_scored_images,
+    scored_images,
+)
 from finetune_core.store.runs import (
     create_run,
     delete_run,
@@ -130,6 +135,8 @@ __all__ = [
     "record_crash",
     "request_stop",
     "read_hits",
+    "read_predictions",
+    "read_scored_images",
     "read_summary",
     "read_tuning",
     "set_tuned_lr",
@@ -140,6 +147,7 @@ __all__ = [
     "run_dirs",
     "runs_dir",
     "runs_table",
+    "scored_images",
     "set_state",
     "shown_status",
     "signature",
