@@ -11,8 +11,11 @@ from __future__ import annotations
 
 import contextlib
 import csv
+import dataclasses
 import math
+import os
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -23,6 +26,7 @@ from finetune_core import checkpoints, memory, metrics, models, stats, strategie
 from finetune_core import data as data_mod
 from finetune_core.callbacks import Callback, StopTraining, make_record
 from finetune_core.config import RunConfig
+from finetune_core.data.augment import flip_mask
 from finetune_core.data.thumbnails import SCORED_IMAGES_FILE, write_scored_images
 from finetune_core.device import pick_device, speed_settings
 from finetune_core.strategies.l2sp import L2SP
@@ -32,6 +36,9 @@ __all__ = ["Callback", "Experiment", "StopTraining", "Trainer", "TrainingFailed"
 
 TRAIN_RECORD_EVERY = 10  # steps between train records (and at least RECORD_SECONDS)
 RECORD_SECONDS = 0.5
+FEATURE_CACHE_ENV = "FINETUNE_FEATURE_CACHE_BYTES"  # the feature cache's budget in bytes
+FEATURE_CACHE_SHARE = 0.25  # without it: this share of the memory free where the cache lives
+CACHE_VIEWS = {"none": 1, "flip": 2}  # views of each training image a cache holds, by augment
 
 
 class TrainingFailed(RuntimeError):
@@ -125,6 +132,114 @@ def lr_factor(cfg: RunConfig, step: int, total_steps: int, steps_per_epoch: int)
     return 1e-4 + (1 - 1e-4) * 0.5 * (1 + math.cos(math.pi * min(1.0, (t - 0.3) / 0.7)))
 
 
+@dataclass
+class FeatureCache:
+    """A phase's frozen prefix computed once (Trainer.refresh_feature_cache): its outputs for
+    every view of every training image (row v * N + i is view v of image i; with flip, view
+    1 is the mirrored image) and for every val image, as the model computes them."""
+
+    boundary: int  # the first group the phase trains; len(groups): only the head trains
+    rest: Callable[[torch.Tensor], torch.Tensor]  # groups[boundary:] and the head -> logits
+    views: int  # 1 (augment none) or 2 (flip)
+    train: torch.Tensor  # [views * N, ...]
+    labels: torch.Tensor  # [N], on the device
+    val: torch.Tensor  # [N_val, ...]
+    memory_format: torch.memory_format  # the prefix's own, kept for every batch
+
+    def index_split(self) -> data_mod.TensorSplit:
+        """Returns a split whose images are the training rows' indices: a TensorLoader serves
+        them in the order it serves the images (that depends on the seed, the epoch and the
+        labels only)."""
+        return data_mod.TensorSplit(
+            torch.arange(len(self.labels), device=self.labels.device), self.labels
+        )
+
+    def batch(self, index: torch.Tensor, generator: torch.Generator) -> torch.Tensor:
+        """Returns the cached rows of a batch of training images; with flip, each image's
+        view is the one augment_batch's draws from `generator` would give it."""
+        rows = index
+        if self.views == 2:
+            mirrored = flip_mask(generator, len(index), index.device)
+            rows = index + mirrored.long() * len(self.labels)
+        return self.train.index_select(0, rows).contiguous(memory_format=self.memory_format)
+
+    def tensors(self) -> list[torch.Tensor]:
+        return [self.train, self.labels, self.val]
+
+
+def feature_cache_budget(device: torch.device) -> int:
+    """Returns the bytes a feature cache may take: $FINETUNE_FEATURE_CACHE_BYTES when set (0:
+    never cache), else FEATURE_CACHE_SHARE of the memory free now where the cache is kept
+    (CUDA: the GPU's free memory; CPU and MPS: the RAM available).
+
+    A share of what is free rather than a fixed size: the cache sits beside the decoded
+    images, the model, its optimizer state and the trained part's activations, and other
+    runs may share the machine (the supervisor starts several at once); a fixed 4 GiB would
+    be too much for a laptop and a waste of a GPU server."""
+    value = os.environ.get(FEATURE_CACHE_ENV, "").strip()
+    if value:
+        try:
+            budget = float(value)
+        except ValueError:
+            budget = float("nan")
+        if not budget >= 0:
+            raise TrainingFailed(
+                f"{FEATURE_CACHE_ENV}={value!r} is not a number of bytes: set it to e.g. 4e9 "
+                "(4 GB), or 0 to never cache the frozen part's outputs"
+            )
+        return int(budget)
+    if device.type == "cuda":
+        free, _total = torch.cuda.mem_get_info(device)
+        return int(free * FEATURE_CACHE_SHARE)
+    return int(_available_ram() * FEATURE_CACHE_SHARE)
+
+
+def _budget_source() -> str:
+    if os.environ.get(FEATURE_CACHE_ENV, "").strip():
+        return f"${FEATURE_CACHE_ENV}"
+    return f"{FEATURE_CACHE_SHARE:.0%} of the free memory; set {FEATURE_CACHE_ENV} to change it"
+
+
+def _available_ram() -> int:
+    """Returns the bytes of RAM available now (Linux: MemAvailable), else half of it all."""
+    try:
+        with open("/proc/meminfo") as f:
+            for line in f:
+                if line.startswith("MemAvailable:"):
+                    return int(line.split()[1]) * 1024
+    except (OSError, ValueError, IndexError):
+        pass
+    try:
+        return os.sysconf("SC_PHYS_PAGES") * os.sysconf("SC_PAGE_SIZE") // 2
+    except (ValueError, OSError, AttributeError):
+        return 0
+
+
+def _first_trained(phase: strategies.Phase, n_groups: int) -> int:
+    """Returns the index of the lowest backbone group the phase trains; n_groups when only the
+    head trains."""
+    return next((i for i, g in enumerate(phase.groups[:n_groups]) if g.trainable), n_groups)
+
+
+def _span(groups: list[models.Group]) -> str:
+    return groups[0].name if len(groups) == 1 else f"{groups[0].name} to {groups[-1].name}"
+
+
+def _mib(n: float) -> str:
+    return f"{n / 2**20:.1f} MiB"
+
+
+def _memory_format(t: torch.Tensor) -> torch.memory_format:
+    """Returns channels_last for a 4-D tensor laid out so (not also plainly contiguous)."""
+    if (
+        t.dim() == 4
+        and not t.is_contiguous()
+        and t.is_contiguous(memory_format=torch.channels_last)
+    ):
+        return torch.channels_last
+    return torch.contiguous_format
+
+
 class _Recorder:
     """Accumulates train loss/accuracy on the device and emits batched train records."""
 
@@ -205,10 +320,13 @@ class Trainer:
         self.val_history: list[float] = []  # val losses, for early stopping
         self.elapsed_before = 0.0  # training seconds of earlier sessions (resume)
         self.start_time = time.perf_counter()
-        # {split: TensorSplit of the head's inputs} while the backbone's output is cached
-        self.feature_cache: dict[str, data_mod.TensorSplit] | None = None
-        self.cache_allowed = feature_cache  # False: run the backbone every step regardless
-        self.cache_loader: data_mod.TensorLoader | None = None  # serves the cached features
+        # the frozen prefix's outputs while this phase trains from them (see FeatureCache)
+        self.feature_cache: FeatureCache | None = None
+        self.cache_allowed = feature_cache  # False: run the frozen part every step regardless
+        self.cache_loader: data_mod.TensorLoader | None = None  # serves cached rows' indices
+        self._splits: dict[int, models.ForwardSplit | str] = {}  # by boundary; str: why not
+        self._noted: set[str] = set()  # the cache's log lines already written
+        self._cache_key: tuple | None = None  # (phase, boundary) the cache was last decided for
         self.backbone_ref: dict | None = None  # what a head-only checkpoint names, once saved
         self.trainable_per_phase: dict[str, int] = {}
         self._head_only = False  # this epoch's phase trains no backbone parameter
@@ -296,14 +414,16 @@ class Trainer:
         return x
 
     def features(self, x: torch.Tensor) -> torch.Tensor:
-        """Returns the head's input for a batch (the backbone's features), without grad."""
+        """Returns the head's input for a batch (the backbone's features), without grad, as
+        the model computes it (bf16 under bf16 autocast: the head casts to that anyway)."""
         with torch.no_grad(), self.autocast():
-            return self.parts.forward_features(x).float()
+            return self.parts.forward_features(x)
 
     def use_feature_cache(self) -> bool:
-        """Returns True when the backbone's features can be computed once: the backbone never
-        trains (a linear probe) and the images are the same every epoch (no augmentation)."""
-        return self.cache_allowed and self.plan.frozen_backbone and self.cfg.augment == "none"
+        """Returns True when some phase of the run trains from cached outputs of its frozen
+        prefix (cache_plan; whether the model splits there and the cache fits is found when
+        the phase starts, see refresh_feature_cache)."""
+        return any(self.cache_plan(p, p.start_epoch)[0] is not None for p in self.plan.phases)
 
     # --- the loop ------------------------------------------------------------------------
     def _batch_generator(self, batch_index: int) -> torch.Generator:
@@ -311,24 +431,29 @@ class Trainer:
         g.manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 10_007 + batch_index)
         return g
 
-    def begin_epoch(self) -> data_mod.TensorLoader:
-        """Sets the modes of this epoch's phase; returns the loader that serves its batches."""
-        phase = self.current_phase()
+    def _set_modes(self, phase: strategies.Phase) -> None:
         strategies.set_train_mode(self.parts, phase, freeze_bn=self.cfg.freeze_bn)
-        self._head_only = phase.head_only
-        if self._head_only:
+        if phase.head_only:
             self.parts.model.eval()  # the whole backbone is frozen: inference mode everywhere
+
+    def begin_epoch(self) -> data_mod.TensorLoader:
+        """Sets the modes of this epoch's phase; returns the loader that serves its batches
+        (uint8 images, or with a feature cache the indices of its rows, in the same order)."""
+        phase = self.current_phase()
+        self._set_modes(phase)
+        self._head_only = phase.head_only
         loader = self.train_loader if self.feature_cache is None else self.cache_loader
         loader.set_epoch(self.epoch)
         return loader
 
     def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, batch_index: int):
-        """Takes one optimizer step on a batch (uint8 images, or cached features); returns
-        (loss, logits, labels on the device)."""
+        """Takes one optimizer step on a batch (uint8 images, or the indices of cached rows);
+        returns (loss, logits, labels on the device)."""
         y = labels.to(self.device, non_blocking=True)
         with self.autocast():
-            if self.feature_cache is not None:
-                logits = self.parts.forward_head(inputs)  # already features on the device
+            if self.feature_cache is not None:  # only the trained part runs
+                cache = self.feature_cache
+                logits = cache.rest(cache.batch(inputs, self._batch_generator(batch_index)))
             else:
                 x = self.to_input(inputs, self._batch_generator(batch_index))
                 if self._head_only:
@@ -357,10 +482,8 @@ class Trainer:
         largest so far in peak_memory; returns what train_step returns. Once per phase: the
         phase's trainable set, and so its memory, is the same at every step."""
         held = {}
-        if self.feature_cache is not None:  # kept on the device while the probe trains
-            held["feature_cache"] = [
-                t for split in self.feature_cache.values() for t in (split.images, split.labels)
-            ]
+        if self.feature_cache is not None:  # kept on the device while the phase trains
+            held["feature_cache"] = self.feature_cache.tensors()
         if self.l2sp is not None:  # the starting weights the penalty pulls towards
             held["l2sp_reference"] = [p0 for _, p0 in self.l2sp.pairs]
         with memory.measure_step(self.device, self.parts.model, self.optimizer, held=held) as step:
@@ -371,6 +494,7 @@ class Trainer:
 
     def train_one_epoch(self, skip_batches: int = 0) -> None:
         """Trains one epoch, emitting batched train records; skip_batches resumes mid-epoch."""
+        self.refresh_feature_cache()
         loader = self.begin_epoch()
         recorder = _Recorder(self)
         for i, (inputs, labels) in enumerate(loader):
@@ -410,7 +534,7 @@ class Trainer:
             y = split.labels[start : start + bs].to(self.device)
             with self.autocast():
                 if cached is not None:
-                    logits = self.parts.forward_head(cached[start : start + bs])
+                    logits = self.feature_cache.rest(cached[start : start + bs])
                 else:
                     logits = self.model(self.to_input(split.images[start : start + bs], None))
             logits = logits.float()
@@ -436,25 +560,198 @@ class Trainer:
             "confidence": torch.cat(confidences).tolist(),
         }
 
-    def _cached(self, split: str) -> torch.Tensor | None:
-        return self.feature_cache[split].images if self.feature_cache else None
+    # --- the feature cache: a phase's frozen prefix computed once -----------------------------
+    def cache_plan(self, phase: strategies.Phase, epoch: int) -> tuple[int | None, str]:
+        """Returns (boundary, "") when `phase`, from `epoch` on, can train from cached outputs
+        of its frozen prefix, else (None, why not; "" when there is nothing to say).
 
-    def _build_feature_cache(self) -> None:
-        """Runs the frozen backbone once over every split and keeps the head's inputs."""
-        self.parts.model.eval()
-        cache = {}
+        boundary is the first group the phase trains (len(groups): only the head trains).
+        The groups below it are frozen and in eval mode, so for the same input they compute
+        the same thing every epoch; the input is the same with augment none, and one of two
+        views with flip, while a random-resized crop is new every epoch. Caching costs one
+        pass of the prefix per view over the training images and running it costs one per
+        epoch: a phase is cached when it has at least as many epochs left as views."""
+        if not self.cache_allowed:
+            return None, ""
+        boundary = _first_trained(phase, len(self.parts.groups))
+        if boundary == 0:  # the stem trains (full; bitfit trains a subset of every group)
+            return None, ""
+        views = CACHE_VIEWS.get(self.cfg.augment)
+        if views is None:
+            return None, "random-resized crops (augment crop) give new images every epoch"
+        left = min(phase.end_epoch, self.cfg.epochs) - epoch + 1
+        if left < views:
+            return None, (
+                f"caching both views of each flipped image costs {views} passes over the "
+                f"training images, more than its {left} epoch left"
+            )
+        return boundary, ""
+
+    def refresh_feature_cache(self) -> None:
+        """Makes the feature cache match this epoch's phase: kept while the phase starts at
+        the cached boundary, else dropped and, where cache_plan allows, computed again from
+        the images, when the model splits exactly there (models.split_forward), its prefix
+        runs in eval mode in this phase too and the outputs fit feature_cache_budget.
+
+        When gradual unfreezing moves the boundary down, the new prefix ends below the old
+        one, whose outputs cannot give the new ones back; storing every boundary's outputs
+        in one pass would multiply the memory. So the new, shorter (cheaper) prefix runs
+        once over the images. Every frozen prefix left uncached gets one log line saying
+        why (Callback.on_log), and so does every cache built."""
+        phase = self.current_phase()
+        held = self.feature_cache
+        if held is not None and held.boundary == _first_trained(phase, len(self.parts.groups)):
+            return  # the same frozen prefix: its outputs hold for the rest of the phase
+        boundary, why_not = self.cache_plan(phase, self.epoch)
+        key = (phase.name, boundary)
+        if key == self._cache_key:
+            return
+        self._cache_key = key
+        self.feature_cache = self.cache_loader = None
+        where = f"feature cache for phase {phase.name!r}"
+        if boundary is None:
+            if why_not:
+                self._log(f"{where} off: {why_not}; its frozen part runs every step")
+            elif held is not None:
+                self._log(f"{where} released: the phase trains every group")
+            return
+        split = self._split(boundary)
+        if isinstance(split, str):
+            self._log(f"{where} off: {self.cfg.model} cannot be cut there exactly ({split})")
+            return
+        self._set_modes(phase)
+        busy = self._training_modules(split)
+        if busy:
+            self._log(
+                f"{where} off: its frozen part runs {', '.join(busy[:3])} in train mode, so "
+                "its output changes from step to step"
+            )
+            return
+        self.feature_cache = self._build_feature_cache(split, phase)
+        if self.feature_cache is not None:
+            self.cache_loader = self._loader(self.feature_cache.index_split())
+
+    def _split(self, boundary: int) -> models.ForwardSplit | str:
+        """Returns the model's forward cut at boundary (its rest compiled with compile), or
+        why it cannot be cut there."""
+        if boundary not in self._splits:
+            try:
+                split = models.split_forward(self.parts, boundary)
+            except models.CannotSplit as e:
+                self._splits[boundary] = str(e)
+            else:
+                if self.cfg.compile:
+                    split = dataclasses.replace(split, rest=torch.compile(split.rest))
+                self._splits[boundary] = split
+        return self._splits[boundary]
+
+    def _training_modules(self, split: models.ForwardSplit) -> list[str]:
+        """Returns the names of the prefix's modules that are in train mode and act on it."""
+        names = {id(m): name for name, m in self.parts.model.named_modules()}
+        return sorted(
+            {
+                names.get(id(sub), type(sub).__name__)
+                for module in split.prefix_modules
+                for sub in module.modules()
+                if sub.training and models.mode_dependent(sub)
+            }
+        )
+
+    def _build_feature_cache(
+        self, split: models.ForwardSplit, phase: strategies.Phase
+    ) -> FeatureCache | None:
+        """Returns the prefix's outputs over every view of the training images and over the
+        val images, in eval mode without grad, under the run's autocast, stored in the dtype
+        and memory format the prefix gives; None (and a log line) when they would take more
+        than the budget, which the first batch's outputs tell before anything is kept."""
+        views = CACHE_VIEWS[self.cfg.augment]
+        train, val = self.exp.data.train, self.exp.data.val
         bs = max(self.cfg.batch_size, 128)
-        for name in ("train", "val", "test"):
-            split = getattr(self.exp.data, name)
-            if split is None:
-                continue
-            chunks = [
-                self.features(self.to_input(split.images[start : start + bs], None))
-                for start in range(0, len(split), bs)
-            ]
-            cache[name] = data_mod.TensorSplit(torch.cat(chunks), split.labels.to(self.device))
-        self.feature_cache = cache
-        self.cache_loader = self._loader(cache["train"])
+        self.parts.model.eval()  # what the prefix's modules are in training too (checked)
+
+        def outputs(images: torch.Tensor, mirrored: bool):
+            for start in range(0, len(images), bs):
+                x = images[start : start + bs].to(self.device, non_blocking=True)
+                with torch.no_grad(), self.autocast():
+                    # flipped as augment_batch flips: the uint8 image, before normalising
+                    yield start, split.prefix(self.to_input(x.flip(-1) if mirrored else x, None))
+
+        batches = outputs(train.images, False)
+        start, first = next(batches)
+        per_image = first[0].numel() * first.element_size()
+        need = per_image * (views * len(train) + len(val))
+        budget = feature_cache_budget(self.device)
+        n = len(self.parts.groups)
+        frozen = (
+            "the backbone" if split.boundary == n else _span(self.parts.groups[: split.boundary])
+        )
+        what = f"{'both views (as is and mirrored) of ' if views == 2 else ''}{len(train)} train"
+        if need > budget:
+            self._log(
+                f"feature cache for phase {phase.name!r} off: the outputs of its frozen part "
+                f"({frozen}) for {what} and {len(val)} val images take {_mib(need)}, over "
+                f"the cache budget of {_mib(budget)} ({_budget_source()}); its frozen part "
+                "runs every step"
+            )
+            return None
+        fmt = _memory_format(first)
+        layout = {"memory_format": fmt} if first.dim() == 4 else {}
+        shape, dtype = first.shape[1:], first.dtype
+
+        def empty(rows: int) -> torch.Tensor:
+            return torch.empty((rows, *shape), dtype=dtype, device=self.device, **layout)
+
+        train_rows, val_rows = empty(views * len(train)), empty(len(val))
+        train_rows[start : start + len(first)] = first
+        del first
+        for start, h in batches:
+            train_rows[start : start + len(h)] = h
+        if views == 2:
+            for start, h in outputs(train.images, True):
+                train_rows[len(train) + start : len(train) + start + len(h)] = h
+        for start, h in outputs(val.images, False):
+            val_rows[start : start + len(h)] = h
+        trained = (
+            "the head only"
+            if split.boundary == n
+            else f"{self.parts.groups[split.boundary].name} and above only"
+        )
+        self._log(
+            f"feature cache for phase {phase.name!r}: its frozen part ({frozen}) ran once over "
+            f"{what} and {len(val)} val images ({_mib(need)} of the {_mib(budget)} budget); "
+            f"each step runs {trained}"
+        )
+        return FeatureCache(
+            split.boundary,
+            split.rest,
+            views,
+            train_rows,
+            train.labels.to(self.device),
+            val_rows,
+            fmt,
+        )
+
+    def _cached(self, split: str) -> torch.Tensor | None:
+        """Returns the cached prefix outputs of a split for evaluate when they hold for the
+        model's weights now: val only (test is scored once: caching it saves nothing), while
+        no phase so far trained a group below the boundary (so the best checkpoint, which
+        _score_best loads, shares the prefix too)."""
+        cache = self.feature_cache
+        if cache is None or split != "val":
+            return None
+        n = len(self.parts.groups)
+        so_far = [p for p in self.plan.phases if p.start_epoch <= self.epoch]
+        if any(_first_trained(p, n) < cache.boundary for p in so_far):
+            return None
+        return cache.val
+
+    def _log(self, message: str) -> None:
+        """Gives the callbacks a line for the run's log (once per distinct line)."""
+        if message in self._noted:
+            return
+        self._noted.add(message)
+        for cb in self.callbacks:
+            cb.on_log(self, message)
 
     # --- checkpoints -------------------------------------------------------------------------
     def _save_weights(self, path: Path) -> None:
@@ -534,10 +831,9 @@ class Trainer:
         """Trains for cfg.epochs (or until early stop / StopTraining); returns the summary."""
         skip = self.load_checkpoint() if resume else 0
         self.start_time = time.perf_counter()
-        if self.use_feature_cache():
-            self._build_feature_cache()
         state = "completed"
         self.enter_phase(self.epoch)
+        self.refresh_feature_cache()  # before on_fit_start: its time counts from start_time
         for cb in self.callbacks:
             cb.on_fit_start(self)
         try:
