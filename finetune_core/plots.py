@@ -129,71 +129,104 @@ def _has(frame: pd.DataFrame, column: str) -> bool:
     return column in frame and frame[column].notna().any()
 
 
-def loss_chart(metrics: pd.DataFrame) -> go.Figure:
-    """Returns train loss (line) and val loss (markers) against the global step."""
+def loss_chart(
+    metrics: pd.DataFrame, *, x: str = "step", smoothing: float = 0.0, log_y: bool = False
+) -> go.Figure:
+    """Returns train loss (line) and val loss (markers) against `x` (X_AXES: the global
+    step, epochs or wall time); smoothing > 0 draws the train loss as its EMA (ema) over
+    the raw one, fainter; log_y puts the loss on a log axis."""
     train, val = _split(metrics, "train"), _split(metrics, "val")
     if train.empty and val.empty:
         return _empty("Loss", "No loss recorded yet")
+    per_epoch = steps_per_epoch(metrics)
     fig = go.Figure()
     if _has(train, "loss"):
-        fig.add_scatter(
-            x=train["step"],
-            y=train["loss"],
-            name="train loss",
-            mode="lines",
-            line=dict(color=PALETTE[0]),
+        _add_train_line(
+            fig, curve_x(train, x, per_epoch), train["loss"], "train loss", PALETTE[0], smoothing
         )
     if _has(val, "loss"):
         fig.add_scatter(
-            x=val["step"],
+            x=curve_x(val, x, per_epoch),
             y=val["loss"],
             name="val loss",
             mode="lines+markers",
             line=dict(color=PALETTE[1]),
         )
-    return _style(fig, title="Loss", xaxis_title="step", yaxis_title="loss")
+    return _style(
+        fig,
+        title="Loss" + _smoothed_words(smoothing),
+        xaxis_title=X_AXES.get(x, x),
+        yaxis=dict(title="loss", type="log" if log_y else "linear"),
+    )
 
 
-def accuracy_chart(metrics: pd.DataFrame) -> go.Figure:
-    """Returns val accuracy (and train accuracy, fainter) in % against the global step."""
+def accuracy_chart(metrics: pd.DataFrame, *, x: str = "step", smoothing: float = 0.0) -> go.Figure:
+    """Returns val accuracy (and train accuracy, fainter, smoothed as loss_chart does) in %
+    against `x` (X_AXES)."""
     train, val = _split(metrics, "train"), _split(metrics, "val")
     if not _has(val, "acc") and not _has(train, "acc"):
         return _empty("Accuracy", "Accuracy appears after the first steps")
+    per_epoch = steps_per_epoch(metrics)
     fig = go.Figure()
     if _has(train, "acc"):
-        fig.add_scatter(
-            x=train["step"],
-            y=100 * train["acc"],
-            name="train acc",
-            mode="lines",
-            line=dict(color=PALETTE[4], width=1),
+        _add_train_line(
+            fig,
+            curve_x(train, x, per_epoch),
+            100 * train["acc"],
+            "train acc",
+            PALETTE[4],
+            smoothing,
+            width=1,
         )
     if _has(val, "acc"):
         fig.add_scatter(
-            x=val["step"],
+            x=curve_x(val, x, per_epoch),
             y=100 * val["acc"],
             name="val acc",
             mode="lines+markers",
             line=dict(color=PALETTE[2], width=3),
         )
-    return _style(fig, title="Accuracy", xaxis_title="step", yaxis_title="accuracy (%)")
+    return _style(
+        fig,
+        title="Accuracy" + _smoothed_words(smoothing),
+        xaxis_title=X_AXES.get(x, x),
+        yaxis_title="accuracy (%)",
+    )
 
 
 def _train_series(
-    metrics: pd.DataFrame, column: str, *, title: str, empty: str, name: str, ylabel: str, colour
+    metrics: pd.DataFrame,
+    column: str,
+    *,
+    title: str,
+    empty: str,
+    name: str,
+    ylabel: str,
+    colour,
+    x: str = "step",
+    log_y: bool = False,
 ) -> go.Figure:
     train = _split(metrics, "train")
     if not _has(train, column):
         return _empty(title, empty)
     fig = go.Figure()
     fig.add_scatter(
-        x=train["step"], y=train[column], name=name, mode="lines", line=dict(color=colour)
+        x=curve_x(train, x, steps_per_epoch(metrics)),
+        y=train[column],
+        name=name,
+        mode="lines",
+        line=dict(color=colour),
     )
-    return _style(fig, title=title, xaxis_title="step", yaxis_title=ylabel)
+    return _style(
+        fig,
+        title=title,
+        xaxis_title=X_AXES.get(x, x),
+        yaxis=dict(title=ylabel, type="log" if log_y else "linear"),
+    )
 
 
-def lr_chart(metrics: pd.DataFrame) -> go.Figure:
-    """Returns the head group's learning rate against the global step."""
+def lr_chart(metrics: pd.DataFrame, *, x: str = "step", log_y: bool = False) -> go.Figure:
+    """Returns the head group's learning rate against `x` (X_AXES), on a log axis with log_y."""
     return _train_series(
         metrics,
         "lr",
@@ -202,11 +235,13 @@ def lr_chart(metrics: pd.DataFrame) -> go.Figure:
         name="lr (head)",
         ylabel="lr",
         colour=PALETTE[3],
+        x=x,
+        log_y=log_y,
     )
 
 
-def throughput_chart(metrics: pd.DataFrame) -> go.Figure:
-    """Returns training throughput (images/s) against the global step."""
+def throughput_chart(metrics: pd.DataFrame, *, x: str = "step") -> go.Figure:
+    """Returns training throughput (images/s) against `x` (X_AXES)."""
     return _train_series(
         metrics,
         "images_per_s",
@@ -215,16 +250,26 @@ def throughput_chart(metrics: pd.DataFrame) -> go.Figure:
         name="images/s",
         ylabel="images / s",
         colour=PALETTE[5],
+        x=x,
     )
 
 
-def training_charts(metrics: pd.DataFrame) -> dict[str, go.Figure]:
-    """Returns the Training page's charts by key: loss, accuracy, lr, throughput."""
+def training_charts(
+    metrics: pd.DataFrame,
+    *,
+    x: str = "step",
+    smoothing: float = 0.0,
+    log_loss: bool = False,
+    log_lr: bool = False,
+) -> dict[str, go.Figure]:
+    """Returns the Training page's charts by key: loss, accuracy, lr, throughput, against
+    `x` (X_AXES), train curves smoothed by `smoothing` (ema), loss and lr on log axes when
+    asked."""
     return {
-        "loss": loss_chart(metrics),
-        "accuracy": accuracy_chart(metrics),
-        "lr": lr_chart(metrics),
-        "throughput": throughput_chart(metrics),
+        "loss": loss_chart(metrics, x=x, smoothing=smoothing, log_y=log_loss),
+        "accuracy": accuracy_chart(metrics, x=x, smoothing=smoothing),
+        "lr": lr_chart(metrics, x=x, log_y=log_lr),
+        "throughput": throughput_chart(metrics, x=x),
     }
 
 
@@ -766,18 +811,31 @@ def _fill(colour: str, alpha: float = 0.18) -> str:
     return f"rgba({r},{g},{b},{alpha})"
 
 
-def compare_curves(metrics: pd.DataFrame, y: str = "acc", x: str = "epoch") -> go.Figure:
-    """Returns one val-split trace per run (the `run` column) of `y` (acc or loss) against
-    `x` (epoch or time_s).
+def compare_curves(
+    metrics: pd.DataFrame,
+    y: str = "acc",
+    x: str = "epoch",
+    *,
+    split: str = "val",
+    smoothing: float = 0.0,
+    log_y: bool = False,
+) -> go.Figure:
+    """Returns one trace per run (the `run` column) of `y` (acc, loss or lr) of a split (val:
+    each epoch; train: every recorded step) against `x` (X_AXES: epoch, step or time_s).
 
     Runs that share a label and differ in run_id (a strategy with several seeds) draw one
-    line, the mean over their seeds at each epoch (x: the mean of their x there), in a band
-    from the lowest to the highest seed; the title and the hover say so."""
-    name = {"acc": "val accuracy (%)", "loss": "val loss"}.get(y, y)
-    xname = {"epoch": "epoch", "time_s": "wall time (s)"}.get(x, x)
-    val = _split(metrics, "val")
-    if val.empty or "run" not in val:
+    line, the mean over their seeds at each epoch (train: each step; x: the mean of their x
+    there), in a band from the lowest to the highest seed; the title and the hover say so.
+    smoothing > 0 smooths each run's curve (ema) before that; log_y: a log y axis."""
+    name = _CURVE_NAMES.get((split, y), f"{split} {y}")
+    xname = X_AXES.get(x, x)
+    val = _curve_rows(metrics, split, x)
+    if val.empty or "run" not in val or not _has(val, y):
         return _empty(name.capitalize(), "No epoch has finished yet")
+    if smoothing > 0:
+        val[y] = val.groupby("_run", sort=False)[y].transform(lambda v: ema(list(v), smoothing))
+    x = "_x"
+    per_point = "epoch" if split != "train" else "step"
     fig = go.Figure()
     scale = 100 if y == "acc" else 1
     banded = False
@@ -789,15 +847,15 @@ def compare_curves(metrics: pd.DataFrame, y: str = "acc", x: str = "epoch") -> g
                 x=rows[x],
                 y=scale * rows[y],
                 name=str(run),
-                mode="lines+markers",
+                mode="lines+markers" if split != "train" else "lines",
                 line=dict(color=colour),
             )
             continue
         banded = True
-        per = rows.groupby("epoch")
+        per = rows.groupby(per_point)
         band = pd.DataFrame(
             {
-                "x": per[x].mean() if x != "epoch" else per["epoch"].first(),
+                "x": per[x].mean(),
                 "mean": scale * per[y].mean(),
                 "lo": scale * per[y].min(),
                 "hi": scale * per[y].max(),
@@ -828,10 +886,14 @@ def compare_curves(metrics: pd.DataFrame, y: str = "acc", x: str = "epoch") -> g
             hovertemplate="%{y:.3g}: the mean of %{customdata[2]} seeds, from "
             f"%{{customdata[0]:.3g}} to %{{customdata[1]:.3g}}<extra>{run}</extra>",
         )
-    title = f"{name.capitalize()} by {xname}"
+    title = f"{name.capitalize()} by {xname}" + _smoothed_words(smoothing)
     if banded:
         title += " · seeds: mean, min–max band"
-    fig.update_layout(title=title, xaxis_title=xname, yaxis_title=name)
+    fig.update_layout(
+        title=title,
+        xaxis_title=xname,
+        yaxis=dict(title=name, type="log" if log_y else "linear"),
+    )
     _style(fig, height=340)
     # below the chart: a legend of many runs wraps over the title when above it
     fig.update_layout(
@@ -1112,9 +1174,14 @@ def per_class_chart(summaries: Mapping[str, Mapping[str, Any]]) -> go.Figure:
     return _style(fig, height=340)
 
 
-def confusion_chart(summaries: Mapping[str, Mapping[str, Any]]) -> go.Figure:
+def confusion_chart(
+    summaries: Mapping[str, Mapping[str, Any]], *, selectable: bool = False
+) -> go.Figure:
     """Returns the confusion matrices side by side (rows true, columns predicted), one heatmap
-    per run, each normalised per true class so runs with different counts compare."""
+    per run, each normalised per true class so runs with different counts compare.
+
+    selectable: a click selects a cell (an invisible marker per cell over each heatmap, as
+    Plotly selects no heatmap cell; confusion_cell reads which)."""
     have = {k: s for k, s in summaries.items() if s and s.get("confusion_matrix")}
     if not have:
         return _empty("Confusion matrices", "Appear when runs finish")
@@ -1123,7 +1190,7 @@ def confusion_chart(summaries: Mapping[str, Mapping[str, Any]]) -> go.Figure:
         rows=1, cols=n, subplot_titles=[str(k) for k in have], horizontal_spacing=0.04
     )
     first = None
-    for col, (_label, s) in enumerate(have.items(), start=1):
+    for col, (label, s) in enumerate(have.items(), start=1):
         cm = [[float(v) for v in row] for row in s["confusion_matrix"]]
         classes = list(s.get("classes") or range(len(cm)))
         first = classes if first is None else first
@@ -1135,20 +1202,26 @@ def confusion_chart(summaries: Mapping[str, Mapping[str, Any]]) -> go.Figure:
             customdata=cm,
             coloraxis="coloraxis",
             hovertemplate="true %{y}, predicted %{x}: %{customdata:.0f} (%{z:.0%})<extra></extra>",
+            hoverinfo="skip" if selectable else None,  # the cell's marker says it
             row=1,
             col=col,
         )
+        if selectable:
+            _cell_targets(fig, str(label), classes, cm, norm, row=1, col=col)
         fig.update_xaxes(title_text="predicted", row=1, col=col)
         # a panel names its rows unless they are the first panel's classes, named beside it
         own_names = col == 1 or classes != first
         fig.update_yaxes(autorange="reversed", showticklabels=own_names, row=1, col=col)
     fig.update_yaxes(title_text="true", row=1, col=1)
     fig.update_layout(
-        title="Confusion matrices",
+        title="Confusion matrices" + (" · click a cell to see its images" if selectable else ""),
         coloraxis=dict(colorscale="Blues", cmin=0, cmax=1, colorbar=dict(title="share")),
         hovermode="closest",
     )
-    return _style(fig, height=360)
+    _style(fig, height=360)
+    if selectable:  # a click anywhere in a cell picks its marker, the nearest one
+        fig.update_layout(hovermode="closest", hoverdistance=-1, clickmode="event+select")
+    return fig
 
 
 def data_name(spec: Any) -> str:
@@ -2030,3 +2103,314 @@ def mark_compare_curves(
             shapes=[*fig.layout.shapes, *shapes], annotations=[*fig.layout.annotations, *notes]
         )
     return fig
+
+
+# --- errors you can see
+# Curve controls (x axis, smoothing, log scales), the confusion drill-down (which images a
+# clicked cell holds), the difference of two runs' matrices and per-class deltas against a
+# baseline.
+
+# x axis choices of every curve: record column -> its name on the axis
+X_AXES = {"step": "step", "epoch": "epoch", "time_s": "wall time (s)"}
+_CURVE_NAMES = {
+    ("val", "acc"): "val accuracy (%)",
+    ("val", "loss"): "val loss",
+    ("train", "acc"): "train accuracy (%)",
+    ("train", "loss"): "train loss",
+    ("train", "lr"): "learning rate (head)",
+}
+SMOOTHING_MAX = 0.99  # TensorBoard's slider goes as far
+
+
+def ema(values: Sequence[float], weight: float) -> list[float]:
+    """Returns values smoothed as TensorBoard smooths a curve: an exponential moving average
+    (each point = weight · the average so far + (1 − weight) · the value) divided by
+    1 − weight^n, so the start is not pulled towards 0; weight 0 changes nothing, and a NaN
+    stays NaN without entering the average."""
+    weight = min(max(float(weight), 0.0), SMOOTHING_MAX)
+    out, last, n = [], 0.0, 0
+    for v in values:
+        v = float(v)
+        if weight == 0 or not math.isfinite(v):
+            out.append(v)
+            continue
+        last = last * weight + (1 - weight) * v
+        n += 1
+        out.append(last / (1 - weight**n))
+    return out
+
+
+def _smoothed_words(smoothing: float) -> str:
+    return f" · smoothed {min(smoothing, SMOOTHING_MAX):g}" if smoothing > 0 else ""
+
+
+def steps_per_epoch(metrics: pd.DataFrame) -> float | None:
+    """Returns a run's optimizer steps per epoch, read off its first val record (step at the
+    end of that epoch / epoch), or None before an epoch has finished."""
+    val = _split(metrics, "val")
+    if not _has(val, "epoch"):
+        return None
+    first = val.dropna(subset=["epoch", "step"])
+    first = first[first["epoch"] > 0]
+    if first.empty:
+        return None
+    return float(first["step"].iloc[0]) / float(first["epoch"].iloc[0])
+
+
+def curve_x(rows: pd.DataFrame, x: str, per_epoch: float | None = None) -> pd.Series:
+    """Returns the x of each record for the axis `x` (X_AXES): step, wall time, or epoch, a
+    train record at its fraction of the epochs (step / steps per epoch), so train curves do
+    not stack at whole epochs; before an epoch has finished, its epoch number."""
+    if x != "epoch":
+        return rows[x] if x in rows else pd.Series(math.nan, index=rows.index)
+    epoch = pd.to_numeric(rows["epoch"], errors="coerce").astype("float64")
+    if per_epoch and "split" in rows:
+        step = pd.to_numeric(rows["step"], errors="coerce").astype("float64")
+        return epoch.where(rows["split"] != "train", step / per_epoch)
+    return epoch
+
+
+def _curve_rows(metrics: pd.DataFrame, split: str, x: str) -> pd.DataFrame:
+    """Returns the records of one split of every run, with _run (run_id, else run) and _x
+    (curve_x, each run's own steps per epoch)."""
+    rows = _split(metrics, split)
+    if rows.empty or "run" not in rows:
+        return rows.iloc[:0]
+    rows = rows.assign(_run=rows["run_id"] if "run_id" in rows else rows["run"])
+    parts = []
+    for run, mine in rows.groupby("_run", sort=False):
+        whole = metrics[(metrics["run_id"] if "run_id" in metrics else metrics["run"]) == run]
+        parts.append(mine.assign(_x=curve_x(mine, x, steps_per_epoch(whole))))
+    return pd.concat(parts)
+
+
+def _add_train_line(
+    fig: go.Figure, xs, ys, name: str, colour: str, smoothing: float, width: float = 2
+) -> None:
+    """Adds a train curve: as it is, or, smoothed, its EMA over the raw curve drawn faintly."""
+    if smoothing <= 0:
+        fig.add_scatter(x=xs, y=ys, name=name, mode="lines", line=dict(color=colour, width=width))
+        return
+    fig.add_scatter(
+        x=xs, y=ys, name=name, mode="lines", line=dict(color=colour, width=1), opacity=0.3
+    )
+    fig.add_scatter(
+        x=xs,
+        y=ema(list(ys), smoothing),
+        name=f"{name} (smoothed)",
+        mode="lines",
+        line=dict(color=colour, width=width),
+    )
+
+
+# ---- the confusion drill-down
+
+
+def _cell_targets(
+    fig: go.Figure, label: str, classes: Sequence, cm, norm, row: int, col: int
+) -> None:
+    """Adds one invisible marker per cell of a confusion heatmap: Plotly selects no heatmap
+    cell (Streamlit's on_select returns nothing for one), a marker it does, and the marker's
+    customdata names the cell (confusion_cell). The selected cell is outlined."""
+    n = len(classes)
+    names = [str(c) for c in classes]
+    fig.add_scatter(
+        x=[names[j] for i in range(n) for j in range(n)],
+        y=[names[i] for i in range(n) for j in range(n)],
+        mode="markers",
+        marker=dict(
+            symbol="square-open",
+            size=max(10, min(40, 240 // max(n, 1))),
+            color="#D55E00",
+            line=dict(width=3, color="#D55E00"),
+            opacity=0,
+        ),
+        selected=dict(marker=dict(opacity=1)),
+        unselected=dict(marker=dict(opacity=0)),
+        customdata=[
+            [label, names[i], names[j], cm[i][j], norm[i][j]] for i in range(n) for j in range(n)
+        ],
+        hovertemplate="true %{customdata[1]}, predicted %{customdata[2]}: "
+        "%{customdata[3]:.0f} (%{customdata[4]:.0%}) · click for the images"
+        f"<extra>{label}</extra>",
+        showlegend=False,
+        name=f"{label} cells",
+        row=row,
+        col=col,
+    )
+
+
+def confusion_cell(selection: Mapping[str, Any] | None) -> dict[str, str] | None:
+    """Returns the clicked cell of a selectable confusion_chart from Streamlit's selection
+    state ({"points": [...]}) as {"run": label, "true": class, "pred": class}, else None."""
+    for point in (selection or {}).get("points") or []:
+        data = point.get("customdata")
+        if isinstance(data, (list, tuple)) and len(data) >= 3:
+            return {"run": str(data[0]), "true": str(data[1]), "pred": str(data[2])}
+    return None
+
+
+def cell_images(
+    predictions: Mapping[str, pd.DataFrame | None], true: int, pred: int, split: str = "val"
+) -> pd.DataFrame:
+    """Returns the images of one confusion cell (true class, predicted class; indices), of
+    every run in `predictions` ({run_id: store.read_predictions}): run_id, index, true,
+    pred, confidence; mistakes most confident first, right answers least confident first
+    (ties: run order, then index), the order the engine keeps them in
+    (data.thumbnails.cell_order)."""
+    parts = []
+    for order, (rid, frame) in enumerate(predictions.items()):
+        if frame is None or frame.empty:
+            continue
+        mine = frame[(frame["split"] == split) & (frame["true"] == true) & (frame["pred"] == pred)]
+        parts.append(mine.assign(run_id=rid, _order=order))
+    columns = ["run_id", "index", "true", "pred", "confidence"]
+    if not parts:
+        return pd.DataFrame(columns=columns)
+    rows = pd.concat(parts, ignore_index=True)
+    sign = -1.0 if true != pred else 1.0
+    rows = rows.assign(_key=sign * rows["confidence"]).sort_values(
+        ["_key", "_order", "index"], kind="stable"
+    )
+    return rows[columns].reset_index(drop=True)
+
+
+def most_confused(summary: Mapping[str, Any] | None) -> tuple[str, str] | None:
+    """Returns (true class, predicted class) of a summary's largest mistake (the biggest
+    off-diagonal cell of its confusion matrix; the first of a tie), or None without one."""
+    cm = (summary or {}).get("confusion_matrix")
+    if not cm:
+        return None
+    classes = [str(c) for c in summary.get("classes") or range(len(cm))]
+    best, where = 0.0, None
+    for i, row in enumerate(cm):
+        for j, v in enumerate(row):
+            if i != j and float(v) > best:
+                best, where = float(v), (classes[i], classes[j])
+    return where
+
+
+def cell_caption(row: Mapping[str, Any], classes: Sequence, seed: Any = None) -> str:
+    """Returns one drill-down image's caption: "circle → square · 87 % · #12 · seed 1"."""
+    t, p = classes[int(row["true"])], classes[int(row["pred"])]
+    what = str(t) if t == p else f"{t} → {p}"
+    text = f"{what} · {100 * float(row['confidence']):.0f} % · #{int(row['index'])}"
+    return text + (f" · seed {seed}" if seed is not None else "")
+
+
+# ---- two runs' matrices and per-class deltas
+
+
+def _shares(cm) -> list[list[float]]:
+    """Returns a confusion matrix normalised per true class (each row sums to 1, or is 0)."""
+    rows = [[float(v) for v in row] for row in cm]
+    return [[v / sum(row) if sum(row) else 0.0 for v in row] for row in rows]
+
+
+def confusion_difference(
+    baseline: Mapping[str, Any] | None, other: Mapping[str, Any] | None
+) -> list[list[float]] | None:
+    """Returns other − baseline of two summaries' confusion matrices, each normalised per
+    true class (a share of the true class's images, −1 to 1): on the diagonal, above 0 is
+    other gets that class right more often; off it, above 0 is other confuses more. None
+    when one lacks a matrix or their classes differ."""
+    if not baseline or not other:
+        return None
+    a, b = baseline.get("confusion_matrix"), other.get("confusion_matrix")
+    if not a or not b or len(a) != len(b):
+        return None
+    if list(baseline.get("classes") or []) != list(other.get("classes") or []):
+        return None
+    sa, sb = _shares(a), _shares(b)
+    return [[vb - va for va, vb in zip(ra, rb, strict=True)] for ra, rb in zip(sa, sb, strict=True)]
+
+
+def confusion_diff_chart(
+    summaries: Mapping[str, Mapping[str, Any]], baseline: str, other: str
+) -> go.Figure:
+    """Returns the difference of two runs' confusion matrices ({label: summary}; other −
+    baseline, confusion_difference) in percentage points, on a diverging scale centred on 0,
+    each cell labelled with its difference."""
+    title = f"Confusion difference: {other} − {baseline}"
+    diff = confusion_difference(summaries.get(baseline), summaries.get(other))
+    if diff is None:
+        return _empty(title, "Needs two finished runs on the same classes")
+    classes = [str(c) for c in summaries[baseline].get("classes") or range(len(diff))]
+    a = _shares(summaries[baseline]["confusion_matrix"])
+    b = _shares(summaries[other]["confusion_matrix"])
+    points = [[100 * v for v in row] for row in diff]
+    top = max(1.0, max(abs(v) for row in points for v in row))
+    fig = go.Figure(
+        go.Heatmap(
+            z=points,
+            x=classes,
+            y=classes,
+            zmid=0,
+            zmin=-top,
+            zmax=top,
+            colorscale="RdBu",
+            colorbar=dict(title="points"),
+            text=[[f"{v:+.0f}" for v in row] for row in points],
+            texttemplate="%{text}",
+            customdata=[
+                [[100 * a[i][j], 100 * b[i][j]] for j in range(len(classes))]
+                for i in range(len(classes))
+            ],
+            hovertemplate="true %{y}, predicted %{x}: %{z:+.1f} points ("
+            f"{baseline} %{{customdata[0]:.0f}} %, {other} %{{customdata[1]:.0f}} %)"
+            "<extra></extra>",
+        )
+    )
+    fig.update_yaxes(autorange="reversed", title_text="true")
+    fig.update_xaxes(title_text="predicted")
+    _style(fig, height=380, title=title)
+    fig.update_layout(hovermode="closest")
+    return fig
+
+
+def per_class_deltas(summaries: Mapping[str, Mapping[str, Any]], baseline: str) -> pd.DataFrame:
+    """Returns, per other run ({label: summary}) on the baseline's classes and per class, its
+    accuracy, the baseline's and the difference (fractions): run, class, acc, baseline_acc,
+    delta; a run without per-class accuracy, or on other classes, is left out."""
+    columns = ["run", "class", "acc", "baseline_acc", "delta"]
+    base = (summaries.get(baseline) or {}).get("per_class_acc")
+    if not base:
+        return pd.DataFrame(columns=columns)
+    classes = list(summaries[baseline].get("classes") or base)
+    rows = []
+    for label, s in summaries.items():
+        mine = (s or {}).get("per_class_acc")
+        if label == baseline or not mine or list(s.get("classes") or mine) != classes:
+            continue
+        for c in classes:
+            acc, ref = float(mine.get(c, math.nan)), float(base.get(c, math.nan))
+            rows.append([label, c, acc, ref, acc - ref])
+    return pd.DataFrame(rows, columns=columns)
+
+
+def per_class_delta_chart(summaries: Mapping[str, Mapping[str, Any]], baseline: str) -> go.Figure:
+    """Returns each other run's per-class accuracy minus the baseline's, in points, as a bar
+    per class (one trace per run; per_class_deltas)."""
+    title = f"Per-class delta against {baseline}"
+    deltas = per_class_deltas(summaries, baseline)
+    if deltas.empty:
+        return _empty(title, "Needs a second finished run on the same classes")
+    fig = go.Figure()
+    for label, rows in deltas.groupby("run", sort=False):
+        fig.add_bar(
+            x=list(rows["class"]),
+            y=list(100 * rows["delta"]),
+            name=str(label),
+            marker_color=PALETTE[(list(summaries).index(label)) % len(PALETTE)],
+            customdata=(100 * rows[["acc", "baseline_acc"]]).to_numpy(),
+            hovertemplate="%{x}: %{y:+.1f} points (%{customdata[0]:.1f} % against "
+            f"%{{customdata[1]:.1f}} %)<extra>{label}</extra>",
+        )
+    fig.add_hline(y=0, line_color="#555555", line_width=1)
+    fig.update_layout(
+        title=title,
+        yaxis_title=f"accuracy − {baseline} (points)",
+        barmode="group",
+        hovermode="x",
+    )
+    return _style(fig, height=340)
