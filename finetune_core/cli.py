@@ -1,5 +1,5 @@
 """The command line: python -m finetune_core train | lr-find | sweep | list | show | compare |
-stop | cancel | resume | worker | queue | models.
+report | stop | cancel | resume | worker | queue | models.
 
 `train` validates everything before a run folder exists (exit 2 with a message naming the
 flag), then runs the same worker body as the dashboard's queue, in the foreground, with a
@@ -12,7 +12,9 @@ on stderr and prints the group id last: exit 0 when every run completed, 1 when 
 130 when stopped.
 
 Commands that only read runs (list, show, compare, stop) never load torch: the commands
-that train import the engine when they run.
+that train import the engine when they run. `report RUN... | --group G [--output FILE]`
+writes a comparison as one HTML file that opens offline (by default into the runs folder's
+reports/) and prints its absolute path as the last line.
 """
 
 from __future__ import annotations
@@ -576,6 +578,50 @@ def cmd_compare(args) -> int:
     return 0
 
 
+def cmd_report(args) -> int:
+    """Writes one self-contained HTML file of a comparison; prints its absolute path last."""
+    from finetune_core import report  # plotly: only when a report is written
+
+    root = store.runs_dir(args.runs_dir)
+    if args.group and args.runs:
+        print("error: --group: give runs or --group, not both", file=sys.stderr)
+        return runner.EXIT_INVALID
+    if args.group:
+        runs = store.list_runs(root)
+        members = runs[runs["group"] == args.group] if not runs.empty else runs
+        if members.empty:
+            print(
+                f"error: --group: no runs of group {args.group!r} in {root} "
+                "(sweep prints a group's id; see `python -m finetune_core list`)",
+                file=sys.stderr,
+            )
+            return runner.EXIT_INVALID
+        run_dirs = [Path(p) for p in members["path"]][::-1]  # launch order
+    elif args.runs:
+        run_dirs = []
+        for ref in args.runs:
+            try:
+                run_dirs.append(store.resolve_run(ref, root))
+            except store.RunError as e:
+                print(f"error: RUN: {e}", file=sys.stderr)
+                return runner.EXIT_INVALID
+    else:
+        print("error: give the runs to report (RUN ...) or --group GROUP", file=sys.stderr)
+        return runner.EXIT_INVALID
+    output = args.output or report.default_path(root, run_dirs)
+    try:
+        path = report.write_report(run_dirs, output)
+    except OSError as e:
+        print(
+            f"error: --output: cannot write {output} ({e.strerror or e}); "
+            "give a file in a folder you can write to with --output FILE.html",
+            file=sys.stderr,
+        )
+        return runner.EXIT_INVALID
+    print(path)
+    return 0
+
+
 def _group_stop(args, cancel_only: bool) -> int:
     if args.run:
         print("error: --group: give a run or --group, not both", file=sys.stderr)
@@ -748,6 +794,21 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("runs", nargs="+", help="run ids, unique id prefixes, or folders")
     runs_dir_flag(p)
     p.set_defaults(func=cmd_compare)
+
+    p = sub.add_parser(
+        "report",
+        help="one self-contained HTML file of a comparison (opens offline): prints its path last",
+    )
+    p.add_argument("runs", nargs="*", metavar="RUN", help="run ids, unique id prefixes, or folders")
+    p.add_argument("--group", default=None, help="every run of this group (sweep prints it)")
+    p.add_argument(
+        "--output",
+        default=None,
+        metavar="FILE",
+        help="where to write it (default: <runs folder>/reports/<group or run ids>.html)",
+    )
+    runs_dir_flag(p)
+    p.set_defaults(func=cmd_report)
 
     p = sub.add_parser(
         "stop", help="stop a running run (it saves a checkpoint) or cancel a queued one"

@@ -99,6 +99,7 @@ ALLOWED = {
         "lr_find",
         "models",
         "preflight",
+        "report",
         "runner",
         "store",
         "strategies",
@@ -106,6 +107,8 @@ ALLOWED = {
         "worker",
     },
     "plots": {"stats", "store", "strategies", "util"},
+    # a comparison as one HTML file: the figures of plots, the runs of store
+    "report": {"plots", "store", "strategies", "util"},
     "__main__": {"cli"},
 }
 
@@ -121,6 +124,7 @@ TORCH_FREE = {
     "runner",
     "cli",
     "plots",
+    "report",
     "jobs",
     "uploads",
     "stats",
