@@ -22,6 +22,7 @@ from dashboard.common import (
     state_text,
     warm_up,
 )
+from dashboard.errors import curve_controls
 from finetune_core import plots, runner, store, strategies
 from finetune_core.util.durations import plural
 
@@ -167,14 +168,17 @@ def _actions(status: dict) -> None:
 CHART_REFRESH_S = float(os.environ.get("FINETUNE_CHART_REFRESH_S") or 5 * LIVE_REFRESH_S)
 
 
-def charts_for(metrics, status: dict | None = None) -> dict:
-    """Returns the run's charts: the ones drawn last while its metrics have not changed."""
-    sig = store.signature(run_dir)
+def charts_for(metrics, status: dict | None = None, controls: dict | None = None) -> dict:
+    """Returns the run's charts: the ones drawn last while its metrics and the curve
+    controls (x axis, smoothing, log scales: plots.training_charts) have not changed."""
+    controls = controls or {}
+    sig = (store.signature(run_dir), tuple(sorted(controls.items())))
     kept = st.session_state.get("_charts")
     if kept and kept["run"] == run_id and kept["sig"] == sig:
         return kept["charts"]
-    charts = plots.training_charts(metrics)
-    plots.mark_training_charts(charts, metrics, config, status)  # phases, end of warm-up
+    charts = plots.training_charts(metrics, **controls)
+    x = controls.get("x", "step")
+    plots.mark_training_charts(charts, metrics, config, status, x)  # phases, end of warm-up
     st.session_state["_charts"] = {"run": run_id, "sig": sig, "charts": charts}
     return charts
 
@@ -282,7 +286,8 @@ def live_charts() -> None:
     state = status.get("state")
     metrics = store.read_metrics(run_dir)
     if state in store.LIVE_STATES or not metrics.empty:  # no step taken: no curves
-        charts = charts_for(metrics, status)
+        controls = curve_controls("training")  # x axis, smoothing, log scales
+        charts = charts_for(metrics, status, controls)
         top, bottom = st.columns(2), st.columns(2)
         keys = ("loss", "accuracy", "lr", "throughput")
         for slot, key in zip((*top, *bottom), keys, strict=True):

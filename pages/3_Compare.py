@@ -1,6 +1,8 @@
 """Compare: which strategy, at what cost. Headline, the depth view, accuracy against each cost
-with its Pareto front, curves (a band over seeds), table, per-class, confusion matrices,
-config diff. Runs that differ only in their seed are one strategy.
+with its Pareto front, curves (a band over seeds; smoothing, x axis, log scales), table,
+per-class, confusion matrices (a clicked cell shows its images), where two strategies
+differ, config diff, and the report as one HTML file. Runs that differ only in their seed
+are one strategy.
 
 ?group=<id> or ?runs=id,id,... selects the runs; otherwise the newest group.
 """
@@ -18,7 +20,8 @@ from dashboard.common import (
     share_column,
     warm_up,
 )
-from finetune_core import plots, runner, store
+from dashboard.errors import confusion_drill_down, curve_controls, differences
+from finetune_core import plots, report, runner, store
 
 root = setup_page("Compare")
 st.title("Compare")
@@ -189,20 +192,24 @@ def comparison(was_live: bool) -> None:
         )
         column.caption(plots.pareto_sentence(per_strategy, cost, basis))
 
-    x = st.radio(
-        "Curves against",
-        ["epoch", "time_s"],
-        horizontal=True,
-        key="compare_x",
-        format_func={"epoch": "epoch", "time_s": "wall time"}.get,
-    )
+    controls = curve_controls("compare")  # x axis, smoothing, log scales
+    x = controls["x"]
     run_of = {r: g for g, rids in groups.items() for r in rids}
     long = [m.assign(run=run_of[r], run_id=r) for r, m in metrics.items() if not m.empty]
     frame = pd.concat(long, ignore_index=True) if long else pd.DataFrame()
-    c1, c2 = st.columns(2)
-    for column, y in ((c1, "acc"), (c2, "loss")):
-        fig = plots.mark_compare_curves(plots.compare_curves(frame, y, x), frame, configs, x)
-        column.plotly_chart(fig, key=f"curve_{y}", width="stretch")
+    log_loss = controls["log_loss"]
+    curves = {
+        "acc": {},
+        "loss": {"log_y": log_loss},
+        "train_loss": {"split": "train", "smoothing": controls["smoothing"], "log_y": log_loss},
+        "lr": {"split": "train", "log_y": controls["log_lr"]},
+    }
+    for row in (("acc", "loss"), ("train_loss", "lr")):
+        for column, key in zip(st.columns(2), row, strict=True):
+            y = "loss" if key == "train_loss" else key
+            fig = plots.compare_curves(frame, y, x, **curves[key])
+            fig = plots.mark_compare_curves(fig, frame, configs, x)
+            column.plotly_chart(fig, key=f"curve_{key}", width="stretch")
     what_changed(groups)
 
     st.markdown("#### Final metrics")
@@ -248,17 +255,30 @@ def comparison(was_live: bool) -> None:
             "images_per_s": "images/s",
         },
     )
-    st.download_button(
+    left, right = st.columns(2)
+    left.download_button(
         "Download the table as CSV",
         table.to_csv(index=False).encode(),
         file_name="comparison.csv",
         mime="text/csv",
         key="csv",
     )
+    run_dirs = [root / r for r in chosen]
+    right.download_button(  # what `python -m finetune_core report` writes, made on a click
+        "Download the report (HTML)",
+        lambda: report.report_html(run_dirs).encode(),
+        file_name=report.default_path(root, run_dirs).name,
+        mime="text/html",
+        key="report_html",
+        icon=":material/description:",
+        help="One HTML file of this comparison: its figures (interactive), table and the "
+        "settings that differ; it opens offline",
+    )
 
     by_label = plots.seed_summaries(groups, summaries)  # seeds: mean per class, summed matrix
     st.plotly_chart(plots.per_class_chart(by_label), key="per_class", width="stretch")
-    st.plotly_chart(plots.confusion_chart(by_label), key="confusion", width="stretch")
+    confusion_drill_down(root, by_label, groups, configs)  # a clicked cell's images
+    differences(by_label, configs, groups)  # B − A, per-class deltas against a baseline
 
     st.markdown("#### Settings that differ")
     diff = plots.config_diff(configs)

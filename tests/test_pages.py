@@ -340,7 +340,8 @@ def test_compare_defaults_to_the_newest_group_and_answers_which_strategy_at_what
     assert [t["name"] for t in per_class["data"]] == labels
     assert per_class["data"][0]["y"] == pytest.approx([80.0, 70.0, 100.0])
     confusion = figure_titled(at, "Confusion matrices")
-    assert [t["type"] for t in confusion["data"]] == ["heatmap"] * 3
+    # a heatmap per run, each under one clickable marker per cell (the drill-down)
+    assert [t["type"] for t in confusion["data"]] == ["heatmap", "scatter"] * 3
     table = at.dataframe[0].value
     assert list(table["run"]) == labels
     assert list(table["best_val_acc"]) == pytest.approx([80.0, 83.0, 50.0])
