@@ -384,3 +384,120 @@ def test_a_gradual_run_shows_its_weight_drift_and_phase_markers_on_training(app,
         chart = next(f for t, f in figures.items() if t.startswith(title))
         assert {s["name"]: s["x0"] for s in chart["shapes"]} == expected, (title, chart["shapes"])
         assert {"unfreeze layer4", "end of warm-up"} <= set(chart["notes"])
+
+
+def test_a_clicked_confusion_cell_shows_its_images_and_the_report_opens_offline(app, server, page):
+    """Two tiny real runs (the CLI, side by side: squeezenet starts fastest); on Compare a click on a confusion cell
+    shows that cell's images with their classes and confidence, and the report the button
+    downloads is the CLI's, byte for byte, and draws its charts with every request refused."""
+    url, runs = server
+    trains = [
+        subprocess.Popen(
+            [sys.executable, "-m", "finetune_core", "train", "--strategy", strategy]
+            + ["--model", "squeezenet1_1", "--data", "builtin:shapes", "--weights", "none"]
+            + ["--image-size", "32"]
+            + ["--epochs", "1", "--augment", "none", "--runs-dir", str(runs)],
+            env=app.env,
+            cwd=REPO,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
+        for strategy in ("full", "linear_probe")
+    ]
+    ids = []
+    for proc in trains:
+        out, err = proc.communicate(timeout=300)
+        assert proc.returncode == 0, err[-3000:]
+        ids.append(Path(out.strip().splitlines()[-1]).name)
+    summary = store.read_summary(runs / ids[0])
+    cm, classes = summary["confusion_matrix"], summary["classes"]
+    # the cell to click: full's biggest mistake (a right answer when it made none)
+    t, p = max(
+        ((i, j) for i in range(len(cm)) for j in range(len(cm))),
+        key=lambda c: (c[0] != c[1] and cm[c[0]][c[1]] > 0, cm[c[0]][c[1]]),
+    )
+
+    page.goto(f"{url}/Compare?runs={','.join(ids)}")
+    page.wait_for_selector(".js-plotly-plot", timeout=90_000)
+    wait_idle(page)
+    chart = page.locator(".js-plotly-plot").filter(has_text="Confusion matrices")
+    chart.scroll_into_view_if_needed()
+    deadline = time.time() + 30
+    where = None
+    while where is None and time.time() < deadline:  # the chart's axes, once it is drawn
+        where = page.evaluate(
+            """([row, col]) => {
+                for (const el of document.querySelectorAll('.js-plotly-plot')) {
+                    const t = ((el.layout && el.layout.title && el.layout.title.text) || '')
+                        .replace(/<[^>]*>/g, '');
+                    if (!t.startsWith('Confusion matrices') || !el._fullLayout.xaxis) continue;
+                    const xa = el._fullLayout.xaxis, ya = el._fullLayout.yaxis;
+                    const box = el.getBoundingClientRect();
+                    return {x: box.left + xa._offset + xa.l2p(col),
+                            y: box.top + ya._offset + ya.l2p(row)};
+                }
+                return null;
+            }""",
+            [t, p],
+        )
+        time.sleep(0.3)
+    assert where, plot_titles(page)
+    page.mouse.move(where["x"] + 3, where["y"] + 3)  # off the cell's centre: still that cell
+    page.mouse.click(where["x"] + 3, where["y"] + 3)
+    what = f"{classes[t]} predicted right" if t == p else f"{classes[t]} predicted as {classes[p]}"
+    heading = page.locator('[data-testid="stMarkdownContainer"]').filter(has_text=what)
+    heading.first.wait_for(timeout=30_000)
+    wait_idle(page)
+    assert f"{cm[t][p]} val image" in heading.first.inner_text()
+    assert [
+        page.get_by_role("combobox", name=n).input_value()
+        for n in ("Strategy", "True class", "Predicted as")
+    ] == ["full", classes[t], classes[p]]
+    images = page.locator('[data-testid="stImage"] img')
+    deadline = time.time() + 30
+    while images.count() < min(cm[t][p], 32) and time.time() < deadline:
+        time.sleep(0.3)
+    assert images.count() == min(cm[t][p], 32)
+    assert images.first.evaluate("img => img.complete && img.naturalWidth") == 32  # its pixels
+    captions = page.locator('[data-testid="stImageCaption"]').all_inner_texts()
+    assert captions and all(re.fullmatch(r".+ · \d+ % · #\d+", c) for c in captions), captions
+
+    # the report: the button's file is the CLI's, and it draws offline
+    cli = subprocess.run(
+        [sys.executable, "-m", "finetune_core", "report", *ids, "--runs-dir", str(runs)],
+        env=app.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+    assert cli.returncode == 0, cli.stderr
+    written = Path(cli.stdout.strip().splitlines()[-1])
+    button = page.get_by_role("button", name="Download the report (HTML)")
+    button.scroll_into_view_if_needed()
+    with page.expect_download(timeout=60_000) as download:
+        button.click()
+    assert Path(download.value.path()).read_bytes() == written.read_bytes()
+    assert download.value.suggested_filename == written.name
+    offline = app.browser.new_context(offline=True)
+    asked, errors = [], []
+    target = written.as_uri()
+    offline.route(
+        "**/*",
+        lambda route: (
+            route.continue_()
+            if route.request.url == target
+            else (asked.append(route.request.url), route.abort())
+        ),
+    )
+    tab = offline.new_page()
+    tab.on("console", lambda m: errors.append(m.text) if m.type == "error" else None)
+    tab.on("pageerror", lambda e: errors.append(str(e)))
+    tab.goto(target)
+    figures = written.read_text().count("Plotly.newPlot(")
+    tab.wait_for_function(
+        f"() => document.querySelectorAll('.js-plotly-plot').length == {figures}", timeout=30_000
+    )
+    assert figures >= 9 and asked == [] and errors == []
+    offline.close()
