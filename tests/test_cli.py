@@ -274,7 +274,9 @@ def test_stop_sends_sigterm_the_run_saves_a_checkpoint_and_resume_finishes(tmp_p
     first = before.iloc[0]
     assert after.iloc[0]["step"] == first["step"] and after.iloc[0]["loss"] == first["loss"]
     raw = [json.loads(x) for x in (run_dir / "metrics.jsonl").read_text().splitlines()]
-    assert len(raw) == len(after)  # the file itself holds no duplicates either
+    drift = [r["epoch"] for r in raw if r.get("split") == store.DRIFT_SPLIT]
+    assert drift == [1, 2]  # one weight-drift record per epoch, none repeated by the resume
+    assert len(raw) - len(drift) == len(after)  # the file itself holds no duplicates either
 
 
 def test_a_run_that_fails_exits_1_with_the_message_in_status_summary_and_log(tmp_path, capsys):

@@ -769,7 +769,8 @@ def test_new_run_counts_the_steps_per_epoch_the_run_will_take(new_run):
 
     at = new_run
     at.number_input(key="f_epochs").set_value(1).run()
-    loaded = data.load_data("builtin:shapes", image_size=16, val_fraction=0.2)
+    # the default comparison tunes each lr, so it holds out a test split as well
+    loaded = data.load_data("builtin:shapes", image_size=16, val_fraction=0.2, test_fraction=0.2)
     loader = data.TensorLoader(
         loaded.train, 64, shuffle=True, drop_last=data.drops_last(len(loaded.train), 64)
     )
