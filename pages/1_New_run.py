@@ -172,6 +172,28 @@ def choose(label: str, options: list, field: str, *, default=None, where=st, **k
     where.selectbox(label, options, key=F + field, **kwargs)
 
 
+def field_input(name: str) -> None:
+    """Draws the input of a RunConfig field by its kind: a selectbox for choices, a checkbox
+    for a switch, a text input for text, else a number input."""
+    option = OPTIONS[name]
+    if option.choices is not None:
+        choose(
+            option.label,
+            list(option.allowed()),
+            name,
+            default=option.default,
+            help=form.field_help(name),
+        )
+    elif isinstance(option.default, bool):
+        st.checkbox(option.label, key=F + name, help=form.field_help(name))
+    elif isinstance(option.default, str):
+        st.text_input(
+            option.label, key=F + name, max_chars=option.max_length, help=form.field_help(name)
+        )
+    else:
+        number_input(name)
+
+
 def number_input(name: str, label: str | None = None) -> None:
     """Draws the number input of a RunConfig field, with its label, step and help."""
     option = OPTIONS[name]
@@ -538,10 +560,12 @@ def strategy_choice(page: Page) -> None:
         option = OPTIONS["strategy"]
         st.selectbox(option.label, option.allowed(), key=F + "strategy", help=option.help)
         fixed = {state[F + "strategy"]: set()}
+    drawn = set()  # strategies of a family share options (lora's and loha's rank): once
     for name, fixed_options in fixed.items():
         for option in strategies.get(name).options:
-            if option.name not in fixed_options:
-                number_input(option.name)
+            if option.name not in fixed_options and option.name not in drawn:
+                drawn.add(option.name)
+                field_input(option.name)
     with st.expander("Modifiers (layer-wise lr decay, L2-SP, frozen BatchNorm)"):
         for option in strategies.MODIFIERS:
             if isinstance(option.default, bool):
@@ -654,26 +678,7 @@ def settings_section(page: Page) -> None:
         for col, names_in_col in zip(st.columns(len(LAYOUT)), LAYOUT, strict=True):
             with col:
                 for name in names_in_col:
-                    option = OPTIONS[name]
-                    if option.choices is not None:
-                        choose(
-                            option.label,
-                            list(option.allowed()),
-                            name,
-                            default=option.default,
-                            help=form.field_help(name),
-                        )
-                    elif isinstance(option.default, bool):
-                        st.checkbox(option.label, key=F + name, help=form.field_help(name))
-                    elif isinstance(option.default, str):
-                        st.text_input(
-                            option.label,
-                            key=F + name,
-                            max_chars=option.max_length,
-                            help=form.field_help(name),
-                        )
-                    else:
-                        number_input(name)
+                    field_input(name)
                     page.show(name)
         lr_finder_part(page)
 
