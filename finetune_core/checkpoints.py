@@ -59,9 +59,11 @@ def save(
     ref: dict[str, Any] | None = None,
     *,
     step: int | None = None,
+    merged: str | None = None,
 ) -> None:
     """Writes the model's weights to path atomically and fsynced: all of them, or with ref
-    only the head's (the backbone is named by ref instead); step is recorded with them."""
+    only the head's (the backbone is named by ref instead); step is recorded with them, and
+    merged names the strategy whose added pieces were merged into these weights."""
     state = parts.model.state_dict()
     if ref is not None:
         state = {k: v for k, v in state.items() if parts.is_head(k)}
@@ -71,6 +73,8 @@ def save(
         metadata["backbone"] = json.dumps(ref, sort_keys=True)
     if step is not None:
         metadata["step"] = str(step)
+    if merged is not None:
+        metadata["merged"] = merged
     path.parent.mkdir(parents=True, exist_ok=True)
     atomic_write(path, lambda tmp: save_file(state, str(tmp), metadata=metadata), fsync=True)
 
@@ -87,6 +91,34 @@ def reference(path: Path) -> dict[str, Any] | None:
     with safe_open(str(path), framework="pt", device="cpu") as f:
         raw = (f.metadata() or {}).get("backbone")
     return json.loads(raw) if raw else None
+
+
+def unmerged_pieces(path: Path) -> str | None:
+    """Returns what a weights file holds beside torchvision's own weights: "adapters" (peft's
+    layers, not merged: a run of lora, ... that has not completed), "prompts" (vpt's, which
+    never merge), or None for torchvision's model as it is."""
+    with safe_open(str(path), framework="pt", device="cpu") as f:
+        keys = list(f.keys())
+    if any(".base_layer." in k for k in keys):
+        return "adapters"
+    if any(k.endswith(".vpt_prompt") for k in keys):
+        return "prompts"
+    return None
+
+
+def save_files(folder: Path, files: dict[str, dict]) -> int:
+    """Writes a strategy's own files into folder, each atomically: a .safetensors file's
+    tensors, a .json file's data; returns their size in bytes (what a user keeps)."""
+    folder = Path(folder)
+    folder.mkdir(parents=True, exist_ok=True)
+    for name, content in files.items():
+        path = folder / name
+        if name.endswith(".safetensors"):
+            tensors = {k: v.detach().contiguous().cpu() for k, v in content.items()}
+            atomic_write(path, lambda tmp, t=tensors: save_file(t, str(tmp)), fsync=True)
+        else:
+            write_json_atomic(path, content)
+    return sum((folder / name).stat().st_size for name in files)
 
 
 class BackboneChanged(RuntimeError):

@@ -908,7 +908,7 @@ class Trainer:
                 test_ci = stats.accuracy_interval(_hits(scored["test"]))
         best = self.best_eval or {}
         peak = self.peak_memory
-        return {
+        summary = {
             "state": state,
             "best_val_acc": self.best_val_acc,
             "best_val_acc_ci": list(val_ci) if val_ci else None,
@@ -931,6 +931,31 @@ class Trainer:
             "stored_bytes": memory.stored_bytes(
                 self.parts, self.plan, freeze_bn=self.cfg.freeze_bn
             ),
+        }
+        if state == "completed" and self.checkpoint_dir is not None:
+            summary.update(self._save_added_pieces())
+        return summary
+
+    def _save_added_pieces(self) -> dict:
+        """For a strategy that adds pieces (lora, ..., vpt), once the best weights are scored:
+        writes the method's own file of what trained (the pieces and the head; peft's adapter
+        folder for lora, ...) into the run folder, and makes best.safetensors torchvision's
+        plain model with the pieces merged where the method allows (vpt's prompts do not
+        merge); returns what the summary records of it."""
+        strategy = strategies.get(self.cfg.strategy)
+        if not strategy.adds_pieces:
+            return {}
+        folder = self.checkpoint_dir.parent / strategy.pieces_folder
+        size = checkpoints.save_files(folder, strategy.pieces_files(self.parts))
+        best = self.checkpoint_dir / "best.safetensors"
+        merged = strategy.merged(self.parts) if best.is_file() else None
+        if merged is not None:  # what run:ID weights and everything downstream read
+            step = checkpoints.saved_step(best)
+            checkpoints.save(best, merged, self.cfg.model, step=step, merged=self.cfg.strategy)
+        return {
+            "adapter_dir": strategy.pieces_folder,
+            "adapter_bytes": size,
+            "weights_merged": merged is not None,
         }
 
     def _score_best(self) -> dict[str, dict]:

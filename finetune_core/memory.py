@@ -167,8 +167,8 @@ def stored_bytes(parts, plan, *, freeze_bn: bool = False) -> int:
     parameter and buffer. Otherwise only what training changes: the parameters that train
     in some phase (plan.ever_trained; the head's among them), the head's buffers, and the
     BatchNorm running statistics of the backbone groups that train in some phase (those
-    run in train mode; with freeze_bn none do). The rest is the starting weights, which
-    the user has already."""
+    run in train mode; with freeze_bn none do, nor with a strategy that trains pieces it
+    adds: lora, vpt, ...). The rest is the starting weights, which the user has already."""
     model = parts.model
     storages = _Storages()
     named = dict(model.named_parameters())
@@ -181,7 +181,11 @@ def stored_bytes(parts, plan, *, freeze_bn: bool = False) -> int:
         return total
     backbone = {g.name for g in parts.groups}
     trained = {
-        g.name for phase in plan.phases for g in phase.groups if g.name in backbone and g.trainable
+        g.name
+        for phase in plan.phases
+        if not phase.frozen_statistics  # added pieces train, not the base
+        for g in phase.groups
+        if g.name in backbone and g.trainable
     }
     for group in sorted(trained):
         for module in parts.group_modules(group):

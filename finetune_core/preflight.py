@@ -43,9 +43,10 @@ def validate(cfg: RunConfig, *, runs_dir: str | Path | None = None) -> dict[str,
         if msg and "image_size" not in errors:
             errors["image_size"] = msg
     if model_ok and "image_size" not in errors and "strategy" not in errors:
-        found = strategies.get(cfg.strategy).check_groups(
-            cfg, cfg.model, models.group_names(cfg.model)
-        )
+        strategy = strategies.get(cfg.strategy)
+        found = strategy.check_groups(cfg, cfg.model, models.group_names(cfg.model))
+        if not found and not {o.name for o in strategy.options} & set(errors):
+            found = strategy.check_model(cfg, _meta_model(cfg.model, cfg.image_size))
         for field, message in found.items():
             errors.setdefault(field, message)
     if "device" not in errors:
@@ -76,6 +77,13 @@ def check(cfg: RunConfig, **kwargs) -> RunConfig:
     if errors:
         raise ConfigError(errors)
     return cfg
+
+
+@functools.lru_cache(maxsize=16)
+def _meta_model(model: str, image_size: int) -> models.ModelParts:
+    """Returns the model as built, not prepared, on the meta device: what the strategies'
+    checks read (they must not change it)."""
+    return models.create_model(model, 2, image_size=image_size, device="meta")
 
 
 @functools.lru_cache(maxsize=64)

@@ -31,6 +31,9 @@ class Phase:
     end_epoch: int  # last epoch of the phase, inclusive
     groups: list[GroupPlan] = field(default_factory=list)
     param_names: frozenset[str] = field(default=frozenset(), repr=False)  # the ones that train
+    # BatchNorm statistics stay fixed in every group, trained ones too: the strategy trains
+    # pieces it added to a frozen backbone (lora, vpt, ...), which must stay as it was
+    frozen_statistics: bool = False
 
     @property
     def trainable_params(self) -> int:
@@ -117,7 +120,16 @@ def make_plan(cfg: Any, parts) -> Plan:
             per_group[owner[p]] += sizes[p]
         groups = [GroupPlan(g, counts[g], per_group[g], per_group[g] > 0, lrs[g]) for g in names]
         groups.append(GroupPlan(HEAD, counts[HEAD], counts[HEAD], True, lrs[HEAD]))
-        phases.append(Phase(spec.name, spec.start_epoch, spec.end_epoch, groups, chosen))
+        phases.append(
+            Phase(
+                spec.name,
+                spec.start_epoch,
+                spec.end_epoch,
+                groups,
+                chosen,
+                frozen_statistics=strategy.adds_pieces,
+            )
+        )
     return Plan(cfg.strategy, phases, sum(counts.values()), counts[HEAD])
 
 
@@ -128,14 +140,15 @@ def apply_phase(parts, phase: Phase) -> None:
 
 
 def set_train_mode(parts, phase: Phase, *, freeze_bn: bool = False) -> None:
-    """Puts the model in train mode with frozen groups (and, with freeze_bn, every BatchNorm) in
-    eval mode, so that frozen BatchNorm statistics never move."""
+    """Puts the model in train mode with frozen groups (and, with freeze_bn or a phase that
+    keeps its statistics, every BatchNorm) in eval mode, so that frozen BatchNorm statistics
+    never move."""
     parts.model.train()
     for g in phase.groups:
         if g.name != HEAD and not g.trainable:
             for module in parts.group_modules(g.name):
                 module.eval()
-    if freeze_bn:
+    if freeze_bn or phase.frozen_statistics:
         for module in parts.batchnorm_modules():
             module.eval()
 

@@ -81,6 +81,29 @@ class Strategy:
     def prepare(self, parts, cfg: Any) -> None:
         """Changes the built model before training (insert or wrap modules); default: none."""
 
+    # --- strategies that add trainable pieces to a frozen network (peft_methods, vpt) -------
+    # True: only the pieces prepare() adds (and the head) train; the backbone's own weights
+    # and its BatchNorm statistics stay exactly as they were loaded.
+    adds_pieces: ClassVar[bool] = False
+    # where the method's own file of what trained (pieces and head) goes in the run folder
+    pieces_folder: ClassVar[str] = ""
+
+    def check_model(self, cfg: Any, parts) -> dict[str, str]:
+        """Returns {field: message} for options that do not fit the built model's layers
+        (parts is built on the meta device, not prepared)."""
+        return {}
+
+    def merged(self, parts):
+        """Returns a copy of the prepared model as the plain torchvision model, the added
+        pieces merged into its layers; None when there is nothing to merge or the method's
+        pieces cannot be merged (then the model keeps them)."""
+        return None
+
+    def pieces_files(self, parts) -> dict[str, dict]:
+        """Returns the method's own files of what trained, {file name: content}: a
+        .safetensors file's tensors or a .json file's data (empty: none)."""
+        return {}
+
 
 def value_of(cfg: Any, name: str, default: Any = None) -> Any:
     """Returns cfg's value of a setting, for a RunConfig and a config.json dict alike."""
@@ -163,8 +186,10 @@ def option(name: str) -> Any:
 
 
 def all_options() -> list[Option]:
-    """Returns every strategy's options, then the modifiers."""
-    return [o for s in _REGISTRY.values() for o in s.options] + list(MODIFIERS)
+    """Returns every strategy's options, each once (strategies of a family share some, such
+    as the adapters' rank), then the modifiers."""
+    found = {o.name: o for s in _REGISTRY.values() for o in s.options}
+    return list(found.values()) + list(MODIFIERS)
 
 
 def label(cfg: Any) -> str:
