@@ -46,6 +46,14 @@ class RunConfig:
     surgical_group: int = strategies.option("surgical_group")
     unfreeze_every: int = strategies.option("unfreeze_every")
     probe_epochs: int = strategies.option("probe_epochs")
+    adapter_rank: int = strategies.option("adapter_rank")
+    adapter_alpha: int = strategies.option("adapter_alpha")
+    lora_dropout: float = strategies.option("lora_dropout")
+    lora_dora: bool = strategies.option("lora_dora")
+    adapter_targets: str = strategies.option("adapter_targets")
+    adapter_groups: int = strategies.option("adapter_groups")
+    vpt_mode: str = strategies.option("vpt_mode")
+    vpt_tokens: int = strategies.option("vpt_tokens")
     epochs: int = setting(
         3,
         "passes over the training images",

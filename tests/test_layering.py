@@ -245,7 +245,8 @@ import importlib, json, sys
 importlib.import_module(sys.argv[1])
 ours = sorted({m.split(".")[1] for m in sys.modules if m.startswith("finetune_core.")})
 print(json.dumps({"rooms": ours, "torch": "torch" in sys.modules,
-                  "streamlit": any(m.split(".")[0] == "streamlit" for m in sys.modules)}))
+                  "streamlit": any(m.split(".")[0] == "streamlit" for m in sys.modules),
+                  "peft": any(m.split(".")[0] == "peft" for m in sys.modules)}))
 """
 
 
@@ -278,3 +279,11 @@ def test_reading_runs_the_queue_and_the_cli_never_load_torch_and_nothing_loads_s
 ):
     assert [r for r in TORCH_FREE if imported_alone[r]["torch"]] == []
     assert [r for r, found in imported_alone.items() if found["streamlit"]] == []
+
+
+def test_no_room_loads_peft_on_import_so_a_worker_without_lora_pays_nothing_for_it(
+    imported_alone,
+):
+    """peft (and transformers, which it imports) takes seconds to import: only preparing a
+    model with lora, loha, lokr or ia3 imports it (strategies.adapters)."""
+    assert [r for r, found in imported_alone.items() if found["peft"]] == []

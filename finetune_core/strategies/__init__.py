@@ -2,10 +2,13 @@
 
 `get(name)` returns a registered strategy; `make_plan(cfg, parts)` says, before anything
 runs, which groups train in which epochs and at what learning rate; `apply_phase()` makes a
-model match one phase. L2-SP, the one modifier that needs torch, is in `strategies.l2sp`.
+model match one phase. L2-SP, the one modifier that needs torch, is in `strategies.l2sp`;
+the torch (and peft) code of the strategies that add pieces is in `strategies.adapters`
+and `strategies.prompts`, imported only when a model is prepared with one.
 """
 
-from finetune_core.strategies import builtin  # noqa: F401  (registers the strategies)
+# registering the strategies: the freezing ones, peft's (lora, ...) and vpt
+from finetune_core.strategies import builtin, peft_methods, vpt  # noqa: F401
 from finetune_core.strategies.plan import (
     GroupPlan,
     Phase,

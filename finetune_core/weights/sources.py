@@ -178,6 +178,19 @@ class RunWeights(_Checkpoint):
                 f"run:{self.ref} has no best checkpoint yet ({best} is missing): it has not "
                 "finished an epoch. Wait for it, or choose other weights."
             )
+        pieces = checkpoints.unmerged_pieces(best)
+        if pieces == "adapters":  # merged into a plain model only when the run completes
+            raise WeightsError(
+                f"run:{self.ref} trained {cfg.get('strategy')} adapters and has not completed: "
+                f"its best weights become a plain {model}, the adapters merged in, when it "
+                "completes. Resume it to the end, or choose other weights."
+            )
+        if pieces == "prompts":
+            raise WeightsError(
+                f"run:{self.ref} trained VPT prompts, which cannot be merged into {model}'s "
+                f"weights, so its weights are no plain {model}. Choose other weights, such as "
+                f"the ones it started from ({cfg.get('weights')})."
+            )
         size = cfg.get("image_size")
         return best, size if isinstance(size, int) else None, f"run:{self.ref}'s checkpoint {best}"
 
