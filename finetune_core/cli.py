@@ -15,6 +15,11 @@ Commands that only read runs (list, show, compare, stop) never load torch: the c
 that train import the engine when they run. `report RUN... | --group G [--output FILE]`
 writes a comparison as one HTML file that opens offline (by default into the runs folder's
 reports/) and prints its absolute path as the last line.
+
+On a shared server, `--as USER` (or $FINETUNE_USER) makes train, sweep, stop, cancel and
+resume act as that signed-in user: their runs are recorded as theirs, their limits apply,
+and another user's run is refused unless USER is an admin (store/access.py). Without it the
+CLI acts as the machine's operator, as in the local mode: nothing is checked.
 """
 
 from __future__ import annotations
@@ -58,6 +63,12 @@ def _add_config_flags(parser: argparse.ArgumentParser) -> None:
             # Values stay strings here; config.from_dict converts them and names the flag
             # when one is not a number, like any other invalid value.
             parser.add_argument(flag(name), dest=name, default=None, help=text)
+
+
+def actor(args: argparse.Namespace) -> str | None:
+    """Returns the user the command acts as: --as, else $FINETUNE_USER, else None (the
+    operator of this machine, who may act on every run)."""
+    return store.access.user_key(getattr(args, "as_user", None) or os.environ.get("FINETUNE_USER"))
 
 
 def _error_label(key: str) -> str:
@@ -214,7 +225,10 @@ def cmd_train(args) -> int:
     if errors:
         _report(errors)
         return runner.EXIT_INVALID
-    run_dir = store.create_run(cfg, root, owner_pid=os.getpid())
+    owner = actor(args)
+    with store.quota.launch_lock(root):
+        store.quota.check_launch(root, owner, 1, [cfg.data, cfg.weights])
+        run_dir = store.create_run(cfg, root, owner_pid=os.getpid(), owner=owner)
     print(
         f"run {run_dir.name}: {cfg.model}, {cfg.strategy}, weights {cfg.weights}, on {cfg.data}",
         file=sys.stderr,
@@ -438,7 +452,7 @@ def cmd_sweep(args) -> int:
         if errors:
             _report(errors)
             return runner.EXIT_INVALID
-    run_dirs = runner.enqueue(cfgs, root, group=True)
+    run_dirs = runner.enqueue(cfgs, root, group=True, owner=actor(args))
     group = store.read_config(run_dirs[0]).get("group")
     labels = {d.name: strategies_label(store.read_config(d)) for d in run_dirs}
     print(f"group {group}: {len(run_dirs)} runs queued in {root}", file=sys.stderr)
@@ -465,7 +479,7 @@ def cmd_sweep(args) -> int:
     except KeyboardInterrupt:
         stopped = True
         for d in run_dirs:
-            runner.stop_run(d)
+            runner.stop_run(d, actor=actor(args))
         print("\nstopping the group: each run saves a checkpoint", file=sys.stderr)
     print(file=sys.stderr)
     states = {d: store.read_status(d).get("state") for d in run_dirs}
@@ -487,11 +501,11 @@ def strategies_label(cfg: dict[str, Any]) -> str:
 def cmd_resume(args) -> int:
     run_dir = store.resolve_run(args.run, store.runs_dir(args.runs_dir))
     if args.queue:
-        runner.resume_run(run_dir)
+        runner.resume_run(run_dir, actor=actor(args))
         print(f"queued {run_dir.name} to resume")
         print(run_dir)
         return 0
-    runner.resume_run(run_dir, owner_pid=os.getpid())
+    runner.resume_run(run_dir, owner_pid=os.getpid(), actor=actor(args))
     return _run_in_foreground(run_dir)
 
 
@@ -530,6 +544,8 @@ def cmd_list(args) -> int:
     table["time"] = runs["train_time_s"].map(lambda v: "" if v != v else f"{v:.0f}s")
     table["disk"] = runs["disk_bytes"].map(lambda b: f"{b / 1e6:.1f}MB")
     table["group"] = runs["group"].fillna("")
+    if runs["owner"].notna().any():  # a shared server's runs: whose each one is
+        table["owner"] = runs["owner"].fillna("")
     print(table.to_string(index=False))
     # a run that cannot be read or does not respond says why, below the table
     for row in runs[runs["state"].isin([store.UNKNOWN, store.STALLED])].itertuples():
@@ -628,7 +644,7 @@ def _group_stop(args, cancel_only: bool) -> int:
         return runner.EXIT_INVALID
     try:
         outcome = runner.stop_group(
-            store.runs_dir(args.runs_dir), args.group, cancel_only=cancel_only
+            store.runs_dir(args.runs_dir), args.group, cancel_only=cancel_only, actor=actor(args)
         )
     except store.RunError as e:
         print(f"error: --group: {e}", file=sys.stderr)
@@ -650,7 +666,7 @@ def cmd_cancel(args) -> int:
         print("error: give a queued run, or --group GROUP", file=sys.stderr)
         return runner.EXIT_INVALID
     run_dir = store.resolve_run(args.run, store.runs_dir(args.runs_dir))
-    if runner.cancel_run(run_dir):
+    if runner.cancel_run(run_dir, actor=actor(args)):
         print(f"cancelled {run_dir.name} before it started")
         return 0
     state = store.read_status(run_dir).get("state")
@@ -668,7 +684,7 @@ def cmd_stop(args) -> int:
         print("error: give a run, or --group GROUP", file=sys.stderr)
         return runner.EXIT_INVALID
     run_dir = store.resolve_run(args.run, store.runs_dir(args.runs_dir))
-    outcome = runner.stop_run(run_dir)
+    outcome = runner.stop_run(run_dir, actor=actor(args))
     if outcome == "not running":
         state = store.read_status(run_dir).get("state")
         print(f"run {run_dir.name} is {state}; nothing to stop", file=sys.stderr)
@@ -718,6 +734,17 @@ def build_parser() -> argparse.ArgumentParser:
             help="runs folder (default: $FINETUNE_RUNS_DIR, else ./runs)",
         )
 
+    def as_flag(p):
+        p.add_argument(
+            "--as",
+            dest="as_user",
+            default=None,
+            metavar="USER",
+            help="act as this signed-in user of a shared server (their e-mail address): "
+            "runs are theirs, another user's runs are refused (default: $FINETUNE_USER, "
+            "else the machine's operator, who may act on every run)",
+        )
+
     def with_train_flags(name: str, help: str) -> argparse.ArgumentParser:
         """A command that takes train's settings: every config flag, --config, --runs-dir."""
         p = sub.add_parser(name, help=help)
@@ -729,6 +756,7 @@ def build_parser() -> argparse.ArgumentParser:
         return p
 
     train = with_train_flags("train", "train one run in the foreground")
+    as_flag(train)
     train.set_defaults(func=cmd_train)
 
     p = with_train_flags(
@@ -779,6 +807,7 @@ def build_parser() -> argparse.ArgumentParser:
         "validation split (and, without a test/ folder, 20 %% of the images are held out as "
         "test)",
     )
+    as_flag(p)
     p.set_defaults(func=cmd_sweep)
 
     p = sub.add_parser("list", help="list runs, newest first")
@@ -816,12 +845,14 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run", nargs="?", help="a run id, a unique prefix, or a path")
     p.add_argument("--group", default=None, help="stop every run of this group (sweep prints it)")
     runs_dir_flag(p)
+    as_flag(p)
     p.set_defaults(func=cmd_stop)
 
     p = sub.add_parser("cancel", help="take a queued run, or a group's queued runs, off the queue")
     p.add_argument("run", nargs="?", help="a run id, a unique prefix, or a path")
     p.add_argument("--group", default=None, help="cancel every queued run of this group")
     runs_dir_flag(p)
+    as_flag(p)
     p.set_defaults(func=cmd_cancel)
 
     p = sub.add_parser("resume", help="resume a stopped, crashed or failed run")
@@ -830,6 +861,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--queue", action="store_true", help="queue it for the supervisor instead of running here"
     )
     runs_dir_flag(p)
+    as_flag(p)
     p.set_defaults(func=cmd_resume)
 
     p = sub.add_parser("worker", help="run a queued run (used by the queue and the dashboard)")

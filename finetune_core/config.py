@@ -231,7 +231,7 @@ class RunConfig:
 OPTIONS = options_of(RunConfig)  # {field: Option}, in field order
 FIELD_NAMES = tuple(OPTIONS)
 _FIELD_TYPES = {f.name: f.type for f in fields(RunConfig)}
-NOT_SETTINGS = ("env", "schema")  # keys config.json holds beside the settings (see store)
+NOT_SETTINGS = ("env", "schema", "owner")  # what config.json holds beside the settings (store)
 
 
 class ConfigError(ValueError):

@@ -4,7 +4,8 @@ N at once; and queueing, stopping, cancelling and resuming runs. No torch here.
 A run trains in a worker process (`python -m finetune_core worker RUN_DIR`, see worker.py),
 never in a thread of the dashboard: closing a tab or restarting the server does not touch
 it. One detached supervisor per runs folder (`python -m finetune_core queue`, guarded by an
-exclusive lock on runs/.supervisor.lock) starts queued runs in creation order. It exits
+exclusive lock on runs/.supervisor.lock) starts queued runs oldest first, taking turns
+between their owners on a shared server (`fair_order`). It exits
 after a minute with nothing to do; `ensure_supervisor` starts it again when needed. How a
 worker is started and stopped is the backend's (LocalProcesses today; a cluster queue can
 take its place).
@@ -27,19 +28,22 @@ record its final state (the supervisor records it when it can).
 from __future__ import annotations
 
 import contextlib
+import math
 import os
 import signal
 import subprocess
 import sys
 import threading
 import time
-from collections.abc import Iterable
+from collections import Counter, deque
+from collections.abc import Hashable, Iterable, Mapping
 from datetime import datetime
 from pathlib import Path
 from typing import Any
 
 from finetune_core import store
 from finetune_core.config import ConfigError, RunConfig, validate_fields
+from finetune_core.store import access, quota
 from finetune_core.util.files import (
     LOW_SPACE_BYTES,
     disk_full_message,
@@ -214,10 +218,12 @@ def read_settings(runs_dir: str | os.PathLike) -> dict[str, Any]:
     return data if isinstance(data, dict) else {}
 
 
-def set_max_parallel(runs_dir: str | os.PathLike, n: int) -> None:
-    """Sets how many runs the supervisor of runs_dir trains at once (read at every poll)."""
+def set_max_parallel(runs_dir: str | os.PathLike, n: int, *, actor: str | None = None) -> None:
+    """Sets how many runs the supervisor of runs_dir trains at once (read at every poll): one
+    setting for the whole server, which only an admin changes (access.NotAllowed)."""
     if int(n) < 1:
         raise ValueError(f"max parallel runs must be at least 1, got {n}")
+    access.check_admin(actor, "change how many runs train at once")
     root = Path(runs_dir)
     root.mkdir(parents=True, exist_ok=True)
     settings = read_settings(root)
@@ -278,6 +284,39 @@ def _disk_full_end(run_dir: Path) -> dict[str, Any]:
     return {"state": "failed", "message": message, "resumable": True, "exit_code": EXIT_DISK_FULL}
 
 
+def fair_order(
+    queued: Iterable[tuple[Hashable, str | None, float]],
+    running: Mapping[str | None, int] | None = None,
+    last_started: Mapping[str | None, float] | None = None,
+) -> list:
+    """Returns the keys of queued runs, given as (key, owner, created_at), in the order to
+    start them: the owner with the fewest runs training goes first, then the one who started
+    a run least recently (never: first), then the one whose run has waited longest; each
+    owner's runs oldest first. Every run taken counts as started, so owners take turns.
+
+    One user's sweep of twenty runs queued a minute before another user's single run thus
+    delays that run by one run at most, not twenty; with one owner (the local mode: no
+    owners) it is plain creation order.
+    """
+    waiting: dict[str | None, deque] = {}
+    for key, owner, created in sorted(queued, key=lambda q: (q[2], str(q[0]))):
+        waiting.setdefault(owner, deque()).append((created, key))
+    busy = Counter(running or {})
+    last = dict(last_started or {})
+    turn = max(last.values(), default=0.0)
+    order = []
+    while waiting:
+        owner = min(waiting, key=lambda o: (busy[o], last.get(o, -math.inf), waiting[o][0][0]))
+        _, key = waiting[owner].popleft()
+        order.append(key)
+        if not waiting[owner]:
+            del waiting[owner]
+        busy[owner] += 1
+        turn += 1.0
+        last[owner] = turn  # now: later than every start recorded
+    return order
+
+
 class _Kill:
     """A worker the supervisor ends: SIGTERM sent at `since` (by it or by `stop`), SIGKILL
     after the grace period; `end` is what is recorded once the process is gone."""
@@ -299,6 +338,16 @@ class _Queue:
         self.unwritten: dict[Path, tuple[int, dict[str, Any]]] = {}  # final states to write
         self.paused_until = 0.0  # monotonic time before which nothing starts (a full disk)
         self.said: dict[Path, str] = {}
+        self.owners: dict[Path, str | None] = {}  # config.json's owner, which never changes
+
+    def owner(self, run_dir: Path) -> str | None:
+        """Returns the user a run belongs to (None: a local run, or an unreadable config)."""
+        if run_dir not in self.owners:
+            try:
+                self.owners[run_dir] = access.owner_of(store.read_config(run_dir))
+            except (OSError, ValueError):
+                return None  # read again at the next poll
+        return self.owners[run_dir]
 
     # one poll: returns whether anything is queued, running or being ended
     def poll(self) -> bool:
@@ -346,10 +395,12 @@ class _Queue:
             self.record(run_dir, pid, end)
 
     def scan(self) -> tuple[list[Path], int]:
-        """Returns (queued runs oldest first, runs with a worker); records crashes and ends
-        workers that stopped responding or ignored a stop. One run's error is logged and
-        skipped."""
+        """Returns (queued runs in the order to start them (fair_order), runs with a worker);
+        records crashes and ends workers that stopped responding or ignored a stop. One run's
+        error is logged and skipped."""
         queued, running = [], 0
+        busy: Counter = Counter()  # runs with a worker, per owner
+        last_started: dict[str | None, float] = {}
         try:
             run_dirs = [d for d in store.run_dirs(self.root) if store.is_run_dir(d)]
         except OSError as e:
@@ -359,20 +410,25 @@ class _Queue:
             try:
                 status = store.read_status(run_dir)
                 state = status.get("state")
+                owner = self.owner(run_dir)
+                started = status.get("started_at")
+                if isinstance(started, (int, float)):
+                    last_started[owner] = max(started, last_started.get(owner, started))
                 if state == store.UNKNOWN:
                     self._say_once(run_dir, status.get("message", ""))
                 elif status.get("derived") and state == "crashed":
                     self.found_dead(run_dir, status)
                 elif store.is_active(status):
                     running += 1
+                    busy[owner] += 1
                     self.watch(run_dir, status)
                 elif state == "queued":
                     created = status.get("created_at")
-                    queued.append((created if isinstance(created, (int, float)) else 0.0, run_dir))
+                    created = created if isinstance(created, (int, float)) else 0.0
+                    queued.append((run_dir, owner, created))
             except Exception as e:  # noqa: BLE001 - one run's trouble never stops the queue
                 self._say_once(run_dir, f"skipped this poll: {type(e).__name__}: {e}")
-        queued.sort(key=lambda item: (item[0], item[1].name))
-        return [d for _, d in queued], running
+        return fair_order(queued, busy, last_started), running
 
     def _say_once(self, run_dir: Path, text: str) -> None:
         if self.said.get(run_dir) != text:
@@ -514,12 +570,20 @@ def supervise(
 
 
 def enqueue(
-    cfgs: Iterable[RunConfig], runs_dir: str | os.PathLike, *, group: bool | str = True
+    cfgs: Iterable[RunConfig],
+    runs_dir: str | os.PathLike,
+    *,
+    group: bool | str = True,
+    owner: str | None = None,
 ) -> list[Path]:
     """Creates a queued run per config and makes sure a supervisor runs; returns the folders.
 
     group=True gives the runs a new shared group id, a string uses that id, False none.
     Every config must pass config.validate_fields (raises ConfigError before creating any).
+    `owner` (the signed-in user; None in the local mode) is recorded in each config.json;
+    the launch is refused as a whole (access.NotAllowed, no run created) in a read-only
+    demo, past the owner's limits of queued runs or disk, or on another user's upload
+    (quota.check_launch).
     """
     cfgs = list(cfgs)
     for cfg in cfgs:
@@ -530,26 +594,33 @@ def enqueue(
         group_id = group
     else:
         group_id = store.new_group_id() if group else None
-    run_dirs = [store.create_run(cfg, runs_dir, group=group_id) for cfg in cfgs]
+    specs = [spec for cfg in cfgs for spec in (cfg.data, cfg.weights)]
+    access.refuse_in_demo("launch runs")
+    with contextlib.ExitStack() as held:
+        if owner is not None:  # the check and the runs it allows are one step
+            held.enter_context(quota.launch_lock(runs_dir))
+            quota.check_launch(runs_dir, owner, len(cfgs), specs)
+        run_dirs = [store.create_run(cfg, runs_dir, group=group_id, owner=owner) for cfg in cfgs]
     if run_dirs:
         ensure_supervisor(runs_dir)
     return run_dirs
 
 
-def stop_run(run_dir: str | os.PathLike) -> str:
+def stop_run(run_dir: str | os.PathLike, *, actor: str | None = None) -> str:
     """Asks a run to stop; returns what happened: "stopping" (SIGTERM sent; the worker saves
     a checkpoint and ends as stopped), "cancelled" (it was queued) or "not running".
 
     Makes sure the runs folder's supervisor runs: when the worker has not ended
     stop_grace_s() after the first Stop (a hung or SIGSTOPped process), it gets SIGKILL
     there and the run is recorded stopped, resumable from its last checkpoint. A worker
-    found dead here is recorded crashed.
+    found dead here is recorded crashed. Another user's run is refused (access.NotAllowed).
     """
     run_dir = Path(run_dir)
+    store.check_action(run_dir, actor, access.STOP)
     status = store.read_status(run_dir)
     state = status.get("state")
     if state == "queued":
-        return "cancelled" if cancel_run(run_dir) else stop_run(run_dir)
+        return "cancelled" if cancel_run(run_dir, actor=actor) else stop_run(run_dir, actor=actor)
     if status.get("derived") and state == "crashed":
         with contextlib.suppress(OSError):
             store.record_crash(run_dir)
@@ -574,26 +645,39 @@ def group_runs(runs_dir: str | os.PathLike, group: str) -> list[Path]:
     return sorted(found, key=lambda d: d.name)
 
 
-def stop_group(runs_dir: str | os.PathLike, group: str, *, cancel_only: bool = False) -> dict:
+def stop_group(
+    runs_dir: str | os.PathLike,
+    group: str,
+    *,
+    cancel_only: bool = False,
+    actor: str | None = None,
+) -> dict:
     """Stops a group as a whole: its queued runs are cancelled first (so that the queue
     starts none of them), then its running ones are stopped, unless cancel_only. Returns
     {run id: what happened} ("cancelled", "stopping", "not running"); RunError when no run
-    has that group."""
+    has that group, access.NotAllowed (nothing done) when one of them is another user's."""
     members = group_runs(runs_dir, group)
     if not members:
         raise store.RunError(f"no run of group {group!r} in {runs_dir}")
-    outcome = {d.name: ("cancelled" if cancel_run(d) else "not running") for d in members}
+    doing = access.CANCEL if cancel_only else access.STOP
+    for d in members:
+        store.check_action(d, actor, doing)
+    outcome = {
+        d.name: ("cancelled" if cancel_run(d, actor=actor) else "not running") for d in members
+    }
     if not cancel_only:
         for d in members:
             if outcome[d.name] != "cancelled":
-                outcome[d.name] = stop_run(d)
+                outcome[d.name] = stop_run(d, actor=actor)
     return outcome
 
 
-def cancel_run(run_dir: str | os.PathLike) -> bool:
+def cancel_run(run_dir: str | os.PathLike, *, actor: str | None = None) -> bool:
     """Takes a queued run out of the queue (state stopped, "cancelled before it started");
-    returns False when it was no longer queued."""
+    returns False when it was no longer queued. Another user's run is refused
+    (access.NotAllowed)."""
     run_dir = Path(run_dir)
+    store.check_action(run_dir, actor, access.CANCEL)
     message = "cancelled before it started"
     after = store.set_state(run_dir, "stopped", when=_is_queued, message=message, cancelled=True)
     if after is not None:
@@ -622,7 +706,11 @@ def _disk_full_refusal(run_dir: Path, error: OSError, doing: str) -> store.RunEr
 
 
 def resume_run(
-    run_dir: str | os.PathLike, *, start: bool = True, owner_pid: int | None = None
+    run_dir: str | os.PathLike,
+    *,
+    start: bool = True,
+    owner_pid: int | None = None,
+    actor: str | None = None,
 ) -> Path:
     """Queues a stopped, crashed or failed run again; returns its folder.
 
@@ -631,9 +719,15 @@ def resume_run(
     (the CLI's foreground `resume`) marks it running in that process instead of queued.
     A run whose worker is gone is recorded crashed first. Raises RunError for a run in
     another state ("already running (pid N)" for one that trains in another process), and
-    for a full disk.
+    for a full disk; access.NotAllowed for another user's run, or past the actor's limits
+    of queued runs or disk.
     """
     run_dir = Path(run_dir).resolve()
+    store.check_action(run_dir, actor, access.RESUME)
+    if actor is not None and owner_pid is None:
+        with quota.launch_lock(run_dir.parent):
+            quota.check_launch(run_dir.parent, actor, 1)
+            return resume_run(run_dir, start=start)
     try:
         return _resume(run_dir, start=start, owner_pid=owner_pid)
     except OSError as e:

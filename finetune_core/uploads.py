@@ -3,6 +3,7 @@ ever replaces another, pinned by the run configs that name them, and deleted onc
 uses them; and the background job that extracts an uploaded zip. No torch, no streamlit.
 
     <runs>/.uploads/<id>/<file name>    id = the first 32 hex digits of the file's sha256
+    <runs>/.users/<user>/.uploads/<id>/<file name>    a signed-in user's own (store.access)
 
 The same bytes get the same folder (a file uploaded twice is stored once; the same bytes
 under a second name are a second, identical file in it); other bytes get another folder, so
@@ -14,6 +15,11 @@ names the file (its `data` or `weights`), and so may the saved New run form. `cl
 an upload folder that no run config, no job and no kept value names and that was not used
 for KEEP_DAYS; New run calls it at most once an hour (`clean_now_and_then`), since the page
 is where uploads come from and a server nobody uses grows no uploads.
+
+On a server with sign-in each user has an uploads folder of their own (`user=`): nobody
+else's form names their files, a launch naming another user's upload is refused
+(store.quota.check_launch), and an upload that would take the user past their disk limit is
+refused before a byte is written. A read-only demo keeps no uploads.
 """
 
 from __future__ import annotations
@@ -41,9 +47,9 @@ _CLEANED = ".cleaned"  # its mtime: when clean last ran
 _ID = re.compile(rf"[0-9a-f]{{{ID_DIGITS}}}")
 
 
-def uploads_dir(runs_dir: str | os.PathLike) -> Path:
-    """Returns the folder holding the uploads of a runs folder."""
-    return Path(runs_dir) / UPLOADS_DIR
+def uploads_dir(runs_dir: str | os.PathLike, user: str | None = None) -> Path:
+    """Returns the folder holding the uploads of a runs folder, or of one of its users."""
+    return store.access.user_home(runs_dir, user) / UPLOADS_DIR
 
 
 def safe_name(name: str) -> str:
@@ -57,14 +63,26 @@ def upload_id(content: bytes | memoryview) -> str:
     return hashlib.sha256(content).hexdigest()[:ID_DIGITS]
 
 
-def save(runs_dir: str | os.PathLike, name: str, content: bytes | memoryview) -> Path:
+def save(
+    runs_dir: str | os.PathLike,
+    name: str,
+    content: bytes | memoryview,
+    *,
+    user: str | None = None,
+) -> Path:
     """Returns the path of the kept upload of these bytes under this name, writing it when
-    it is not kept yet; the file is read-only and never rewritten."""
-    folder = uploads_dir(runs_dir)
+    it is not kept yet; the file is read-only and never rewritten. With `user`, in that
+    user's own folder; store.access.NotAllowed (nothing written) in a read-only demo or past
+    the user's disk limit."""
+    store.access.refuse_in_demo("keep uploads")
+    folder = uploads_dir(runs_dir, user)
     target = folder / upload_id(content) / safe_name(name)
     with FileLock(folder / _LOCK):  # clean never deletes a folder while it is filled
+        kept = target.is_file() and target.stat().st_size == len(content)
+        if not kept:
+            store.quota.check_disk(runs_dir, user, len(content), f"{safe_name(name)} not kept")
         target.parent.mkdir(parents=True, exist_ok=True)
-        if not (target.is_file() and target.stat().st_size == len(content)):
+        if not kept:
 
             def write(tmp: Path) -> None:
                 with open(tmp, "wb") as f:
@@ -76,9 +94,12 @@ def save(runs_dir: str | os.PathLike, name: str, content: bytes | memoryview) ->
     return target
 
 
-def upload_folder(path: str | os.PathLike, runs_dir: str | os.PathLike) -> Path | None:
-    """Returns the upload folder a path lies in (an upload of this runs folder), or None."""
-    base = uploads_dir(runs_dir).resolve()
+def upload_folder(
+    path: str | os.PathLike, runs_dir: str | os.PathLike, user: str | None = None
+) -> Path | None:
+    """Returns the upload folder a path lies in (an upload of this runs folder, or of that
+    user), or None."""
+    base = uploads_dir(runs_dir, user).resolve()
     try:
         rel = Path(path).resolve().relative_to(base)
     except (ValueError, OSError):
@@ -115,15 +136,17 @@ def clean(
     keep: Iterable[str] = (),
     keep_days: float = KEEP_DAYS,
     now: float | None = None,
+    user: str | None = None,
 ) -> list[Path]:
-    """Deletes the uploads that no run config, no job and no value of `keep` (the form's
-    saved values) names and that were not used for keep_days; returns the folders deleted.
+    """Deletes the uploads (of `user`, with one) that no run config, no job and no value of
+    `keep` (the form's saved values) names and that were not used for keep_days; returns
+    the folders deleted.
 
     An upload a run names (queued, running, finished: any run with a config) is never
     deleted, whatever its age.
     """
     runs_dir = Path(runs_dir)
-    folder = uploads_dir(runs_dir)
+    folder = uploads_dir(runs_dir, user)
     if not folder.is_dir():
         return []
     now = time.time() if now is None else now
@@ -152,17 +175,18 @@ def clean_now_and_then(
     keep: Iterable[str] = (),
     every_s: float = CLEAN_EVERY_S,
     now: float | None = None,
+    user: str | None = None,
 ) -> list[Path] | None:
     """Calls clean when it did not run for every_s; returns what it deleted, or None when
     it was not its time."""
     now = time.time() if now is None else now
     try:
-        last = (uploads_dir(runs_dir) / _CLEANED).stat().st_mtime
+        last = (uploads_dir(runs_dir, user) / _CLEANED).stat().st_mtime
     except OSError:
         last = None
     if last is not None and now - last < every_s:
         return None
-    return clean(runs_dir, keep=keep, now=now)
+    return clean(runs_dir, keep=keep, now=now, user=user)
 
 
 def extract_args(path: str | os.PathLike) -> dict[str, str]:

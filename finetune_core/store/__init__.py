@@ -9,9 +9,13 @@ table.py the one table of runs that Home, Compare and the CLI show. Reading neve
 reader works on a full disk; one unreadable file makes its run read as "unknown", never
 stops the others.
 
+Who may act on a run on a shared server (owners, admins, the demo mode) is access.py;
+each user's limits quota.py.
+
 Imports neither torch nor the engine, so that listing runs stays fast.
 """
 
+from finetune_core.store import access, quota
 from finetune_core.store.metrics import (
     MetricsWriter,
     clean_metric_records,
@@ -34,6 +38,7 @@ from finetune_core.store.predictions import (
     scored_images,
 )
 from finetune_core.store.runs import (
+    check_action,
     create_run,
     delete_run,
     disk_bytes,
@@ -109,8 +114,10 @@ __all__ = [
     "STATES",
     "SUMMARY_KEYS",
     "UNKNOWN",
+    "access",
     "any_queued",
     "can_resume",
+    "check_action",
     "MetricsWriter",
     "RunError",
     "RunReading",
@@ -139,6 +146,7 @@ __all__ = [
     "read_scored_images",
     "read_summary",
     "read_tuning",
+    "quota",
     "set_tuned_lr",
     "rename_run",
     "resolve_run",

@@ -9,7 +9,8 @@ import shutil
 from pathlib import Path
 from typing import Any
 
-from finetune_core.config import RunConfig, from_dict
+from finetune_core.config import RunConfig, stored_config
+from finetune_core.store import access
 from finetune_core.store.paths import is_run_dir, new_run_id
 from finetune_core.store.schema import (
     ACTIVE_STATES,
@@ -37,6 +38,7 @@ def create_run(
     group: str | None = None,
     owner_pid: int | None = None,
     env: dict[str, str] | None = None,
+    owner: str | None = None,
 ) -> Path:
     """Returns the new run folder with config.json and status.json ("queued").
 
@@ -44,8 +46,10 @@ def create_run(
     folder finds them. With owner_pid (the CLI running it in the foreground), the run
     starts as "running", owned by that process, so no supervisor picks it up. `env` is
     recorded in config.json (default: this machine's versions and device, which imports
-    torch: reading runs never does).
+    torch: reading runs never does), and so is `owner`, the user the run belongs to
+    (store/access.py; none in the local mode). A read-only demo creates nothing.
     """
+    access.refuse_in_demo("launch runs")
     if env is None:
         from finetune_core import device  # torch: only where runs are created
 
@@ -56,6 +60,8 @@ def create_run(
     conf["weights"] = _absolute_local_path(cfg.weights, ("default", "none", "builtin", "run:"))
     conf["group"] = group if group is not None else cfg.group
     conf["env"] = env
+    if access.user_key(owner) is not None:
+        conf["owner"] = access.user_key(owner)
     run_dir = None
     try:
         root.mkdir(parents=True, exist_ok=True)
@@ -88,8 +94,9 @@ def read_config(run_dir: str | os.PathLike) -> dict[str, Any]:
 
 
 def run_config(run_dir: str | os.PathLike) -> RunConfig:
-    """Returns the RunConfig stored in a run folder."""
-    return from_dict(read_config(run_dir))
+    """Returns the RunConfig stored in a run folder (a setting added since the run was stored
+    takes what the run trained with: config.stored_config)."""
+    return stored_config(read_config(run_dir))
 
 
 def read_summary(run_dir: str | os.PathLike) -> dict[str, Any] | None:
@@ -145,22 +152,37 @@ def write_summary(run_dir: str | os.PathLike, summary: dict[str, Any]) -> None:
     write_json_atomic(Path(run_dir) / "summary.json", stamped(full))
 
 
-def rename_run(run_dir: str | os.PathLike, name: str) -> None:
-    """Sets the run's label (config "name"); the run id does not change."""
+def check_action(run_dir: str | os.PathLike, actor: str | None, doing: str) -> None:
+    """Raises access.NotAllowed when actor may not `doing` ("stop", "delete", ...) the run:
+    another user's run, or a read-only demo (store/access.py). The local mode (actor None)
+    may do anything the run's state allows."""
+    run_dir = Path(run_dir)
+    if actor is None:
+        access.refuse_in_demo(f"{doing} run {run_dir.name}")
+        return
+    access.check_owner(read_config(run_dir), run_dir.name, actor, doing)
+
+
+def rename_run(run_dir: str | os.PathLike, name: str, *, actor: str | None = None) -> None:
+    """Sets the run's label (config "name"); the run id does not change. Refused for another
+    user's run (check_action)."""
     run_dir = Path(run_dir)
     name = str(name).strip()
     if len(name) > 100:
         raise RunError("a run name must be at most 100 characters")
+    check_action(run_dir, actor, access.RENAME)
     config = read_config(run_dir)
     config["name"] = name
     write_json_atomic(run_dir / "config.json", stamped(config))
 
 
-def delete_run(run_dir: str | os.PathLike) -> None:
-    """Deletes a run folder; refuses a queued or running run (stop or cancel it first)."""
+def delete_run(run_dir: str | os.PathLike, *, actor: str | None = None) -> None:
+    """Deletes a run folder; refuses a queued or running run (stop or cancel it first), and
+    another user's run (check_action)."""
     run_dir = Path(run_dir)
     if not is_run_dir(run_dir):
         raise RunError(f"{run_dir} is not a run folder; nothing deleted")
+    check_action(run_dir, actor, access.DELETE)
     state = read_status(run_dir).get("state")
     if state in LIVE_STATES or state in ACTIVE_STATES:
         action = "cancel" if state == "queued" else "stop"

@@ -146,6 +146,7 @@ COLUMNS: dict[str, Callable[[RunReading], Any]] = {
     "lr": _lr,  # the lr the run trained with (the tuned one when tune_lr)
     "tune_lr": lambda r: r.config.get("tune_lr") is True,  # absent in older runs: False
     "group": lambda r: r.config.get("group"),
+    "owner": lambda r: r.config.get("owner"),  # the user it belongs to; none in the local mode
     "created_at": _created,
     "disk_bytes": lambda r: disk_bytes(r.run_dir) if r.run_dir else 0,
     "path": lambda r: str(r.run_dir.resolve()) if r.run_dir else None,
@@ -196,6 +197,7 @@ LIST_COLUMNS = [
     "train_time_s",
     "disk_bytes",
     "group",
+    "owner",
     "created_at",
     "path",
 ]
@@ -206,9 +208,10 @@ def list_runs(runs_dir: str | os.PathLike) -> pd.DataFrame:
 
     Columns: run_id, name, model, strategy (with its option: "last_n 1"), state,
     best_val_acc (0-1, NaN when unknown), trainable_pct (0-100), train_time_s, disk_bytes,
-    group, created_at (local datetime), path (absolute). A running run whose worker is
-    gone shows as crashed and one whose worker went silent as stalled (derived, nothing is
-    written); a run whose status.json cannot be read shows as unknown.
+    group, owner (None in the local mode), created_at (local datetime), path (absolute).
+    A running run whose worker is gone shows as crashed and one whose worker went silent as
+    stalled (derived, nothing is written); a run whose status.json cannot be read shows as
+    unknown.
     """
     readings = []
     for run_dir in run_dirs(Path(runs_dir)):
