@@ -15,11 +15,13 @@ from dashboard.common import (
     share_column,
     shown_or_blank,
     table_height,
+    viewer,
     warm_up,
 )
 from finetune_core import plots, runner, store
 
 root = setup_page("Home")
+me = viewer()  # signed in on a shared server, or nobody (the local mode)
 
 st.title("Fine-tuning dashboard")
 st.markdown(
@@ -43,7 +45,7 @@ _LIVE = (*store.LIVE_STATES, store.STALLED)
 
 
 def _runs_table(was_live: bool) -> None:
-    runs = store.list_runs(root)
+    runs = me.visible_runs(store.list_runs(root))
     live = int(runs["state"].isin(_LIVE).sum()) if not runs.empty else 0
     if was_live and not live:
         st.rerun()  # the last live run ended: show the final page once, then stop refreshing
@@ -77,6 +79,8 @@ def _runs_table(was_live: bool) -> None:
         "compare",
         "created_at",
     ]
+    if me.hosted:  # a shared server: whose each run is
+        columns.insert(columns.index("state"), "owner")
     st.dataframe(
         table[columns],
         hide_index=True,
@@ -99,7 +103,7 @@ def _runs_table(was_live: bool) -> None:
     )
 
 
-runs = store.list_runs(root)
+runs = me.visible_runs(store.list_runs(root))
 # The table refreshes itself while runs are live, so states and accuracies move on their own.
 has_live = bool(runs["state"].isin(_LIVE).any())
 st.fragment(_runs_table, run_every=LIVE_REFRESH_S * 2 if has_live else None)(has_live)
@@ -114,30 +118,37 @@ if not runs.empty:
     run_id = labelled_picker("Run", ids, label, "manage_run")
     run_dir = root / run_id
     row = runs.set_index("run_id").loc[run_id]
+    allowed = me.may_act({"owner": row["owner"]})
     c1, c2, c3 = st.columns(3)
     with c1:
-        with st.form("rename_form", border=False):
-            new_name = st.text_input(
-                "New name",
-                value=row["name"],
-                max_chars=100,
-                key=f"rename_{run_id}",
-                help="A label for people; the id stays.",
-            )
-            if st.form_submit_button("Rename", key="rename"):
-                try:
-                    store.rename_run(run_dir, new_name)
-                    st.toast(f"Renamed {run_id} to {new_name!r}")
-                    st.rerun()
-                except store.RunError as e:
-                    st.error(str(e))
+        if not allowed:  # another user's run, or the demo: say so, no dead buttons
+            st.caption(me.why_not({"owner": row["owner"]}))
+        else:
+            with st.form("rename_form", border=False):
+                new_name = st.text_input(
+                    "New name",
+                    value=row["name"],
+                    max_chars=100,
+                    key=f"rename_{run_id}",
+                    help="A label for people; the id stays.",
+                )
+                if st.form_submit_button("Rename", key="rename"):
+                    try:
+                        store.rename_run(run_dir, new_name, actor=me.user)
+                        st.toast(f"Renamed {run_id} to {new_name!r}")
+                        st.rerun()
+                    except store.RunError as e:
+                        st.error(str(e))
     with c2:
-        st.write("Start a new run with these settings, to change one thing and run again.")
-        if st.button("Clone into New run", key="clone"):
-            st.switch_page(PAGES["new"], query_params={"clone": run_id})
+        if not me.demo:
+            st.write("Start a new run with these settings, to change one thing and run again.")
+            if st.button("Clone into New run", key="clone"):
+                st.switch_page(PAGES["new"], query_params={"clone": run_id})
         st.page_link(PAGES["training"], label="Open in Training", query_params={"run": run_id})
     with c3:
-        if st.session_state.get("confirm_delete") == run_id:
+        if not allowed:
+            pass  # why is said beside Rename
+        elif st.session_state.get("confirm_delete") == run_id:
             st.warning(
                 f"Delete run {run_id} and its checkpoints ({plots.fmt_bytes(row['disk_bytes'])})? "
                 "This cannot be undone."
@@ -145,7 +156,7 @@ if not runs.empty:
             y, n = st.columns(2)
             if y.button("Yes, delete", key="delete_yes", icon=":material/delete:"):
                 try:
-                    store.delete_run(run_dir)
+                    store.delete_run(run_dir, actor=me.user)
                     st.session_state.pop("confirm_delete", None)
                     st.session_state.pop("manage_run", None)
                     st.toast(f"Deleted run {run_id}")
@@ -169,6 +180,7 @@ if not runs.empty:
 with st.expander("Queue settings"):
     from_env = os.environ.get("FINETUNE_MAX_PARALLEL")
     limit = runner.parallel_limit(root)
+    not_admin = me.demo or not me.admin  # one setting for the whole server
     parallel = st.number_input(
         "Runs trained at once",
         min_value=1,
@@ -176,14 +188,20 @@ with st.expander("Queue settings"):
         value=min(limit, 16),
         step=1,
         key="max_parallel",
-        disabled=bool(from_env),
+        disabled=bool(from_env) or not_admin,
         help="Queued runs start in order, at most this many at a time. One is right for a "
         "CPU or one GPU shared by a team: runs at once split the same cores or GPU.",
     )
     if from_env:
         st.caption(f"Set by $FINETUNE_MAX_PARALLEL={from_env} for this server.")
+    elif not_admin:
+        st.caption(
+            "One setting for the whole server: "
+            + ("this read-only demo keeps it." if me.demo else "only an admin changes it.")
+            + (" Users take turns: each user's next run starts in turn." if me.hosted else "")
+        )
     elif parallel != limit:
-        runner.set_max_parallel(root, int(parallel))
+        runner.set_max_parallel(root, int(parallel), actor=me.user)
         st.toast(f"At most {int(parallel)} run(s) at once from now on")
 
 warm_up()  # drawn: New run's imports load in the background

@@ -1,4 +1,5 @@
-"""Page setup, the runs folder, the device line and small widgets every page uses."""
+"""Page setup, the runs folder, the device line and small widgets every page uses; who is
+viewing (sign-in on a shared server, the read-only demo)."""
 
 from __future__ import annotations
 
@@ -6,11 +7,13 @@ import hashlib
 import importlib
 import os
 import threading
+from dataclasses import dataclass
 from pathlib import Path
 
 import streamlit as st
 
 from finetune_core import runner, store
+from finetune_core.store import access
 from finetune_core.util import hardware
 
 PAGES = {
@@ -67,9 +70,11 @@ def setup_page(title: str) -> Path:
     # a bundled icon: a :material/...: page icon is fetched from Google's font CDN
     st.set_page_config(page_title=f"{title} · Fine-tuning", page_icon=str(ICON), layout="wide")
     st.html(BUSY_CSS)
+    sign_in_gate()  # with [auth] in secrets.toml: nothing below for a visitor not signed in
     with st.sidebar:  # our own navigation: the entry script would otherwise be called "app"
         for key, label, icon in NAV:
             st.page_link(PAGES[key], label=label, icon=icon)
+        who_is_viewing()
     root = store.runs_dir()
     _ensure_supervisor(str(root))
     return root
@@ -176,3 +181,132 @@ def table_height(rows: int, most: int = 25) -> int:
 def run_choice_labels(runs) -> dict[str, str]:
     """Returns {run_id: 'name or strategy (with its option) · model · run_id'} for pickers."""
     return {r.run_id: f"{r.name or r.strategy} · {r.model} · {r.run_id}" for r in runs.itertuples()}
+
+
+# ---------------------------------------------------------------- hosted mode: who is viewing
+
+
+@dataclass(frozen=True)
+class Viewer:
+    """Who looks at the page: a signed-in user, or nobody (the local mode: no sign-in, every
+    action open); and whether this server is a read-only demo. The answers are
+    store.access's, which the functions the buttons call enforce again."""
+
+    user: str | None = None
+    demo: bool = False
+
+    @property
+    def hosted(self) -> bool:
+        return self.user is not None
+
+    @property
+    def admin(self) -> bool:
+        return access.is_admin(self.user)
+
+    def may_act(self, config) -> bool:
+        """Returns True when this viewer may stop, resume, rename or delete the run."""
+        return not self.demo and access.may_act(config, self.user)
+
+    def why_not(self, config) -> str:
+        """Returns, in the page's words, why the run's buttons are not there."""
+        if self.demo:
+            return "This is a read-only demo: runs can be browsed and compared, not changed."
+        owner = access.owner_of(config)
+        whose = f"**{owner}**'s" if owner else "from before sign-in (nobody's)"
+        return f"This run is {whose}: only its owner or an admin can stop, resume or delete it."
+
+    def may_see(self, config) -> bool:
+        """Returns False for another user's run when FINETUNE_HIDE_OTHERS_RUNS hides them."""
+        return access.may_see_run(config, self.user)
+
+    def may_see_images(self, config) -> bool:
+        return access.may_see_images(config, self.user)
+
+    def visible_runs(self, runs):
+        """Returns the rows of store.list_runs this viewer may see (all of them unless
+        FINETUNE_HIDE_OTHERS_RUNS hides other users' runs)."""
+        if runs.empty or not access.hide_others_runs() or self.admin:
+            return runs
+        return runs[runs["owner"] == self.user].reset_index(drop=True)
+
+    def home(self, root: Path) -> Path:
+        """Returns where this viewer's saved form and uploads live (store.access.user_home)."""
+        return access.user_home(root, self.user)
+
+
+def sign_in_configured() -> bool:
+    """Returns True when .streamlit/secrets.toml has an [auth] section (st.login's)."""
+    try:
+        return "auth" in st.secrets
+    except Exception:  # noqa: BLE001 - no secrets file, or one Streamlit cannot parse
+        return False
+
+
+def viewer() -> Viewer:
+    """Returns who is viewing this page: the signed-in user (by FINETUNE_USER_CLAIM, the
+    e-mail address by default) with sign-in configured, else nobody (the local mode)."""
+    user = None
+    if sign_in_configured() and st.user.is_logged_in:
+        user = access.user_key(st.user.get(access.user_claim()))
+    return Viewer(user=user, demo=access.demo_mode())
+
+
+def _providers() -> list[str | None]:
+    """Returns the [auth] providers to offer: None for one unnamed provider, else the names
+    of the [auth.NAME] sections."""
+    section = st.secrets["auth"]
+    if "server_metadata_url" in section:
+        return [None]
+    return [k for k, v in section.items() if hasattr(v, "keys")] or [None]
+
+
+def sign_in_gate() -> None:
+    """With sign-in configured, shows a visitor who is not signed in only the sign-in
+    button, and a signed-in user whose sign-in names nobody what to change; the page stops
+    there. Without it (the local mode) nothing is drawn."""
+    if not sign_in_configured():
+        return
+    claim = access.user_claim()
+    if st.user.is_logged_in:
+        if claim == "email" and st.user.get("email_verified") is False:
+            problem = "your provider says your e-mail address is not verified"
+        elif viewer().user is None:
+            problem = f"your sign-in did not say your {claim}, which names users here"
+        else:
+            return
+        st.title("Fine-tuning dashboard")
+        st.error(
+            f"Signed in, but {problem}. Verify it with your provider, or ask the admin to set "
+            "FINETUNE_USER_CLAIM (email or sub) to a claim your provider gives."
+        )
+        st.button("Sign out", key="sign_out", icon=":material/logout:", on_click=st.logout)
+        st.stop()
+    st.title("Fine-tuning dashboard")
+    st.info(
+        "This is a team's shared dashboard: sign in to see its runs and launch your own.",
+        icon=":material/lock:",
+    )
+    for provider in _providers():
+        st.button(
+            f"Sign in with {provider}" if provider else "Sign in",
+            type="primary",
+            icon=":material/login:",
+            key=f"sign_in_{provider or 'default'}",
+            on_click=st.login,
+            args=(provider,) if provider else (),
+        )
+    st.stop()
+
+
+def who_is_viewing() -> None:
+    """The sidebar's line on who is signed in (with Sign out), and the demo's notice."""
+    me = viewer()
+    if me.hosted:
+        st.caption(f"Signed in as `{me.user}`" + (" (admin)" if me.admin else ""))
+        st.button("Sign out", key="sign_out", icon=":material/logout:", on_click=st.logout)
+    if me.demo:
+        st.info(
+            "Read-only demo: browse and compare the runs here; launching, uploading, "
+            "stopping and deleting are off.",
+            icon=":material/visibility:",
+        )

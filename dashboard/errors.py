@@ -3,7 +3,7 @@ confusion drill-down (a clicked cell's images) and where two strategies differ (
 
 from __future__ import annotations
 
-from collections.abc import Mapping, Sequence
+from collections.abc import Collection, Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -58,9 +58,11 @@ def confusion_drill_down(
     by_label: Mapping[str, Mapping[str, Any]],
     groups: Mapping[str, Sequence[str]],
     configs: Mapping[str, Mapping[str, Any]],
+    hidden: Collection[str] = (),
 ) -> None:
     """The confusion matrices, a click on a cell (or the select boxes beside, for a keyboard)
-    showing that cell's val images with their classes and confidence."""
+    showing that cell's val images with their classes and confidence; the images of the
+    `hidden` runs (another user's, on a shared server) are not shown."""
     event = st.plotly_chart(
         plots.confusion_chart(by_label, selectable=True),
         key="confusion",
@@ -90,7 +92,14 @@ def confusion_drill_down(
     true = c[1].selectbox("True class", classes, key="cell_true")
     pred = c[2].selectbox("Predicted as", classes, key="cell_pred")
     cell_images(
-        root, label, summary, groups[label], configs, classes.index(true), classes.index(pred)
+        root,
+        label,
+        summary,
+        groups[label],
+        configs,
+        classes.index(true),
+        classes.index(pred),
+        hidden,
     )
 
 
@@ -102,8 +111,10 @@ def cell_images(
     configs: Mapping[str, Mapping[str, Any]],
     t: int,
     p: int,
+    hidden: Collection[str] = (),
 ) -> None:
-    """The val images of one cell (true t, predicted p) of a strategy's runs (its seeds)."""
+    """The val images of one cell (true t, predicted p) of a strategy's runs (its seeds),
+    none of the `hidden` runs'."""
     classes = [str(k) for k in summary.get("classes") or range(len(summary["confusion_matrix"]))]
     count = int(summary["confusion_matrix"][t][p])
     what = f"{classes[t]} predicted right" if t == p else f"{classes[t]} predicted as {classes[p]}"
@@ -116,6 +127,14 @@ def cell_images(
     if count == 0:
         st.caption("This cell is empty.")
         return
+    if set(rids) <= set(hidden):
+        st.info(
+            "These runs are another user's: their images are shown to their owner and the "
+            "admins only (FINETUNE_SHARE_IMAGES shares them with everyone).",
+            icon=":material/visibility_off:",
+        )
+        return
+    rids = [r for r in rids if r not in hidden]
     predictions = {r: store.read_predictions(root / r) for r in rids}
     rows = plots.cell_images(predictions, t, p, "val")
     if rows.empty:

@@ -18,7 +18,7 @@ from pathlib import Path
 import streamlit as st
 
 from dashboard import form
-from dashboard.common import PAGES, setup_page
+from dashboard.common import PAGES, setup_page, viewer
 from finetune_core import config as config_mod
 from finetune_core import data as data_mod
 from finetune_core import (
@@ -40,6 +40,16 @@ from finetune_core.util.durations import plural
 F = form.PREFIX
 root = setup_page("New run")
 st.title("New run")
+me = viewer()  # signed in on a shared server, or nobody (the local mode)
+home = me.home(root)  # where this user's form is saved and uploads kept (the runs folder)
+if me.demo:  # a read-only demo launches nothing: no form, no uploads, no measuring jobs
+    st.info(
+        "This is a read-only demo: new runs cannot be launched here. Browse the runs on "
+        "Home and Training, and compare them on Compare.",
+        icon=":material/visibility:",
+    )
+    st.page_link(PAGES["compare"], label="Compare", icon=":material/compare_arrows:")
+    st.stop()
 roots = form.data_roots()
 state = st.session_state
 
@@ -131,7 +141,7 @@ def save_upload(up) -> Path:
     other upload replaces it (finetune_core.uploads); saved once per upload, not per rerun."""
     saved = state.setdefault("_uploads_saved", {})
     if up.file_id not in saved:
-        saved[up.file_id] = str(uploads.save(root, up.name, up.getbuffer()))
+        saved[up.file_id] = str(uploads.save(root, up.name, up.getbuffer(), user=me.user))
     return Path(saved[up.file_id])
 
 
@@ -139,14 +149,18 @@ def upload(label: str, types: list[str], key: str, field: str, **kwargs) -> None
     """A file uploader whose file is kept by its content; the form's `field` keeps its path
     (so a refresh keeps the file, and a launched run's config pins it), named under it."""
     up = st.file_uploader(label, type=types, key=key, **kwargs)
-    if up is not None:
-        saved = str(save_upload(up))
+    try:
+        saved = str(save_upload(up)) if up is not None else None
+    except store.RunError as e:  # over this user's disk limit: nothing was kept
+        st.error(f"**{label}**: {e}", icon=":material/block:")
+        saved = None
+    if saved is not None:
         if state.get(F + field) != saved:
             state[F + field] = saved
             st.rerun()
     path = state.get(F + field)
     if path:
-        kept = uploads.upload_folder(path, root)
+        kept = uploads.upload_folder(path, root, me.user)
         if kept is not None:
             uploads.touch(kept)  # in use: the cleanup keeps it
             st.caption(f"Using `{Path(path).name}` (upload {kept.name[:8]}, kept unchanged)")
@@ -156,10 +170,10 @@ def upload(label: str, types: list[str], key: str, field: str, **kwargs) -> None
 
 def clean_uploads() -> None:
     """Deletes uploads nothing uses (no run, no job, not the form), at most once an hour."""
-    keep = [str(v) for v in form.load(root).values()]
+    keep = [str(v) for v in form.load(home).values()]
     keep += [str(v) for k, v in state.items() if str(k).startswith(F)]
     try:
-        uploads.clean_now_and_then(root, keep=keep)
+        uploads.clean_now_and_then(root, keep=keep, user=me.user)
     except OSError as e:  # the page works without it; the next hour tries again
         st.toast(f"Could not clean old uploads: {e}")
 
@@ -246,7 +260,7 @@ def restore_form(offline: str | None, names: list[str]) -> None:
     first_choice = "builtin"
     if not offline or availability("default", default_model)[0] == "cached":
         first_choice = "default"
-    form.restore(root, form.defaults(first_choice))
+    form.restore(home, form.defaults(first_choice))
     clone = st.query_params.get("clone")
     if clone:
         try:
@@ -303,7 +317,8 @@ def weights_choice(page: Page, model: str) -> None:
             help=".pt/.pth are read with weights_only=True (no pickle code).",
         )
     elif choice == "run":
-        done = store.list_runs(root).query("state == 'completed'").set_index("run_id")
+        done = me.visible_runs(store.list_runs(root)).query("state == 'completed'")
+        done = done.set_index("run_id")
         options = list(done.index)
         if not options:
             st.warning("No completed run yet to take weights from; choose another source.")
@@ -918,10 +933,14 @@ def launch_section(page: Page) -> None:
         if launch:
             try:
                 with st.status("Queueing…") as status_box:
-                    dirs = runner.enqueue([c for _, c in page.cfgs], root, group=len(labels) > 1)
+                    dirs = runner.enqueue(
+                        [c for _, c in page.cfgs], root, group=len(labels) > 1, owner=me.user
+                    )
                     status_box.update(label=f"Queued {len(dirs)} run(s)", state="complete")
             except ConfigError as e:
                 st.error("Not launched: " + "; ".join(f"{k}: {v}" for k, v in e.errors.items()))
+            except store.RunError as e:  # a limit of this user's, or another user's upload
+                st.error(f"Not launched: {e}.", icon=":material/block:")
             else:
                 state["training_follow"] = True  # Training moves on to each run as it trains
                 st.switch_page(PAGES["training"], query_params={"run": dirs[0].name})
@@ -965,7 +984,7 @@ def depth_launch(page: Page) -> None:
             if errors:
                 raise ConfigError({f"{label}: {k}": v for k, v in errors.items()})
         with st.status("Queueing…") as status_box:
-            dirs = runner.enqueue([c for _, c in cfgs], root, group=True)
+            dirs = runner.enqueue([c for _, c in cfgs], root, group=True, owner=me.user)
             status_box.update(label=f"Queued {len(dirs)} run(s)", state="complete")
     except (ConfigError, store.RunError) as e:
         detail = (
@@ -987,6 +1006,11 @@ restore_form(page.offline, names)
 clean_uploads()
 page.weights_spec, page.weights_problem = form.weights_spec(state)
 page.data_spec, page.data_problem = form.data_spec(state, roots)
+for what in ("weights", "data"):  # another user's upload (a clone): not read, not shown
+    foreign = store.access.foreign_upload(getattr(page, f"{what}_spec"), root, me.user)
+    if foreign:
+        setattr(page, f"{what}_spec", "")
+        setattr(page, f"{what}_problem", foreign)
 
 model = model_section(page, names)
 data_section(page)
@@ -1004,5 +1028,5 @@ with strategy_column:
         page.show(name)
     trainable_maps(page)
 settings_section(page)
-form.save(root)
+form.save(home)
 launch_section(page)

@@ -20,6 +20,7 @@ from dashboard.common import (
     run_choice_labels,
     setup_page,
     state_text,
+    viewer,
     warm_up,
 )
 from dashboard.errors import curve_controls
@@ -27,9 +28,10 @@ from finetune_core import plots, runner, store, strategies
 from finetune_core.util.durations import plural
 
 root = setup_page("Training")
+me = viewer()  # signed in on a shared server, or nobody (the local mode)
 st.title("Training")
 
-runs = store.list_runs(root)
+runs = me.visible_runs(store.list_runs(root))
 if runs.empty:
     st.info("No runs yet. Set one up on **New run**; it will show here while it trains.")
     st.page_link(PAGES["new"], label="New run", icon=":material/rocket_launch:")
@@ -50,6 +52,8 @@ wanted = st.query_params.get("run")
 if wanted:
     try:
         run_id = store.resolve_run_id(wanted, root).name
+        if not me.may_see(store.read_config(root / run_id)):  # another user's, hidden
+            raise store.RunError(f"no run {wanted!r} in this dashboard's runs folder")
     except store.RunError as e:
         st.error(f"{e}. Showing the newest run instead.")
         run_id = _default_run()
@@ -95,11 +99,18 @@ elif config.get("tune_lr"):
 
 
 def _stop() -> None:
-    st.session_state["_training_note"] = f"Stop: {runner.stop_run(run_dir)}"
+    try:
+        st.session_state["_training_note"] = f"Stop: {runner.stop_run(run_dir, actor=me.user)}"
+    except store.RunError as e:  # another user's run (the buttons are not drawn for it)
+        st.session_state["_training_note"] = f"Could not stop: {e}"
 
 
 def _cancel() -> None:
-    done = runner.cancel_run(run_dir)
+    try:
+        done = runner.cancel_run(run_dir, actor=me.user)
+    except store.RunError as e:
+        st.session_state["_training_note"] = f"Could not cancel: {e}"
+        return
     st.session_state["_training_note"] = (
         "Cancelled: the run will not start" if done else "It had already started; use Stop"
     )
@@ -107,7 +118,7 @@ def _cancel() -> None:
 
 def _resume() -> None:
     try:
-        runner.resume_run(run_dir)
+        runner.resume_run(run_dir, actor=me.user)
         st.session_state["_training_note"] = "Queued to resume"
     except store.RunError as e:
         st.session_state["_training_note"] = f"Could not resume: {e}"
@@ -116,6 +127,9 @@ def _resume() -> None:
 def _actions(status: dict) -> None:
     """Stop / Cancel / Resume as callbacks, so the state drawn after a click is the new one."""
     state = status.get("state")
+    if not me.may_act(config):  # another user's run, or the demo: say so, no dead buttons
+        st.caption(me.why_not(config))
+        return
     c1, c2, c3, _ = st.columns([1, 1, 1, 3])
     if store.is_active(status):  # running, or stalled: Stop escalates to a kill
         c1.button(
@@ -209,16 +223,21 @@ def group_links(members: dict[str, dict]) -> None:
         query_params={"group": group},
     )
     live = [m for m, s in members.items() if s.get("state") in store.LIVE_STATES]
+    live = live if me.may_act(config) else []  # another user's group: no Stop
     if live and st.button(
         f"Stop the group ({len(live)} live)",
         icon=":material/stop_circle:",
         key="stop_group",
         help="Cancels its queued runs, then stops the one that trains (it saves a checkpoint)",
     ):
-        outcome = runner.stop_group(root, group)
-        acted = sum(w != "not running" for w in outcome.values())
-        st.toast(f"Group {group}: {acted} run(s) stopped or cancelled")
-        st.rerun()
+        try:
+            outcome = runner.stop_group(root, group, actor=me.user)
+        except store.RunError as e:  # one of its runs is another user's
+            st.error(f"The group was not stopped: {e}")
+        else:
+            acted = sum(w != "not running" for w in outcome.values())
+            st.toast(f"Group {group}: {acted} run(s) stopped or cancelled")
+            st.rerun()
 
 
 def _live_member(members: dict[str, dict]) -> str | None:

@@ -18,15 +18,17 @@ from dashboard.common import (
     run_choice_labels,
     setup_page,
     share_column,
+    viewer,
     warm_up,
 )
 from dashboard.errors import confusion_drill_down, curve_controls, differences
 from finetune_core import plots, report, runner, store
 
 root = setup_page("Compare")
+me = viewer()  # signed in on a shared server, or nobody (the local mode)
 st.title("Compare")
 
-runs = store.list_runs(root)
+runs = me.visible_runs(store.list_runs(root))
 if runs.empty:
     st.info(
         "Nothing to compare yet. On **New run**, turn on *Compare strategies* to launch full "
@@ -153,7 +155,7 @@ def comparison(was_live: bool) -> None:
             f"{len(live)} of {len(chosen)} runs are still training; this page updates as "
             "they go and the sentence above is provisional."
         )
-        live_groups = {configs[r].get("group") for r in live} - {None}
+        live_groups = {configs[r].get("group") for r in live if me.may_act(configs[r])} - {None}
         if len(live_groups) == 1 and st.button(
             "Stop the group",
             icon=":material/stop_circle:",
@@ -161,10 +163,14 @@ def comparison(was_live: bool) -> None:
             help="Cancels its queued runs, then stops the one that trains (it saves a checkpoint)",
         ):
             (group,) = live_groups
-            outcome = runner.stop_group(root, group)
-            acted = sum(w != "not running" for w in outcome.values())
-            st.toast(f"Group {group}: {acted} run(s) stopped or cancelled")
-            st.rerun()
+            try:
+                outcome = runner.stop_group(root, group, actor=me.user)
+            except store.RunError as e:  # one of its runs is another user's
+                st.error(f"The group was not stopped: {e}")
+            else:
+                acted = sum(w != "not running" for w in outcome.values())
+                st.toast(f"Group {group}: {acted} run(s) stopped or cancelled")
+                st.rerun()
 
     points = plots.depth_points(configs, summaries, basis)
     depth = plots.depth_sentence(points, {r: h for r, h in hits.items() if h})
@@ -277,7 +283,8 @@ def comparison(was_live: bool) -> None:
 
     by_label = plots.seed_summaries(groups, summaries)  # seeds: mean per class, summed matrix
     st.plotly_chart(plots.per_class_chart(by_label), key="per_class", width="stretch")
-    confusion_drill_down(root, by_label, groups, configs)  # a clicked cell's images
+    hidden = {r for r in chosen if not me.may_see_images(configs[r])}  # others' images
+    confusion_drill_down(root, by_label, groups, configs, hidden)  # a clicked cell's images
     differences(by_label, configs, groups)  # B − A, per-class deltas against a baseline
 
     st.markdown("#### Settings that differ")
