@@ -21,6 +21,9 @@ from finetune_core import strategies
 from finetune_core.options import options_of, setting, short
 from finetune_core.util.names import nearest
 
+# the choices of augment; data/augment.py applies them (none and flip keep the feature cache)
+AUGMENTS = ("none", "flip", "crop", "fastai", "trivialaugment", "randaugment", "augmix")
+
 
 def _strategy_help() -> str:
     return "what trains: " + "; ".join(
@@ -71,6 +74,15 @@ class RunConfig:
         max=4096,
         step=8,
     )
+    accumulate_steps: int = setting(
+        1,
+        "batches whose gradients add up before each optimizer step: the effective batch is "
+        "batch size x this (fastai's GradientAccumulation); 1 = a step after every batch",
+        label="Accumulate gradients (batches)",
+        min=1,
+        max=1024,
+        step=1,
+    )
     lr: float = setting(
         0.01,
         "the head's learning rate; backbone groups may get less (layer_decay)",
@@ -90,9 +102,10 @@ class RunConfig:
     )
     optimizer: str = setting(
         "sgd",
-        "sgd uses momentum 0.9; adamw decouples weight decay",
+        "sgd uses momentum 0.9, sgd_nesterov the same with Nesterov's momentum (the "
+        "reference's --opt sgd_nesterov); adamw decouples weight decay",
         label="Optimizer",
-        choices=("sgd", "adam", "adamw"),
+        choices=("sgd", "sgd_nesterov", "adam", "adamw"),
     )
     weight_decay: float = setting(
         1e-4,
@@ -103,11 +116,24 @@ class RunConfig:
         step=1e-4,
         format="%g",
     )
+    decay_norm_bias: bool = setting(
+        False,
+        "apply weight decay to normalisation parameters and biases too; off leaves them "
+        "undecayed, as torchvision's references (--norm-weight-decay 0) and fastai "
+        "(wd_bn_bias=False) do",
+        label="Weight decay on norms and biases",
+    )
     scheduler: str = setting(
         "cosine",
         "the learning-rate schedule, stepped per batch",
         label="Scheduler",
         choices=("constant", "step", "cosine", "onecycle"),
+    )
+    cycle_momentum: bool = setting(
+        True,
+        "with scheduler onecycle, momentum (Adam's beta1) goes 0.95 -> 0.85 -> 0.95 against "
+        "the lr, as fastai's fit_one_cycle and torch's OneCycleLR; off keeps it fixed",
+        label="One-cycle momentum",
     )
     warmup_epochs: float = setting(
         0.0,
@@ -157,9 +183,49 @@ class RunConfig:
     )
     augment: str = setting(
         "flip",
-        "random changes to the training images: crop = random-resized crop + flip",
+        "random changes to the training images: flip = mirror left-right; crop = "
+        "random-resized crop + mirror; fastai = mirror, rotation up to 10 degrees, zoom up to "
+        "1.1, warp and lighting, each with p 0.75 (fastai's aug_transforms); trivialaugment, "
+        "randaugment, augmix = torchvision's policy per image + mirror; hflip off: no mirror",
         label="Augmentation",
-        choices=("none", "flip", "crop"),
+        choices=AUGMENTS,
+    )
+    hflip: bool = setting(
+        True,
+        "whether the augmentation mirrors half the training images left-right; off for "
+        "digits, text or anything a mirror changes",
+        label="Mirror left-right",
+    )
+    random_erase: float = setting(
+        0.0,
+        "probability of erasing a random rectangle of each training image to the mean colour "
+        "(torchvision's RandomErasing, the reference's --random-erase); 0 = off",
+        label="Random erasing (probability)",
+        min=0.0,
+        max=1.0,
+        step=0.05,
+        format="%.2f",
+    )
+    mixup_alpha: float = setting(
+        0.0,
+        "MixUp: each batch blended with itself shifted by one image, weight ~ Beta(alpha, "
+        "alpha), the targets likewise (the reference's recipes use 0.2); 0 = off; with "
+        "CutMix on too, each batch gets one of the two",
+        label="MixUp alpha",
+        min=0.0,
+        max=10.0,
+        step=0.1,
+        format="%g",
+    )
+    cutmix_alpha: float = setting(
+        0.0,
+        "CutMix: a rectangle of each image pasted from the next one, its area ~ Beta(alpha, "
+        "alpha), the targets by area (the reference's recipes use 1.0); 0 = off",
+        label="CutMix alpha",
+        min=0.0,
+        max=10.0,
+        step=0.1,
+        format="%g",
     )
     balance: str = setting(
         "none",
@@ -210,6 +276,47 @@ class RunConfig:
     layer_decay: float = strategies.option("layer_decay")
     l2sp: float = strategies.option("l2sp")
     freeze_bn: bool = strategies.option("freeze_bn")
+    head: str = setting(
+        "linear",
+        "linear = torchvision's own last layer, new for the classes; fastai = concatenated "
+        "average and max pooling, BatchNorm, dropout 0.25, a 512-unit hidden layer with ReLU, "
+        "BatchNorm, dropout 0.5 and the class layer (fastai's create_head)",
+        label="Head",
+        choices=("linear", "fastai"),
+    )
+    model_ema: bool = setting(
+        False,
+        "keep an exponential moving average of the weights (the reference's --model-ema): "
+        "the average is what is evaluated, saved as best and reported; the raw weights' val "
+        "accuracy is recorded beside it",
+        label="Weight EMA",
+    )
+    model_ema_steps: int = setting(
+        32,
+        "optimizer steps between updates of the weight EMA (the reference's --model-ema-steps)",
+        label="EMA every (steps)",
+        min=1,
+        max=100_000,
+        step=1,
+    )
+    model_ema_decay: float = setting(
+        0.99998,
+        "the weight EMA's decay, adjusted as the reference does: each update keeps "
+        "1 - (1 - decay) x batch size x EMA steps / epochs of the average",
+        label="EMA decay",
+        min=0.0,
+        max=1.0,
+        step=1e-5,
+        format="%.6f",
+    )
+    tta: str = setting(
+        "none",
+        "scores the best weights also on augmented views, reported beside the plain scores: "
+        "flip = mean of the softmax of each image and its mirror; augment = 0.25 x the "
+        "image's + 0.75 x the mean of 4 views with the run's augmentation (fastai's tta)",
+        label="Test-time augmentation",
+        choices=("none", "flip", "augment"),
+    )
     compile: bool = setting(
         False,
         "compiles the model before training: a slower start, then faster steps on a GPU",
@@ -431,10 +538,45 @@ def validate_fields(cfg: RunConfig) -> dict[str, str]:
     if not {"val_fraction", "test_fraction"} & set(e):
         if cfg.val_fraction + cfg.test_fraction >= 0.95:
             e["val_fraction"] = "val and test fractions together leave no training images"
+    if not mistyped:
+        for name, message in _recipe_problems(cfg).items():
+            e.setdefault(name, message)
     if "strategy" not in e and not mistyped:  # its checks compare fields of the right types
         for name, message in strategies.get(cfg.strategy).validate(cfg).items():
             e.setdefault(name, message)
     return e
+
+
+def _recipe_problems(cfg: RunConfig) -> dict[str, str]:
+    """Returns {field: message} for recipe settings that contradict each other."""
+    e = {}
+    if cfg.augment == "flip" and not cfg.hflip:
+        e["hflip"] = (
+            "--augment flip only mirrors images, which --hflip off forbids: choose --augment "
+            "none, or another augmentation (crop, fastai, trivialaugment, ...) without the mirror"
+        )
+    if cfg.tta == "flip" and not cfg.hflip:
+        e["tta"] = (
+            "--tta flip scores mirrored images, which --hflip off says are wrong for this data: "
+            "choose --tta augment or none"
+        )
+    if cfg.tta == "augment" and cfg.augment == "none" and cfg.random_erase == 0:
+        e["tta"] = (
+            "--tta augment scores views with the run's augmentation, and --augment none has "
+            "none: choose an --augment, or --tta flip"
+        )
+    return e
+
+
+# Settings whose default changed after runs were stored without them: what those runs
+# trained with, so that a resume (or a reading of the run) keeps their recipe.
+STORED_BEFORE = {"decay_norm_bias": True, "cycle_momentum": False}
+
+
+def stored_config(data: dict[str, Any]) -> RunConfig:
+    """Returns the RunConfig of a stored run's config.json: a setting it lacks (a run stored
+    before the setting existed) takes what the run trained with, not today's default."""
+    return from_dict(data, base=RunConfig(**STORED_BEFORE))
 
 
 MAX_SEEDS = 5  # seeds per strategy a comparison may repeat

@@ -15,6 +15,7 @@ import dataclasses
 import math
 import os
 import time
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
@@ -22,11 +23,21 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from finetune_core import checkpoints, memory, metrics, models, stats, strategies, weights
+from finetune_core import (
+    checkpoints,
+    heads,
+    memory,
+    metrics,
+    models,
+    recipe,
+    stats,
+    strategies,
+    weights,
+)
 from finetune_core import data as data_mod
 from finetune_core.callbacks import Callback, StopTraining, make_record
 from finetune_core.config import RunConfig
-from finetune_core.data.augment import flip_mask
+from finetune_core.data.augment import flip_mask, random_erase
 from finetune_core.data.thumbnails import SCORED_IMAGES_FILE, write_scored_images
 from finetune_core.device import pick_device, speed_settings
 from finetune_core.strategies.l2sp import L2SP
@@ -74,6 +85,8 @@ def build_model(
         backbone_state=backbone_state,
         device=device,
     )
+    if cfg.head == "fastai":
+        heads.use_fastai_head(parts, num_classes, cfg.image_size)
     if backbone_state is not None and keep_head:
         # load_backbone_state has already dropped a head trained for another class count
         head = {k: v for k, v in backbone_state.items() if k.startswith(parts.head + ".")}
@@ -106,9 +119,11 @@ def prepare(cfg: RunConfig, *, runs_dir=None, progress=None) -> Experiment:
 
 
 def make_optimizer(cfg: RunConfig, groups: list[dict]) -> torch.optim.Optimizer:
-    """Returns SGD (momentum 0.9), Adam or AdamW over the given parameter groups."""
-    if cfg.optimizer == "sgd":
-        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9)
+    """Returns SGD (momentum 0.9; Nesterov's with sgd_nesterov), Adam or AdamW over the given
+    parameter groups."""
+    if cfg.optimizer in ("sgd", "sgd_nesterov"):
+        nesterov = cfg.optimizer == "sgd_nesterov"
+        return torch.optim.SGD(groups, lr=cfg.lr, momentum=0.9, nesterov=nesterov)
     if cfg.optimizer == "adam":
         return torch.optim.Adam(groups, lr=cfg.lr)
     return torch.optim.AdamW(groups, lr=cfg.lr)
@@ -362,6 +377,7 @@ class Trainer:
             self.optimizer,
             lambda s: lr_factor(self.cfg, s, self.total_steps, self.steps_per_epoch),
         )
+        self._recipe_init()
         self.callbacks.append(FollowPlan())  # last, so other callbacks see the epoch's own phase
 
     def _loader(self, split: data_mod.TensorSplit) -> data_mod.TensorLoader:
@@ -407,8 +423,10 @@ class Trainer:
         """Returns normalised float input on the device from a uint8 batch, augmented if asked."""
         x = images.to(self.device, non_blocking=True)
         if generator is not None and self.cfg.augment != "none":
-            x = data_mod.augment_batch(x, self.cfg.augment, generator)
+            x = data_mod.augment_batch(x, self.cfg.augment, generator, flip=self.cfg.hflip)
         x = (x.float().div_(255) - self.mean) / self.std
+        if generator is not None and self.cfg.random_erase > 0:
+            x = random_erase(x, self.cfg.random_erase, generator)
         if self.channels_last:
             x = x.contiguous(memory_format=torch.channels_last)
         return x
@@ -435,6 +453,7 @@ class Trainer:
         strategies.set_train_mode(self.parts, phase, freeze_bn=self.cfg.freeze_bn)
         if phase.head_only:
             self.parts.model.eval()  # the whole backbone is frozen: inference mode everywhere
+            self.parts.model.get_submodule(self.parts.head).train()  # fastai's BN and dropout
 
     def begin_epoch(self) -> data_mod.TensorLoader:
         """Sets the modes of this epoch's phase; returns the loader that serves its batches
@@ -450,31 +469,46 @@ class Trainer:
         """Takes one optimizer step on a batch (uint8 images, or the indices of cached rows);
         returns (loss, logits, labels on the device)."""
         y = labels.to(self.device, non_blocking=True)
+        targets = None  # class probabilities instead of labels (MixUp/CutMix)
         with self.autocast():
             if self.feature_cache is not None:  # only the trained part runs
                 cache = self.feature_cache
                 logits = cache.rest(cache.batch(inputs, self._batch_generator(batch_index)))
             else:
-                x = self.to_input(inputs, self._batch_generator(batch_index))
+                generator = self._batch_generator(batch_index)
+                x = self.to_input(inputs, generator)
+                if self.mixer is not None:
+                    x, targets = self.mixer(x, y, generator)
                 if self._head_only:
                     logits = self.parts.forward_head(self.features(x))
                 else:
                     logits = self.model(x)
-            loss = self.loss_fn(logits.float(), y)
+            loss = self.loss_fn(logits.float(), y if targets is None else targets)
             if self.l2sp is not None:
                 loss = loss + self.l2sp.penalty()
-        self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss).backward()
-        if self.cfg.clip_grad > 0:
-            self.scaler.unscale_(self.optimizer)
-            torch.nn.utils.clip_grad_norm_(
-                [p for p in self.parts.model.parameters() if p.requires_grad],
-                self.cfg.clip_grad,
-            )
-        self.scaler.step(self.optimizer)
-        self.scaler.update()
-        self.scheduler.step()
+        every = self.cfg.accumulate_steps  # batches per optimizer step (recipe.accumulation)
+        first, last, size = recipe.accumulation(batch_index, every, self.steps_per_epoch)
+        if first:
+            self.optimizer.zero_grad(set_to_none=True)
+        self.scaler.scale(loss / size if size > 1 else loss).backward()
+        self.accumulating = not last
+        if last:
+            if self.cfg.clip_grad > 0:
+                self.scaler.unscale_(self.optimizer)
+                torch.nn.utils.clip_grad_norm_(
+                    [p for p in self.parts.model.parameters() if p.requires_grad],
+                    self.cfg.clip_grad,
+                )
+            self.scaler.step(self.optimizer)
+            self.scaler.update()
+            if self.ema is not None:
+                count = recipe.optimizer_steps(self.epoch, batch_index, every, self.steps_per_epoch)
+                self.ema.after_optimizer_step(self.parts.model, count)
+        with warnings.catch_warnings():  # accumulating: the lr moves on with every batch
+            warnings.filterwarnings("ignore", "Detected call of `lr_scheduler.step", UserWarning)
+            self.scheduler.step()
         self.step += 1
+        recipe.set_momentum(self.optimizer, self._momentum(self.step))
         return loss, logits, y
 
     def measured_step(self, inputs: torch.Tensor, labels: torch.Tensor, batch_index: int):
@@ -486,6 +520,8 @@ class Trainer:
             held["feature_cache"] = self.feature_cache.tensors()
         if self.l2sp is not None:  # the starting weights the penalty pulls towards
             held["l2sp_reference"] = [p0 for _, p0 in self.l2sp.pairs]
+        if self.ema is not None:  # the averaged copy of the weights
+            held["weight_ema"] = self.ema.tensors()
         with memory.measure_step(self.device, self.parts.model, self.optimizer, held=held) as step:
             out = self.train_step(inputs, labels, batch_index)
         self.peak_memory = memory.larger(self.peak_memory, step)
@@ -576,9 +612,10 @@ class Trainer:
         boundary = _first_trained(phase, len(self.parts.groups))
         if boundary == 0:  # the stem trains (full; bitfit trains a subset of every group)
             return None, ""
-        views = CACHE_VIEWS.get(self.cfg.augment)
-        if views is None:
-            return None, "random-resized crops (augment crop) give new images every epoch"
+        blocker = recipe.cache_blocker(self.cfg)
+        if blocker:
+            return None, blocker
+        views = CACHE_VIEWS[self.cfg.augment]
         left = min(phase.end_epoch, self.cfg.epochs) - epoch + 1
         if left < views:
             return None, (
@@ -607,12 +644,13 @@ class Trainer:
         if key == self._cache_key:
             return
         self._cache_key = key
+        had_cache, held = held is not None, None  # freed before another one is built
         self.feature_cache = self.cache_loader = None
         where = f"feature cache for phase {phase.name!r}"
         if boundary is None:
             if why_not:
                 self._log(f"{where} off: {why_not}; its frozen part runs every step")
-            elif held is not None:
+            elif had_cache:
                 self._log(f"{where} released: the phase trains every group")
             return
         split = self._split(boundary)
@@ -753,6 +791,76 @@ class Trainer:
         for cb in self.callbacks:
             cb.on_log(self, message)
 
+    # --- the recipe: weight EMA, MixUp/CutMix, momentum, accumulation, TTA (recipe.py) -------
+    def _recipe_init(self) -> None:
+        cfg = self.cfg
+        self.mixer = recipe.mixer_for(cfg, self.exp.num_classes)
+        self.accumulating = False  # gradients of a group of batches wait for its last one
+        self.raw_val_acc: list[float] = []  # with a weight EMA: the raw weights' val accuracy
+        self.tta_scored: dict[str, dict] = {}  # the best weights' TTA scores, once scored
+        self.ema = None
+        if cfg.model_ema:
+            per_epoch = math.ceil(self.steps_per_epoch / cfg.accumulate_steps)
+            warmup = int(round(cfg.warmup_epochs * per_epoch))
+            self.ema = recipe.WeightEMA(self.parts.model, cfg, warmup)
+        recipe.set_momentum(self.optimizer, self._momentum(0))
+
+    def _momentum(self, step: int) -> float | None:
+        return recipe.momentum_at(self.cfg, step, self.total_steps, self.steps_per_epoch)
+
+    def _scored_weights(self):
+        """Returns a context in which the model holds the weights the run scores and saves
+        as best: the weight EMA's when there is one."""
+        if self.ema is None:
+            return contextlib.nullcontext()
+        return self.ema.in_place_of(self.parts.model)
+
+    def _recipe_state(self) -> dict:
+        """Returns what a resume needs of the recipe: the weight EMA, the raw weights' val
+        accuracies and, stopped inside a group of accumulated batches, their gradients."""
+        state: dict = {"raw_val_acc": list(self.raw_val_acc)}
+        if self.ema is not None:
+            state["weight_ema"] = self.ema.state(set(self.plan.ever_trained))
+        if self.accumulating:
+            state["accumulated_grads"] = {
+                n: p.grad.detach().cpu().clone()
+                for n, p in self.parts.model.named_parameters()
+                if p.grad is not None
+            }
+        return state
+
+    def _load_recipe_state(self, state: dict) -> None:
+        self.raw_val_acc = list(state.get("raw_val_acc", []))
+        if self.ema is not None and "weight_ema" in state:
+            self.ema.load_state(self.parts.model, state["weight_ema"])
+        grads = state.get("accumulated_grads")
+        if grads:
+            for n, p in self.parts.model.named_parameters():
+                if n in grads:
+                    p.grad = grads[n].to(p.device)
+            self.accumulating = True
+
+    def _recipe_summary(self) -> dict:
+        """Returns what the summary says of the recipe: which weights its figures are for
+        (scored_weights: "ema" or "raw"), the raw weights' val accuracy beside the EMA's,
+        the effective batch, and the TTA figures beside the plain ones."""
+        cfg = self.cfg
+        out: dict = {"scored_weights": "ema" if self.ema is not None else "raw"}
+        if self.ema is not None:
+            out["ema_decay_per_update"] = self.ema.decay
+            out["raw_best_val_acc"] = max(self.raw_val_acc, default=None)
+            out["raw_final_val_acc"] = self.raw_val_acc[-1] if self.raw_val_acc else None
+        if cfg.accumulate_steps > 1:
+            out["effective_batch_size"] = cfg.batch_size * cfg.accumulate_steps
+        if self.tta_scored:
+            out["tta"] = cfg.tta
+            out["tta_averages"] = recipe.tta_words(cfg)
+            for split, ev in self.tta_scored.items():
+                key = "best_val_acc" if split == "val" else "test_acc"
+                out[f"tta_{key}"] = ev["acc"]
+                out[f"tta_{key}_ci"] = list(stats.accuracy_interval(_hits(ev)))
+        return out
+
     # --- checkpoints -------------------------------------------------------------------------
     def _save_weights(self, path: Path) -> None:
         """Writes a weights file: a run whose backbone never trains keeps only its head, and
@@ -791,6 +899,7 @@ class Trainer:
             "elapsed": self.elapsed(),
             "trainable_per_phase": self.trainable_per_phase,
             "peak_memory": _memory_state(self.peak_memory),
+            **self._recipe_state(),
         }
         checkpoints.save_resume_point(self.checkpoint_dir, state, self._save_weights)
 
@@ -819,6 +928,7 @@ class Trainer:
         self.elapsed_before = float(state["elapsed"])
         self.trainable_per_phase = dict(state["trainable_per_phase"])
         self.peak_memory = _memory_from_state(state.get("peak_memory"))  # None before issue 10
+        self._load_recipe_state(state)
         self.step = int(state["step"])
         if state["epoch_done"]:
             self.epoch = int(state["epoch"]) + 1
@@ -858,18 +968,23 @@ class Trainer:
         return summary
 
     def _validate(self) -> dict:
-        ev = self.evaluate(self.exp.data.val, self._cached("val"))
-        self.last_eval = ev
-        self.val_history.append(ev["loss"])
-        if self.best_val_acc is None or ev["acc"] > self.best_val_acc:
-            self.best_val_acc = ev["acc"]
-            self.best_eval = ev
-            self.best_epoch = self.epoch
-            if self.checkpoint_dir is not None:
-                self._save_weights(self.checkpoint_dir / "best.safetensors")
+        raw = None if self.ema is None else self.evaluate(self.exp.data.val, self._cached("val"))
+        with self._scored_weights():  # with a weight EMA: the average's, else the model's
+            ev = self.evaluate(self.exp.data.val, self._cached("val"))
+            self.last_eval = ev
+            self.val_history.append(ev["loss"])
+            if self.best_val_acc is None or ev["acc"] > self.best_val_acc:
+                self.best_val_acc = ev["acc"]
+                self.best_eval = ev
+                self.best_epoch = self.epoch
+                if self.checkpoint_dir is not None:
+                    self._save_weights(self.checkpoint_dir / "best.safetensors")
         seconds = max(self.elapsed(), 1e-9)
         speed = round(self.step * self.cfg.batch_size / seconds, 2)
         record = self._eval_record("val", ev, seconds, images_per_s=speed, phase=self.phase)
+        if raw is not None:
+            self.raw_val_acc.append(raw["acc"])
+            record.update(weights="ema", raw_acc=raw["acc"], raw_loss=raw["loss"])
         if self.peak_memory is not None:
             record["peak_memory_bytes"] = self.peak_memory.total  # the peak so far
         return record
@@ -932,6 +1047,7 @@ class Trainer:
                 self.parts, self.plan, freeze_bn=self.cfg.freeze_bn
             ),
         }
+        summary.update(self._recipe_summary())
         if state == "completed" and self.checkpoint_dir is not None:
             summary.update(self._save_added_pieces())
         return summary
@@ -969,11 +1085,21 @@ class Trainer:
             scored = {"val": self.evaluate(self.exp.data.val, self._cached("val"))}
         else:  # no checkpoints (pretraining): the best epoch's own evaluation
             scored = {"val": self.best_eval or self.last_eval}
+            if self.ema is not None:  # test and TTA score the average, as a checkpoint would
+                self.ema.copy_to(self.parts.model)
         if self.exp.data.test is not None:
             scored["test"] = self.evaluate(self.exp.data.test, self._cached("test"))
-            self._emit_eval(self._eval_record("test", scored["test"], self.elapsed()))
+            record = self._eval_record("test", scored["test"], self.elapsed())
+            if self.ema is not None:
+                record["weights"] = "ema"
+            self._emit_eval(record)
+        if self.cfg.tta != "none":  # the best weights again, on test-time augmented views
+            splits = {"val": self.exp.data.val, "test": self.exp.data.test}
+            self.tta_scored = {s: recipe.tta_evaluate(self, splits[s]) for s in scored}
         if self.checkpoint_dir is not None:
-            write_predictions(self.checkpoint_dir.parent / PREDICTIONS_FILE, scored)
+            write_predictions(
+                self.checkpoint_dir.parent / PREDICTIONS_FILE, scored, self.tta_scored
+            )
             splits = {"val": self.exp.data.val, "test": self.exp.data.test}
             # the pictures of Compare's drill-down: a full disk costs them, not the results
             with contextlib.suppress(OSError):
@@ -985,6 +1111,7 @@ class Trainer:
 
 
 PREDICTIONS_FILE = "predictions.csv"
+TTA_COLUMNS = ["tta_pred", "tta_confidence"]  # beside the plain prediction, with --tta
 
 
 def _memory_state(step: memory.StepMemory | None) -> dict | None:
@@ -1004,18 +1131,24 @@ def _hits(ev: dict) -> list[bool]:
     return [t == p for t, p in zip(ev["true"], ev["pred"], strict=True)]
 
 
-def write_predictions(path: Path, scored: dict[str, dict]) -> None:
+def write_predictions(
+    path: Path, scored: dict[str, dict], tta: dict[str, dict] | None = None
+) -> None:
     """Writes one row per image of each scored split: split, index (the image's position in
-    the split), true and predicted class index, and the prediction's confidence."""
+    the split), true and predicted class index, and the prediction's confidence; with
+    test-time augmentation (tta: {split: its scores}) also tta_pred and tta_confidence."""
 
     def write(tmp: Path) -> None:
         with open(tmp, "w", newline="") as f:
             out = csv.writer(f)
-            out.writerow(["split", "index", "true", "pred", "confidence"])
+            out.writerow(["split", "index", "true", "pred", "confidence"] + TTA_COLUMNS * bool(tta))
             for split, ev in scored.items():
                 rows = zip(ev["true"], ev["pred"], ev["confidence"], strict=True)
                 for i, (t, p, c) in enumerate(rows):
-                    out.writerow([split, i, t, p, f"{c:.6f}"])
+                    extra = (
+                        [tta[split]["pred"][i], f"{tta[split]['confidence'][i]:.6f}"] if tta else []
+                    )
+                    out.writerow([split, i, t, p, f"{c:.6f}", *extra])
 
     atomic_write(path, write)
 

@@ -2414,3 +2414,41 @@ def per_class_delta_chart(summaries: Mapping[str, Mapping[str, Any]], baseline: 
         hovermode="x",
     )
     return _style(fig, height=340)
+
+
+# --- the recipe: which weights a figure is for, TTA beside it (issue 16) ----------------------
+
+
+def recipe_notes(
+    configs: Mapping[str, Mapping[str, Any]], summaries: Mapping[str, Mapping[str, Any] | None]
+) -> list[str]:
+    """Returns a sentence for the runs whose figures are for the weight EMA (the average of
+    the weights, saved as best), with the raw weights' val accuracy beside, and one per run
+    scored with test-time augmentation, its figures beside the plain ones."""
+    labels = run_labels(configs)
+    found = []
+    ema = []
+    for rid in configs:
+        s = summaries.get(rid) or {}
+        if s.get("scored_weights") == "ema":
+            ema.append(f"{labels[rid]} (raw weights {fmt_pct(s.get('raw_best_val_acc'))} val)")
+    if ema:
+        found.append(
+            "Accuracies of " + ", ".join(ema) + " are for their weight EMA, the average of "
+            "the weights over training: it is what was scored and saved as best."
+        )
+    for rid in configs:
+        s = summaries.get(rid) or {}
+        if not s.get("tta"):
+            continue
+        pairs = [
+            f"{words} {fmt_pct(s.get(f'tta_{key}'))} (plain {fmt_pct(s.get(key))})"
+            for key, words in (("best_val_acc", "val"), ("test_acc", "test"))
+            if s.get(f"tta_{key}") is not None
+        ]
+        found.append(
+            f"{labels[rid]} with test-time augmentation ({s.get('tta_averages') or s['tta']}): "
+            + ", ".join(pairs)
+            + "; the table's figures are the plain ones."
+        )
+    return found

@@ -155,6 +155,9 @@ def _train(model: str, target, progress) -> None:
         epochs=recipe["epochs"],
         device="auto",
         name=f"builtin weights for {model}",
+        # the recipe the cached weights were trained with (its hash names them): weight decay
+        # on every parameter, as before norms and biases were spared by default
+        decay_norm_bias=True,
         **{k: recipe[k] for k in builtin.BUILTIN_RECIPE},
     )
     t0 = time.monotonic()

@@ -27,6 +27,7 @@ from finetune_core import (
     models,
     plots,
     preflight,
+    recipe,
     runner,
     store,
     strategies,
@@ -681,7 +682,7 @@ def collect_errors(page: Page) -> None:
 LAYOUT = [
     ["epochs", "batch_size", "lr", "optimizer", "weight_decay"],
     ["scheduler", "warmup_epochs", "label_smoothing", "clip_grad", "early_stop"],
-    ["image_size", "augment", "balance", "val_fraction", "test_fraction"],
+    ["image_size", "augment", "hflip", "balance", "val_fraction", "test_fraction"],
     ["seed", "device", "compile", "name"],
 ]
 
@@ -695,7 +696,69 @@ def settings_section(page: Page) -> None:
                 for name in names_in_col:
                     field_input(name)
                     page.show(name)
+                    if name == "augment":
+                        cache_note(page)
+        recipe_part(page)
         lr_finder_part(page)
+
+
+# ---------------------------------------------------------------- 4b. the recipe (issue 16)
+
+# the recipe settings of torchvision's references and fastai, in the expander's columns
+RECIPE_LAYOUT = [
+    ["model_ema", "model_ema_steps", "model_ema_decay"],
+    ["mixup_alpha", "cutmix_alpha", "random_erase"],
+    ["accumulate_steps", "decay_norm_bias", "cycle_momentum"],
+    ["tta", "head"],
+]
+
+
+def recipe_part(page: Page) -> None:
+    """The recipe settings in an expander (open when one differs from its default), with
+    the effective batch under the accumulation."""
+    names = [n for col in RECIPE_LAYOUT for n in col]
+    changed = any(state.get(F + n, OPTIONS[n].default) != OPTIONS[n].default for n in names)
+    title = "Recipe: weight EMA, MixUp/CutMix, random erasing, accumulation, TTA, fastai head"
+    with st.expander(title, expanded=changed or any(n in page.errors for n in names)):
+        for col, names_in_col in zip(st.columns(len(RECIPE_LAYOUT)), RECIPE_LAYOUT, strict=True):
+            with col:
+                for name in names_in_col:
+                    field_input(name)
+                    page.show(name)
+                    if name == "accumulate_steps" and page.cfgs:
+                        c0 = page.cfgs[0][1]
+                        if c0.accumulate_steps > 1:
+                            st.caption(
+                                f"Effective batch {c0.batch_size * c0.accumulate_steps:,} = "
+                                f"{c0.batch_size} × {c0.accumulate_steps} batches per step"
+                            )
+
+
+def cache_note(page: Page) -> None:
+    """Says before launch when the augmentation or mixing keeps a strategy's frozen part
+    from being computed once (the feature cache): it then runs every step."""
+    blocked = {}
+    for label, cfg in page.cfgs:
+        why = recipe.cache_blocker(cfg)
+        if why and frozen_prefix(cfg, page.num_classes or 10):
+            blocked.setdefault(why, []).append(base_label(label))
+    for why, labels in blocked.items():
+        who = ", ".join(dict.fromkeys(labels))
+        st.caption(
+            f"No feature cache for {who}: {why}, so its frozen part runs every step instead "
+            "of once (with augment none or flip it is computed once and cached)."
+        )
+
+
+def frozen_prefix(cfg, num_classes: int) -> bool:
+    """Returns True when some phase of cfg's plan leaves the stem frozen (what a feature
+    cache would compute once)."""
+    try:
+        frame = plan_frame(form.to_json(cfg), num_classes)
+    except Exception:  # noqa: BLE001 - the strategy's own message is shown beside it
+        return False
+    first = frame.groupby("phase", sort=False).head(1)
+    return bool((~first["trainable"].astype(bool)).any())
 
 
 LR_FINDER_STEPS = 100
@@ -802,9 +865,16 @@ def estimate_part(page: Page) -> None:
     background job, so the page stays usable (Launch too) while it measures."""
     first = page.cfgs[0][1]
     n_train = train_images(page, first)
+    batches = data_mod.steps_per_epoch(n_train, max(1, first.batch_size))
+    every = max(1, first.accumulate_steps)
+    per_epoch = (
+        f"{batches} steps per epoch"
+        if every == 1
+        else f"{batches} batches, {-(-batches // every)} optimizer steps of {every} batches "
+        f"(effective batch {first.batch_size * every:,}) per epoch"
+    )
     st.caption(
-        f"{n_train:,} training images · batch {first.batch_size} → "
-        f"{data_mod.steps_per_epoch(n_train, max(1, first.batch_size))} steps per epoch. "
+        f"{n_train:,} training images · batch {first.batch_size} → {per_epoch}. "
         "A few measured steps on this machine give the time per epoch and the memory."
     )
     args = estimate_args(page)

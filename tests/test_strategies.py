@@ -201,8 +201,10 @@ def _named(reg, parts):
 def test_l2sp_takes_weight_decay_off_the_backbone_only(resnet18):
     c = cfg(strategy="full", l2sp=0.01, weight_decay=1e-3)
     groups = strategies.optimizer_groups(c, resnet18, strategies.make_plan(c, resnet18))
-    decay = {g["name"]: g["weight_decay"] for g in groups}
-    assert decay.pop("head") == 1e-3
+    # the head's weight decays; its bias, as every norm and bias by default, does not
+    decay = {(g["name"], g.get("no_decay", False)): g["weight_decay"] for g in groups}
+    assert decay.pop(("head", False)) == 1e-3
+    assert decay.pop(("head", True)) == 0.0
     assert set(decay.values()) == {0.0}
 
 

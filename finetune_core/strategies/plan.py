@@ -149,8 +149,10 @@ def set_train_mode(parts, phase: Phase, *, freeze_bn: bool = False) -> None:
             for module in parts.group_modules(g.name):
                 module.eval()
     if freeze_bn or phase.frozen_statistics:
+        head = set(parts.model.get_submodule(parts.head).modules())
         for module in parts.batchnorm_modules():
-            module.eval()
+            if module not in head:  # a new head's own (fastai's) has no statistics to keep
+                module.eval()
 
 
 def optimizer_groups(cfg: Any, parts, plan: Plan) -> list[dict]:
@@ -158,16 +160,33 @@ def optimizer_groups(cfg: Any, parts, plan: Plan) -> list[dict]:
     that trains in any phase is included (frozen ones have no grad and are skipped).
 
     With L2-SP the backbone gets no weight decay (the penalty pulls it to the pretrained
-    weights instead) and the head keeps plain weight decay."""
+    weights instead) and the head keeps plain weight decay. Normalisation parameters and
+    biases get none either unless cfg.decay_norm_bias (as torchvision's references and
+    fastai): a decayed layer group then has a second param group of the same name and lr
+    for them, with weight_decay 0 and "no_decay" True."""
     owner = parts.group_of()
     ever = plan.ever_trained
     lrs = {g.name: g.lr for g in plan.phases[0].groups}
+    undecayed = set() if cfg.decay_norm_bias else parts.bias_and_norm_params()
     by_group: dict[str, list] = {}
     for name, p in parts.model.named_parameters():
         if name in ever:
-            by_group.setdefault(owner[name], []).append(p)
+            by_group.setdefault(owner[name], []).append((name, p))
     groups = []
-    for group, params in by_group.items():
+    for group, named in by_group.items():
         decay = cfg.weight_decay if (group == HEAD or cfg.l2sp == 0) else 0.0
-        groups.append({"params": params, "lr": lrs[group], "weight_decay": decay, "name": group})
+        kept = [p for n, p in named if not (decay and n in undecayed)]
+        spared = [p for n, p in named if decay and n in undecayed]
+        if kept:
+            groups.append({"params": kept, "lr": lrs[group], "weight_decay": decay, "name": group})
+        if spared:
+            groups.append(
+                {
+                    "params": spared,
+                    "lr": lrs[group],
+                    "weight_decay": 0.0,
+                    "name": group,
+                    "no_decay": True,
+                }
+            )
     return groups
