@@ -21,6 +21,7 @@ PAGES = {
     "new": "pages/1_New_run.py",
     "training": "pages/2_Training.py",
     "compare": "pages/3_Compare.py",
+    "predict": "pages/4_Predict.py",
 }
 
 NAV = [
@@ -28,6 +29,7 @@ NAV = [
     ("new", "New run", ":material/add_circle:"),
     ("training", "Training", ":material/monitoring:"),
     ("compare", "Compare", ":material/compare_arrows:"),
+    ("predict", "Predict", ":material/image_search:"),
 ]
 
 STATE_ICONS = {

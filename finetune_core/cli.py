@@ -720,6 +720,178 @@ def cmd_models(args) -> int:
     return 0
 
 
+# ---------------------------------------------------------------------------------------------
+# Predict and export (issue 13): use a finished run's model
+
+
+def _printable(name: str) -> str:
+    """Returns a file name fit for the terminal (names come from strangers' folders)."""
+    return name if name.isprintable() else repr(name)
+
+
+def _prediction_lines(table) -> str:
+    """Returns the predictions as a table for people: probabilities in per cent."""
+    shown = table.copy()
+    shown["file"] = shown["file"].map(_printable)
+    for column in [c for c in shown.columns if c.startswith("prob")]:
+        shown[column] = shown[column].map(lambda v: f"{100 * v:.1f}%")
+    return shown.to_string(index=False)
+
+
+def cmd_predict(args) -> int:
+    """Predicts images with a finished run's model: a table on stdout (and --csv FILE),
+    unreadable files on stderr. Exit 0 when images were predicted, 2 for bad input."""
+    from finetune_core import predict  # torch and the engine: only when predicting
+
+    root = store.runs_dir(args.runs_dir)
+    try:
+        run_dir = store.resolve_run(args.run, root)
+    except store.RunError as e:
+        print(f"error: RUN: {e}", file=sys.stderr)
+        return runner.EXIT_INVALID
+    try:
+        files = predict.image_files(args.images)
+    except predict.PredictError as e:
+        print(f"error: IMAGES: {e}", file=sys.stderr)
+        return runner.EXIT_INVALID
+    if not files:
+        print(f"error: IMAGES: no files in {', '.join(args.images)}", file=sys.stderr)
+        return runner.EXIT_INVALID
+    if args.csv and Path(args.csv).is_dir():
+        print(f"error: --csv: {args.csv} is a folder; give a file name", file=sys.stderr)
+        return runner.EXIT_INVALID
+    try:
+        loaded = predict.load_model(run_dir)
+    except predict.PredictError as e:
+        print(f"error: RUN: {e}", file=sys.stderr)
+        return runner.EXIT_INVALID
+    n = len(loaded.classes)
+    try:
+        top_k = predict.check_top_k(args.top_k or min(predict.DEFAULT_TOP_K, n), n)
+    except predict.PredictError as e:
+        print(f"error: --top-k: {e}", file=sys.stderr)
+        return runner.EXIT_INVALID
+    try:
+        loaded.check_tta(args.tta)
+    except predict.PredictError as e:
+        print(f"error: --tta: {e}", file=sys.stderr)
+        return runner.EXIT_INVALID
+    found, problems = loaded.predict_files(files, top_k, tta=args.tta)
+    for message in problems:
+        print(f"warning: skipped: {_printable(message)}", file=sys.stderr)
+    if not found:
+        print(
+            f"error: IMAGES: none of the {len(files)} files could be read as an image",
+            file=sys.stderr,
+        )
+        return runner.EXIT_INVALID
+    table = predict.predictions_table(found)
+    if args.csv:
+        try:
+            Path(args.csv).parent.mkdir(parents=True, exist_ok=True)
+            table.to_csv(args.csv, index=False)
+        except OSError as e:
+            print(f"error: --csv: cannot write {args.csv} ({e.strerror or e})", file=sys.stderr)
+            return runner.EXIT_FAILED
+    print(_prediction_lines(table))
+    skipped = f"; {len(problems)} unreadable skipped" if problems else ""
+    wrote = f"; written to {Path(args.csv).resolve()}" if args.csv else ""
+    print(
+        f"{len(found)} images predicted by run {run_dir.name} ({loaded.model_name}, "
+        f"{loaded.strategy}){skipped}{wrote}",
+        file=sys.stderr,
+    )
+    return 0
+
+
+def cmd_export(args) -> int:
+    """Exports a run's model into RUN/export/ and prints the file's absolute path last."""
+    from finetune_core import export
+
+    root = store.runs_dir(args.runs_dir)
+    try:
+        run_dir = store.resolve_run(args.run, root)
+    except store.RunError as e:
+        print(f"error: RUN: {e}", file=sys.stderr)
+        return runner.EXIT_INVALID
+    missing = export.missing_packages(args.format)
+    if missing:
+        print(f"error: --format: {export.install_hint(missing)}", file=sys.stderr)
+        return runner.EXIT_INVALID
+    from finetune_core import predict  # torch and the engine: only when exporting
+
+    try:
+        path = export.export(
+            run_dir,
+            args.format,
+            progress=lambda m: print(m, file=sys.stderr),
+            actor=actor(args),
+        )
+    except store.access.NotAllowed as e:
+        print(f"error: {e}", file=sys.stderr)
+        return runner.EXIT_INVALID
+    except predict.PredictError as e:
+        print(f"error: RUN: {e}", file=sys.stderr)
+        return runner.EXIT_INVALID
+    except export.ExportError as e:
+        print(f"error: export failed: {e}", file=sys.stderr)
+        return runner.EXIT_FAILED
+    print(
+        f"model.json beside it: classes, image size, normalisation ({path.parent})", file=sys.stderr
+    )
+    print(path)
+    return 0
+
+
+def add_predict_and_export(sub, runs_dir_flag, as_flag) -> None:
+    """The predict and export subcommands."""
+    from finetune_core.export import FORMATS  # torch-free
+
+    p = sub.add_parser(
+        "predict", help="predict images with a finished run's model: a table of top classes"
+    )
+    p.add_argument("run", metavar="RUN", help="run id, unique id prefix, or folder")
+    p.add_argument("images", nargs="+", metavar="IMAGES", help="image files, or a folder of them")
+    p.add_argument(
+        "--top-k",
+        default=None,
+        metavar="K",
+        help="classes shown per image, best first (default: 3, at most the run's classes)",
+    )
+    p.add_argument(
+        "--csv",
+        default=None,
+        metavar="FILE",
+        help="also write one row per image: file,pred,prob,pred2,prob2,... (probabilities 0-1)",
+    )
+    p.add_argument(
+        "--tta",
+        default="none",
+        choices=("none", "flip", "augment"),
+        help="test-time augmentation: flip = the mean of the softmax of each image and its "
+        "mirror; augment = 0.25 x the image's + 0.75 x the mean of 4 views with the run's "
+        "augmentation (default: none)",
+    )
+    runs_dir_flag(p)
+    p.set_defaults(func=cmd_predict)
+
+    p = sub.add_parser(
+        "export",
+        help="write a run's model into RUN/export/ as safetensors, TorchScript or ONNX: "
+        "prints the file's path last",
+    )
+    p.add_argument("run", metavar="RUN", help="run id, unique id prefix, or folder")
+    p.add_argument(
+        "--format",
+        required=True,
+        choices=list(FORMATS),
+        help="; ".join(f"{fmt}: {what}" for fmt, (_, what) in FORMATS.items()),
+    )
+    runs_dir_flag(p)
+    as_flag(p)
+    p.set_defaults(func=cmd_export)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(
         prog="python -m finetune_core",
@@ -891,6 +1063,7 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = sub.add_parser("models", help="list the classification models of torchvision")
     p.set_defaults(func=cmd_models)
+    add_predict_and_export(sub, runs_dir_flag, as_flag)
     return parser
 
 

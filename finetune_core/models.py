@@ -192,6 +192,13 @@ def _build_kwargs(name: str, image_size: int) -> dict:
     return {}
 
 
+def torchvision_kwargs(name: str, image_size: int, num_classes: int) -> dict:
+    """Returns the keyword arguments with which torchvision.models.get_model(name, **kwargs)
+    builds the architecture create_model builds (no aux heads, the head for num_classes), so
+    that a state dict of a model made here loads into it as it is."""
+    return {**_build_kwargs(name, image_size), "num_classes": int(num_classes)}
+
+
 def _build(name: str, image_size: int, device: str | torch.device | None) -> nn.Module:
     kwargs = _build_kwargs(name, image_size)
     if device is not None and torch.device(device).type == "meta":

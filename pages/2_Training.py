@@ -24,6 +24,7 @@ from dashboard.common import (
     warm_up,
 )
 from dashboard.errors import curve_controls
+from dashboard.exports import export_block
 from finetune_core import plots, runner, store, strategies
 from finetune_core.util.durations import plural
 
@@ -351,6 +352,9 @@ if summary:
     if summary.get("skipped_files"):
         with st.expander(f"{len(summary['skipped_files'])} files were skipped (unreadable)"):
             st.write(summary["skipped_files"])
+
+if summary:  # ended: the model can leave the dashboard (Export, issue 13)
+    export_block(run_dir, key="training")
 
 with st.expander("Config"):
     st.json(config, expanded=True)

@@ -22,6 +22,7 @@ from dashboard.common import (
     warm_up,
 )
 from dashboard.errors import confusion_drill_down, curve_controls, differences
+from dashboard.exports import export_one_of
 from finetune_core import plots, report, runner, store
 
 root = setup_page("Compare")
@@ -144,6 +145,8 @@ def comparison(was_live: bool) -> None:
         )
     for warning in plots.comparison_warnings(configs):
         st.warning(warning, icon=":material/warning:")
+    for note in plots.recipe_notes(configs, summaries):  # EMA weights, TTA beside the plain
+        st.caption(note)
     ended = {
         label[r]: metrics[r] for r in chosen if statuses[r].get("state") not in store.LIVE_STATES
     }
@@ -297,5 +300,6 @@ def comparison(was_live: bool) -> None:
 
 any_live = bool(runs[runs["run_id"].isin(chosen)]["state"].isin(store.LIVE_STATES).any())
 st.fragment(comparison, run_every=LIVE_REFRESH_S * 2 if any_live else None)(any_live)
+export_one_of(root, chosen, labels, key="compare")  # a compared run's model (issue 13)
 
 warm_up()  # drawn: New run's imports load in the background

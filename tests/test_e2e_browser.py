@@ -501,3 +501,67 @@ def test_a_clicked_confusion_cell_shows_its_images_and_the_report_opens_offline(
     )
     assert figures >= 9 and asked == [] and errors == []
     offline.close()
+
+
+# ---------------------------------------------------------------- Predict and export (issue 13)
+
+
+def test_predict_shows_an_uploaded_images_class_and_an_onnx_export_downloads(app, server, page):
+    """A tiny real run (the CLI): Predict shows an uploaded image as the model saw it with
+    the class load_model predicts for it; Training exports the run as ONNX, the browser
+    downloads the file, and onnxruntime gives the run's logits with it."""
+    import numpy as np
+    import onnxruntime
+    import torch
+
+    import finetune_core
+    from finetune_core.data import shapes
+
+    url, runs = server
+    done = subprocess.run(
+        [sys.executable, "-m", "finetune_core", "train", "--model", "squeezenet1_1"]
+        + ["--data", "builtin:shapes", "--weights", "none", "--image-size", "32"]
+        + ["--epochs", "1", "--augment", "none", "--runs-dir", str(runs)],
+        env=app.env,
+        cwd=REPO,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+    assert done.returncode == 0, done.stderr[-3000:]
+    run_dir = Path(done.stdout.strip().splitlines()[-1])
+    image = app.base / "held-out"
+    if not image.exists():
+        shapes.generate("shapes", image, seed=5, per_class=1)
+    photo = image / "star" / "0000.png"
+    model = finetune_core.load_model(run_dir)
+    (cls, prob), *_ = model.predict([photo])[0]
+
+    page.goto(f"{url}/Predict?run={run_dir.name}")
+    wait_idle(page, timeout=120)
+    page.locator('[data-testid="stFileUploaderDropzoneInput"]').set_input_files(str(photo))
+    said = page.locator('[data-testid="stMarkdownContainer"]').filter(has_text=f"{cls} ")
+    said.filter(has_text=f"{100 * prob:.1f} %").first.wait_for(timeout=120_000)
+    wait_idle(page)
+    shown = page.locator('[data-testid="stImage"] img').first
+    assert shown.evaluate("img => img.complete && img.naturalWidth") == 32  # the model's input
+    assert page.get_by_text("1 image predicted").count() == 1
+    assert page.locator('[data-testid="stException"]').count() == 0
+
+    page.goto(f"{url}/Training?run={run_dir.name}")
+    wait_idle(page, timeout=120)
+    page.get_by_text("ONNX", exact=True).click()
+    wait_idle(page)
+    page.get_by_role("button", name="Export as ONNX").click()
+    button = page.get_by_role("button", name=re.compile(r"Download model\.onnx \(.+ MB\)"))
+    button.wait_for(timeout=180_000)
+    with page.expect_download(timeout=60_000) as download:
+        button.click()
+    saved = Path(download.value.path())
+    assert saved.read_bytes() == (run_dir / "export" / "model.onnx").read_bytes()
+    assert page.locator('[data-testid="stException"]').count() == 0
+    session = onnxruntime.InferenceSession(str(saved), providers=["CPUExecutionProvider"])
+    for n in (1, 5):
+        x = torch.randn(n, 3, 32, 32, generator=torch.Generator().manual_seed(n))
+        got = session.run(None, {"input": x.numpy()})[0]
+        assert np.abs(got - model.model(x).numpy()).max() <= 1e-4

@@ -299,6 +299,15 @@ def test_the_cli_acts_as_the_user_given_by_as_or_finetune_user(root):
     assert json.loads((run / "config.json").read_text())["owner"] == ALICE
 
 
+def test_export_of_another_users_run_is_refused_and_writes_nothing(root):
+    run = _run(root, ALICE)
+    refused = _cli("export", run.name, "--format", "safetensors", "--runs-dir", str(root),
+                   "--as", BOB)  # fmt: skip
+    assert refused.returncode == 2, refused.stderr
+    assert f"cannot export run {run.name}: it belongs to {ALICE}" in refused.stderr
+    assert not (run / "export").exists()
+
+
 def test_sign_in_dependencies_are_pinned_to_the_versions_tested_together():
     """st.login has broken on new Authlib and httpx releases (streamlit#13335, #15855):
     requirements.txt bounds them above, and what is installed is within the bounds."""

@@ -28,7 +28,13 @@ AUTH = {
     "client_secret": "secret",
     "server_metadata_url": "http://127.0.0.1:9/.well-known/openid-configuration",
 }
-PAGES = ("app.py", "pages/1_New_run.py", "pages/2_Training.py", "pages/3_Compare.py")
+PAGES = (
+    "app.py",
+    "pages/1_New_run.py",
+    "pages/2_Training.py",
+    "pages/3_Compare.py",
+    "pages/4_Predict.py",
+)
 HOSTED_SETTINGS = (
     "FINETUNE_DEMO",
     "FINETUNE_ADMINS",
@@ -158,3 +164,36 @@ def test_hide_others_runs_shows_a_user_only_their_own_and_an_admin_all(runs, mon
     assert training.selectbox(key="training_run").value == bobs
     admin = page("app.py", signed_in(CAROL))
     assert any(s.value == "Runs (2)" for s in admin.subheader)
+
+
+def _with_best_weights(run_dir: Path) -> Path:
+    """Gives a written run the best weights file that Predict and Export look for (the pages
+    draw without opening it)."""
+    (run_dir / "checkpoints").mkdir(exist_ok=True)
+    (run_dir / "checkpoints" / "best.safetensors").write_bytes(b"not opened by the pages")
+    return run_dir
+
+
+def test_only_the_owner_exports_a_run_and_the_demo_predicts_nothing(runs, monkeypatch):
+    """An export writes into the run: another user gets a sentence instead of the Export
+    button, its owner the button; the read-only demo offers no uploader on Predict."""
+    rid = _with_best_weights(owned_run(runs, "20250101-120000-00000a", ALICE)).name
+    theirs = page("pages/2_Training.py", signed_in(BOB), run=rid)
+    assert not theirs.exception
+    assert not [b for b in theirs.button if b.label.startswith("Export")]
+    assert any(f"{ALICE}'s: only its owner or an admin can export it" in c.value
+               for c in theirs.caption)  # fmt: skip
+    mine = page("pages/2_Training.py", signed_in(ALICE), run=rid)
+    assert [b.label for b in mine.button if b.label.startswith("Export")] == [
+        "Export as safetensors (torchvision)"
+    ]
+    predict = page("pages/4_Predict.py", signed_in(BOB), run=rid)
+    assert not predict.exception
+    assert predict.get("file_uploader")  # another user's model predicts, read-only
+    monkeypatch.setenv("FINETUNE_DEMO", "1")
+    demo = page("pages/4_Predict.py", signed_in(BOB), run=rid)
+    assert not demo.exception
+    assert not demo.get("file_uploader")
+    assert any("read-only demo" in i.value for i in demo.info)
+    demo_training = page("pages/2_Training.py", signed_in(ALICE), run=rid)
+    assert not [b for b in demo_training.button if b.label.startswith("Export")]

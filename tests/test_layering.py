@@ -37,15 +37,21 @@ ALLOWED = {
     "store": {"callbacks", "config", "strategies", "util", "device"},
     "checkpoints": {"models", "util"},
     "weights": {"checkpoints", "models", "data", "store", "util"},
+    # fastai's head for any model, in place of its last layer (torch)
+    "heads": set(),
+    # the recipe: weight EMA, MixUp/CutMix, momentum, accumulation, TTA (torch)
+    "recipe": {"data", "metrics"},
     "engine": {
         "checkpoints",
         "callbacks",
         "config",
         "data",
         "device",
+        "heads",
         "memory",
         "metrics",
         "models",
+        "recipe",
         "stats",
         "strategies",
         "util",
@@ -96,8 +102,10 @@ ALLOWED = {
         "callbacks",
         "config",
         "data",
+        "export",
         "lr_find",
         "models",
+        "predict",
         "preflight",
         "report",
         "runner",
@@ -109,6 +117,21 @@ ALLOWED = {
     "plots": {"stats", "store", "strategies", "util"},
     # a comparison as one HTML file: the figures of plots, the runs of store
     "report": {"plots", "store", "strategies", "util"},
+    # a finished run's model to use (load_model, predict): built as evaluation built it
+    "predict": {
+        "checkpoints",
+        "config",
+        "data",
+        "engine",
+        "heads",
+        "models",
+        "recipe",
+        "store",
+        "strategies",
+        "weights",
+    },
+    # the model as safetensors, TorchScript or ONNX; torch only when exporting
+    "export": {"models", "predict", "store", "util"},
     "__main__": {"cli"},
 }
 
@@ -128,6 +151,7 @@ TORCH_FREE = {
     "jobs",
     "uploads",
     "stats",
+    "export",
 }
 
 

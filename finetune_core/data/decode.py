@@ -119,17 +119,24 @@ def decode_image(path: Path, size: int, resample=Image.Resampling.BILINEAR) -> n
         # Few images this large fit in memory at once: they take turns, the rest run freely.
         with _large_image if w * h > _LARGE_PIXELS else contextlib.nullcontext():
             im.load()
-            try:
-                im = ImageOps.exif_transpose(im)
-            except Exception:  # a broken EXIF block: keep the pixels as stored
-                pass
-            im = _to_rgb(im)
-            w, h = im.size
-            if (w, h) != (size, size):
-                m = min(w, h)
-                box = ((w - m) / 2, (h - m) / 2, (w + m) / 2, (h + m) / 2)
-                im = im.resize((size, size), resample, box=box)
-            return np.array(im, dtype=np.uint8)  # a writable copy for torch.from_numpy
+            return square_rgb(im, size, resample)
+
+
+def square_rgb(im: Image.Image, size: int, resample=Image.Resampling.BILINEAR) -> np.ndarray:
+    """Returns a PIL image as training sees it: uint8 [size, size, 3], turned upright by its
+    EXIF orientation, RGB, shorter side resized to size, centre crop (decode_image's steps
+    after reading the file)."""
+    try:
+        im = ImageOps.exif_transpose(im)
+    except Exception:  # a broken EXIF block: keep the pixels as stored
+        pass
+    im = _to_rgb(im)
+    w, h = im.size
+    if (w, h) != (size, size):
+        m = min(w, h)
+        box = ((w - m) / 2, (h - m) / 2, (w + m) / 2, (h + m) / 2)
+        im = im.resize((size, size), resample, box=box)
+    return np.array(im, dtype=np.uint8)  # a writable copy for torch.from_numpy
 
 
 def image_problem(path: Path) -> str | None:
