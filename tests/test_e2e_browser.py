@@ -103,7 +103,8 @@ def page(app, tmp_path):
 
 
 def choose(page, label: str, option: str) -> None:
-    box = page.locator('[data-testid="stSelectbox"]').filter(has_text=label)
+    exact = page.locator('[data-testid="stWidgetLabel"]').get_by_text(label, exact=True)
+    box = page.locator('[data-testid="stSelectbox"]').filter(has=exact)
     box.scroll_into_view_if_needed()
     item = page.get_by_role("option", name=option, exact=True)
     for _ in range(5):  # a click that lands during a rerun may not open the list
@@ -156,6 +157,15 @@ def user_journey(page, url: str, runs: Path) -> None:
     group = store.read_config(runs / run_id)["group"]
     assert group and len(store.list_runs(runs)) == 3
     page.evaluate("() => { window.__same_page = true; }")
+    # A comparison tunes each strategy's lr first (a range test and three short trials,
+    # minutes on a busy CPU); the live charts are those of the training that follows.
+    deadline = time.time() + 600
+    while time.time() < deadline:
+        status = store.read_status(runs / run_id)
+        if status.get("state") != "running" or status.get("step", 0) > 0:  # training
+            break
+        time.sleep(0.5)
+    assert status.get("state") == "running", status
     seen = []
     deadline = time.time() + 120
     while len(set(seen)) < 3 and time.time() < deadline:

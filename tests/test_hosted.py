@@ -161,7 +161,11 @@ def epochs_shown(page, url: str) -> str:
     open_page(page, f"{url}/New_run")
     button(page, "Launch").wait_for(timeout=60_000)  # the last section: the form is drawn
     wait_idle(page)
-    return page.get_by_label("Epochs", exact=True).input_value()
+    field = page.get_by_label("Epochs", exact=True)
+    deadline = time.time() + 30  # on a loaded machine the restored form may draw a moment later
+    while field.input_value() in ("", "0") and time.time() < deadline:
+        time.sleep(0.2)
+    return field.input_value()
 
 
 def button(page, name: str):
