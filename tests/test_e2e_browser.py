@@ -162,8 +162,9 @@ def user_journey(page, url: str, runs: Path) -> None:
     deadline = time.time() + 600
     while time.time() < deadline:
         status = store.read_status(runs / run_id)
-        if status.get("state") != "running" or status.get("step", 0) > 0:  # training
-            break
+        state = status.get("state")
+        if state in store.FINAL_STATES or (state == "running" and status.get("step", 0) > 0):
+            break  # training (or over: the assertion below says how)
         time.sleep(0.5)
     assert status.get("state") == "running", status
     seen = []
@@ -193,18 +194,23 @@ def user_journey(page, url: str, runs: Path) -> None:
     # Compare: follow the link, wait for the group to finish, read the answer.
     page.get_by_text("Compare this group").click()
     page.wait_for_url(re.compile(rf".*/Compare\?group={group}"), timeout=30_000)
-    deadline = time.time() + 240
+    deadline = time.time() + 900  # each run searches its lr first
     headline = ""
     while time.time() < deadline:
         done = all(s in store.FINAL_STATES for s in store.list_runs(runs)["state"])
         heads = page.locator("h3").all_inner_texts()
-        headline = next((h for h in heads if "is best with" in h), "")
+        headline = next((h for h in heads if "is best with" in h or "within noise" in h), "")
         still = page.get_by_text("still training").count()
         if done and headline and not still:
             break
         time.sleep(1)
     assert set(store.list_runs(runs)["state"]) == {"completed"}
-    assert re.search(r"is best with \d+\.\d % (val|test) accuracy", headline), headline
+    # a winner, or (tuned, the strategies often are) two within noise, never a winner inside it
+    assert re.search(
+        r"is best with \d+\.\d % (val|test) accuracy|are within noise of each other: "
+        r"\d+\.\d % and \d+\.\d % (val|test) accuracy",
+        headline,
+    ), headline
     assert any(s in headline for s in ("full", "last_n 1", "linear_probe"))
     # The page's last rerun (live -> final) may still be drawing the charts below the fold:
     # read them once they have settled, then assert.
