@@ -4,7 +4,7 @@ with each option alone, through the real CLI (`train`, one process per run); pri
 table of accuracy and images/s.
 
     PYTHONPATH=. .venv/bin/python bench/fair_comparison.py export-digits --data /tmp/digits
-    PYTHONPATH=. .venv/bin/python bench/recipe_digits.py --data /tmp/digits [--rows a,b]
+    PYTHONPATH=. .venv/bin/python bench/recipe_digits.py --data /tmp/digits [--rows 'a;b']
         [--strategies full,linear_probe] [--weights none,builtin] [--keep DIR]
 
 The digits split is fixed (val fraction 0.2, seed 0) and every run is ResNet-18, 64 px, 3
@@ -101,14 +101,17 @@ def cell(m: dict) -> str:
 def main() -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--data", required=True, help="the digits folder (export-digits)")
-    ap.add_argument("--rows", help="comma-separated row names (default: all)")
+    ap.add_argument("--rows", help="row names separated by ';' (names hold commas; default: all)")
     ap.add_argument("--strategies", default="full,linear_probe")
     ap.add_argument("--weights", default="none,builtin")
     ap.add_argument("--image-size", type=int, default=64, help="pixels (default 64)")
     ap.add_argument("--keep", help="work in this folder and keep it")
     ap.add_argument("--json", help="write the measurements here")
     args = ap.parse_args()
-    rows = args.rows.split(",") if args.rows else list(ROWS)
+    rows = [r.strip() for r in args.rows.split(";")] if args.rows else list(ROWS)
+    unknown = [r for r in rows if r not in ROWS]
+    if unknown:
+        ap.error(f"--rows: no row {unknown[0]!r}; the rows: {'; '.join(ROWS)}")
     columns = [(s, w) for w in args.weights.split(",") for s in args.strategies.split(",")]
     work = Path(args.keep or tempfile.mkdtemp(prefix="finetune-bench-recipe-")).resolve()
     runs = work / "runs"
