@@ -22,6 +22,7 @@ import contextlib
 import importlib.util
 import json
 import os
+import stat
 import sys
 import time
 import warnings
@@ -122,6 +123,8 @@ def export(
 
     def write_checked(tmp: Path) -> float:
         write(loaded, tmp, meta)
+        # safetensors writes its file 0600; an export is read as the run's other files are
+        tmp.chmod(stat.S_IMODE((loaded.run_dir / "config.json").stat().st_mode))
         leftovers = [p.name for p in folder.iterdir() if p.name.startswith(tmp.name + ".")]
         if leftovers:  # external data beside the file: not the one file promised
             raise ExportError(f"the export wrote {', '.join(leftovers)} beside {path.name}")

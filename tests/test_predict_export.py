@@ -22,6 +22,7 @@ import pandas as pd
 import pytest
 import torch
 from PIL import Image
+from tiny_runs import tiny_flags
 
 import finetune_core
 from finetune_core import cli, export, stats, store, worker
@@ -37,46 +38,8 @@ HELD_OUT_PER_CLASS = 10
 # 8 epochs with crops 75-81 %; held-out 70-80 %): the task is made hard on purpose. So the
 # held-out accuracy must be at least 70 % and within the 95 % interval of what validation
 # measured: the predictions of `predict` are as good as the run's own evaluation said.
-TRAIN = [
-    "--data",
-    "builtin:shapes",
-    "--model",
-    "resnet18",
-    "--weights",
-    "none",
-    "--image-size",
-    "32",
-    "--epochs",
-    "4",
-    "--optimizer",
-    "adam",
-    "--lr",
-    "0.002",
-    "--batch-size",
-    "64",
-    "--augment",
-    "flip",
-    "--val-fraction",
-    "0.1",
-    "--seed",
-    "0",
-]
-TINY = [
-    "--data",
-    "builtin:shapes",
-    "--model",
-    "resnet18",
-    "--weights",
-    "none",
-    "--image-size",
-    "32",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "64",
-    "--augment",
-    "none",
-]
+TRAIN = tiny_flags(epochs=4, optimizer="adam", lr=0.002, augment="flip", val_fraction=0.1, seed=0)
+TINY = tiny_flags()
 
 # What README.md shows (the lead pastes them; these tests fail until it has them).
 LOAD_MODEL_SNIPPET = """\
@@ -299,6 +262,9 @@ def _export_and_compare(run_dir: Path, formats, capsys) -> dict[str, float]:
     assert sorted(p.name for p in (run_dir / "export").iterdir()) == sorted(
         [export.FORMATS[f][0] for f in formats] + ["model.json"]
     )  # ONNX is one file: no external data beside it, no temporary file left
+    mode = (run_dir / "config.json").stat().st_mode & 0o777
+    for f in formats:  # readable as the run's other files are (safetensors writes 0600)
+        assert (run_dir / "export" / export.FORMATS[f][0]).stat().st_mode & 0o777 == mode, f
     return worst
 
 
