@@ -12,28 +12,12 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from tiny_runs import tiny_flags
 
 from finetune_core import cli, config, runner, store
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = [
-    "--data",
-    "builtin:shapes",
-    "--model",
-    "resnet18",
-    "--weights",
-    "none",
-    "--image-size",
-    "32",
-    "--epochs",
-    "1",
-    "--batch-size",
-    "64",
-    "--augment",
-    "none",
-    "--seed",
-    "3",
-]
+TINY = tiny_flags(seed=3)
 
 
 def _env(**extra):

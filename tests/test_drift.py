@@ -15,6 +15,7 @@ from pathlib import Path
 import pandas as pd
 import pytest
 import torch
+from tiny_runs import tiny_flags
 from torch import nn
 
 from finetune_core import checkpoints, drift, engine, models, plots, runner, store, worker
@@ -22,26 +23,7 @@ from finetune_core.callbacks import Callback, StopTraining
 from finetune_core.store.metrics import drift_frame, metrics_frame
 
 REPO = Path(__file__).resolve().parent.parent
-GRADUAL = [
-    "--data",
-    "builtin:shapes",
-    "--model",
-    "resnet18",
-    "--weights",
-    "none",
-    "--image-size",
-    "32",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "64",
-    "--augment",
-    "none",
-    "--seed",
-    "3",
-    "--strategy",
-    "gradual",
-]
+GRADUAL = tiny_flags(epochs=2, seed=3, strategy="gradual")
 BACKBONE = ["stem", "layer1", "layer2", "layer3", "layer4"]
 
 

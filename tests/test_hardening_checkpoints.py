@@ -17,33 +17,19 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import load_file, save_file
 from test_engine import Log, experiment
+from tiny_runs import tiny_flags
 
 from finetune_core import engine, store, weights
 from finetune_core.weights import WeightsError
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = [
-    "--data",
-    "builtin:shapes",
-    "--model",
-    "resnet18",
-    "--weights",
-    "none",
-    "--image-size",
-    "32",
-    "--epochs",
-    "2",
-    "--batch-size",
-    "64",
-    "--augment",
-    "crop",  # random crops: a resume that restores the wrong RNG state shows
-    "--seed",
-    "5",
-    "--strategy",  # layer4 and the head train: half the cost of full, the same checkpoint
-    "last_n",
-    "--unfreeze-last",
-    "1",
-]
+TINY = tiny_flags(
+    epochs=2,
+    augment="crop",  # random crops: a resume that restores the wrong RNG state shows
+    seed=5,
+    strategy="last_n",  # layer4 and the head train: half the cost of full, the same checkpoint
+    unfreeze_last=1,
+)
 
 
 def _env(**extra):

@@ -1,0 +1,28 @@
+"""The CLI flags of a run that trains in seconds on 2 cores (built-in shapes, ResNet-18 from
+random init, 32 px, one epoch of batch 64, no augmentation), shared by the tests that train
+one through the real CLI."""
+
+from __future__ import annotations
+
+TINY_RUN = {
+    "data": "builtin:shapes",
+    "model": "resnet18",
+    "weights": "none",
+    "image-size": "32",
+    "epochs": "1",
+    "batch-size": "64",
+    "augment": "none",
+}
+
+
+def tiny_flags(**changes: object) -> list[str]:
+    """Returns the tiny run's flags with `changes` (a flag's name with `_` for `-`, e.g.
+    `unfreeze_last=1`) set or added, in the order given; a change to None drops the flag."""
+    flags = dict(TINY_RUN)
+    for name, value in changes.items():
+        key = name.replace("_", "-")
+        if value is None:
+            flags.pop(key, None)
+        else:
+            flags[key] = str(value)
+    return [part for key, value in flags.items() for part in (f"--{key}", value)]
