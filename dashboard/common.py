@@ -236,6 +236,26 @@ class Viewer:
         return access.user_home(root, self.user)
 
 
+def stop_group_button(root: Path, group: str, label: str, key: str, me: Viewer) -> None:
+    """A button that stops a live group as a whole (its queued runs cancelled, the one that
+    trains stopped with a checkpoint), with the outcome as a toast or the refusal as an error."""
+    if not st.button(
+        label,
+        icon=":material/stop_circle:",
+        key=key,
+        help="Cancels its queued runs, then stops the one that trains (it saves a checkpoint)",
+    ):
+        return
+    try:
+        outcome = runner.stop_group(root, group, actor=me.user)
+    except store.RunError as e:  # one of its runs is another user's
+        st.error(f"The group was not stopped: {e}")
+    else:
+        acted = sum(w != "not running" for w in outcome.values())
+        st.toast(f"Group {group}: {acted} run(s) stopped or cancelled")
+        st.rerun()
+
+
 def sign_in_configured() -> bool:
     """Returns True when .streamlit/secrets.toml has an [auth] section (st.login's)."""
     try:

@@ -20,6 +20,7 @@ from dashboard.common import (
     run_choice_labels,
     setup_page,
     state_text,
+    stop_group_button,
     viewer,
     warm_up,
 )
@@ -225,20 +226,8 @@ def group_links(members: dict[str, dict]) -> None:
     )
     live = [m for m, s in members.items() if s.get("state") in store.LIVE_STATES]
     live = live if me.may_act(config) else []  # another user's group: no Stop
-    if live and st.button(
-        f"Stop the group ({len(live)} live)",
-        icon=":material/stop_circle:",
-        key="stop_group",
-        help="Cancels its queued runs, then stops the one that trains (it saves a checkpoint)",
-    ):
-        try:
-            outcome = runner.stop_group(root, group, actor=me.user)
-        except store.RunError as e:  # one of its runs is another user's
-            st.error(f"The group was not stopped: {e}")
-        else:
-            acted = sum(w != "not running" for w in outcome.values())
-            st.toast(f"Group {group}: {acted} run(s) stopped or cancelled")
-            st.rerun()
+    if live:
+        stop_group_button(root, group, f"Stop the group ({len(live)} live)", "stop_group", me)
 
 
 def _live_member(members: dict[str, dict]) -> str | None:

@@ -18,12 +18,13 @@ from dashboard.common import (
     run_choice_labels,
     setup_page,
     share_column,
+    stop_group_button,
     viewer,
     warm_up,
 )
 from dashboard.errors import confusion_drill_down, curve_controls, differences
 from dashboard.exports import export_one_of
-from finetune_core import plots, report, runner, store
+from finetune_core import plots, report, store
 
 root = setup_page("Compare")
 me = viewer()  # signed in on a shared server, or nobody (the local mode)
@@ -159,21 +160,9 @@ def comparison(was_live: bool) -> None:
             "they go and the sentence above is provisional."
         )
         live_groups = {configs[r].get("group") for r in live if me.may_act(configs[r])} - {None}
-        if len(live_groups) == 1 and st.button(
-            "Stop the group",
-            icon=":material/stop_circle:",
-            key="compare_stop_group",
-            help="Cancels its queued runs, then stops the one that trains (it saves a checkpoint)",
-        ):
+        if len(live_groups) == 1:
             (group,) = live_groups
-            try:
-                outcome = runner.stop_group(root, group, actor=me.user)
-            except store.RunError as e:  # one of its runs is another user's
-                st.error(f"The group was not stopped: {e}")
-            else:
-                acted = sum(w != "not running" for w in outcome.values())
-                st.toast(f"Group {group}: {acted} run(s) stopped or cancelled")
-                st.rerun()
+            stop_group_button(root, group, "Stop the group", "compare_stop_group", me)
 
     points = plots.depth_points(configs, summaries, basis)
     depth = plots.depth_sentence(points, {r: h for r, h in hits.items() if h})
