@@ -7,8 +7,10 @@ it. One detached supervisor per runs folder (`python -m finetune_core queue`, gu
 exclusive lock on runs/.supervisor.lock) starts queued runs oldest first, taking turns
 between their owners on a shared server (`fair_order`). It exits
 after a minute with nothing to do; `ensure_supervisor` starts it again when needed. How a
-worker is started and stopped is the backend's (LocalProcesses today; a cluster queue can
-take its place).
+worker is started and stopped is the backend's, chosen by FINETUNE_RUNNER: `local` (the
+default, LocalProcesses: a detached process on this machine) or `ray` (ray_jobs.RayJobs:
+each worker a job on the Ray cluster in RAY_ADDRESS, followed through Ray's Jobs API; the
+supervisor itself stays a local process). Ray is imported only with FINETUNE_RUNNER=ray.
 
 Readers only show a dead worker's run as crashed; the supervisor's scan records it (as do
 `stop` and `resume` for their run). The supervisor also ends what does not end by itself:
@@ -112,6 +114,8 @@ def child_env(extra: dict[str, str] | None = None) -> dict[str, str]:
 class LocalProcesses:
     """The backend that runs each worker (and the supervisor) as a detached local process."""
 
+    name = "local"
+
     def __init__(self):
         self.children: list[subprocess.Popen] = []  # started here and not yet ended
 
@@ -155,8 +159,80 @@ class LocalProcesses:
         """Ends a worker that does not respond (SIGKILL: it saves nothing)."""
         return send_signal(pid, signal.SIGKILL, started_at)
 
+    def owner(self, proc: subprocess.Popen) -> int:
+        """Returns what status.json records as the run's owner: the worker's pid."""
+        return proc.pid
 
-BACKEND = LocalProcesses()
+    def waiting_message(self, error: BaseException) -> None:
+        """A local start never leaves a run waiting on something else."""
+        return None
+
+
+class _Misconfigured(LocalProcesses):
+    """FINETUNE_RUNNER names no backend: the supervisor runs, and says why nothing starts."""
+
+    def __init__(self, problem: str):
+        super().__init__()
+        self.problem = problem
+
+    def start_worker(self, run_dir: Path, parallel: int) -> subprocess.Popen:
+        raise store.RunError(self.problem)
+
+    def waiting_message(self, error: BaseException) -> str | None:
+        return f"waiting: {error}" if str(error) == self.problem else None
+
+
+RUNNERS = ("local", "ray")
+
+
+def backend_from_env(environ: Mapping[str, str] = os.environ) -> LocalProcesses:
+    """Returns the backend FINETUNE_RUNNER chooses: local (the default) or ray, which imports
+    ray_jobs (and Ray itself only once it submits or follows a job)."""
+    name = (environ.get("FINETUNE_RUNNER") or "local").strip().lower()
+    if name == "local":
+        return LocalProcesses()
+    if name == "ray":
+        from finetune_core import ray_jobs
+
+        return ray_jobs.RayJobs(
+            LocalProcesses(),
+            package_root=str(Path(__file__).resolve().parent.parent),
+            grace_s=stop_grace_s,
+            environ=environ,
+        )
+    return _Misconfigured(
+        f"FINETUNE_RUNNER is {environ.get('FINETUNE_RUNNER')!r}, which is no runner: set it to "
+        f"one of {', '.join(RUNNERS)} (local is the default) and start the queue again"
+    )
+
+
+BACKEND = backend_from_env()
+
+
+def _jobs_backend(status: Mapping[str, Any]) -> Any:
+    """Returns the backend that follows a cluster job's run: BACKEND when it is that kind,
+    else one made for it (a run that a Ray queue started, stopped from a local shell)."""
+    kind = status.get("backend")
+    if getattr(BACKEND, "name", None) == kind:
+        return BACKEND
+    if kind == "ray":
+        return backend_from_env({**os.environ, "FINETUNE_RUNNER": "ray"})
+    raise store.RunError(f"this finetune_core cannot reach a {kind!r} job; stop it there")
+
+
+def _signal_worker(status: Mapping[str, Any], *, kill: bool = False) -> bool:
+    """Asks a run's worker to stop (kill: ends it) through what started it: a signal to a
+    local process, or the cluster's stop_job for a job (which escalates on its own)."""
+    job_id = status.get("job_id")
+    if job_id is not None:
+        return _jobs_backend(status).stop_job(job_id)
+    end = BACKEND.kill if kill else BACKEND.stop
+    return end(status.get("pid"), status.get("pid_started_at"))
+
+
+def _owner_key(proc: Any) -> tuple[int | None, str | None]:
+    """Returns (pid, job id) of a worker handle: a local process's pid, or a job's id."""
+    return getattr(proc, "pid", None), getattr(proc, "job_id", None)
 
 
 def worker_threads(parallel: int) -> dict[str, str]:
@@ -181,9 +257,9 @@ def _start_queued(run_dir: Path, parallel: int = 1) -> subprocess.Popen | None:
     """
     started: list[subprocess.Popen] = []
 
-    def start() -> int:
+    def start() -> int | dict[str, Any]:
         started.append(BACKEND.start_worker(run_dir, parallel))
-        return started[0].pid
+        return BACKEND.owner(started[0])
 
     try:
         store.set_state(
@@ -197,9 +273,10 @@ def _start_queued(run_dir: Path, parallel: int = 1) -> subprocess.Popen | None:
     return started[0] if started else None
 
 
-def start_worker(run_dir: str | os.PathLike) -> int:
-    """Starts a detached worker for a queued run; returns its pid. Raises RunError when the
-    run is not queued."""
+def start_worker(run_dir: str | os.PathLike) -> int | None:
+    """Starts a detached worker for a queued run; returns its pid (None for a cluster's job:
+    its pid is known on its node once it starts). Raises RunError when the run is not
+    queued."""
     run_dir = Path(run_dir).resolve()
     proc = _start_queued(run_dir)
     if proc is None:
@@ -274,8 +351,21 @@ def _say(text: str) -> None:
         print(f"{datetime.now():%H:%M:%S} {text}", flush=True)
 
 
-def _owned_by(pid: int | None) -> Any:
+def _owned_by(pid: int | None, job_id: str | None = None) -> Any:
+    if job_id is not None:  # a job's worker records its pid on its node
+        return lambda s: s.get("state") == "running" and s.get("job_id") == job_id
     return lambda s: s.get("state") == "running" and s.get("pid") == pid
+
+
+def _unless_final(run_dir: Path, job: Any) -> dict[str, Any] | None:
+    """Returns the final state to record for a run whose cluster job ended, None when its
+    worker wrote its own (or the run is another owner's now)."""
+    status = store.read_status(run_dir)
+    if status.get("recorded_state", status.get("state")) != "running":
+        return None
+    if status.get("job_id") != job.job_id:
+        return None
+    return job.end_without_final_state(run_dir)
 
 
 def _disk_full_end(run_dir: Path) -> dict[str, Any]:
@@ -321,9 +411,21 @@ class _Kill:
     """A worker the supervisor ends: SIGTERM sent at `since` (by it or by `stop`), SIGKILL
     after the grace period; `end` is what is recorded once the process is gone."""
 
-    def __init__(self, pid: int, started_at: float | None, since: float, end: dict[str, Any]):
+    def __init__(
+        self,
+        pid: int,
+        started_at: float | None,
+        since: float,
+        end: dict[str, Any],
+        job_id: str | None = None,
+    ):
         self.pid, self.started_at, self.since, self.end = pid, started_at, since, end
+        self.job_id = job_id  # a cluster's job: identified by it (its pid comes later)
         self.killed = False
+
+    def same_owner(self, pid: int | None, job_id: str | None) -> bool:
+        """Returns True when the run's owner now is the worker this kill is for."""
+        return self.job_id == job_id and (job_id is not None or self.pid == pid)
 
 
 class _Queue:
@@ -333,9 +435,9 @@ class _Queue:
     def __init__(self, root: Path, max_parallel: int | None):
         self.root = root
         self.max_parallel = max_parallel
-        self.workers: dict[Path, subprocess.Popen] = {}
+        self.workers: dict[Path, Any] = {}  # local processes, or a cluster's jobs
         self.kills: dict[Path, _Kill] = {}
-        self.unwritten: dict[Path, tuple[int, dict[str, Any]]] = {}  # final states to write
+        self.unwritten: dict[Path, tuple[tuple, dict[str, Any]]] = {}  # final states to write
         self.paused_until = 0.0  # monotonic time before which nothing starts (a full disk)
         self.said: dict[Path, str] = {}
         self.owners: dict[Path, str | None] = {}  # config.json's owner, which never changes
@@ -369,30 +471,41 @@ class _Queue:
                 end = kill.end
             elif code == EXIT_DISK_FULL:
                 end = _disk_full_end(run_dir)
+            elif hasattr(proc, "end_without_final_state"):  # a job: the cluster says how
+                end = _unless_final(run_dir, proc)
             else:
                 end = {
                     "state": "crashed",
                     "message": f"{store.CRASHED_MESSAGE} (exit code {code})",
                     "exit_code": code,
                 }
-            self.record(run_dir, proc.pid, end)
+            if end is not None:
+                self.record(run_dir, _owner_key(proc), end)
 
-    def record(self, run_dir: Path, pid: int, end: dict[str, Any]) -> None:
-        """Writes a final state for the run its dead worker pid left running; kept to write
-        again at the next poll when the disk refuses it."""
+    def record(self, run_dir: Path, owner: int | tuple, end: dict[str, Any]) -> None:
+        """Writes a final state for the run its dead worker (pid, or (pid, job id)) left
+        running; kept to write again at the next poll when the disk refuses it."""
+        pid, job_id = owner if isinstance(owner, tuple) else (owner, None)
         fields = dict(end)
         state = fields.pop("state")
         try:
-            store.set_state(run_dir, state, when=_owned_by(pid), **fields)
+            store.set_state(run_dir, state, when=_owned_by(pid, job_id), **fields)
             self.unwritten.pop(run_dir, None)
         except OSError as e:
             if run_dir not in self.unwritten:
                 _say(f"{run_dir.name}: cannot record {state} yet ({e}); trying again")
-            self.unwritten[run_dir] = (pid, end)
+            self.unwritten[run_dir] = ((pid, job_id), end)
 
     def write_unwritten(self) -> None:
-        for run_dir, (pid, end) in list(self.unwritten.items()):
-            self.record(run_dir, pid, end)
+        for run_dir, (owner, end) in list(self.unwritten.items()):
+            self.record(run_dir, owner, end)
+
+    def adopt(self, run_dir: Path, status: dict[str, Any]) -> None:
+        """Follows the job of a run that an earlier supervisor submitted to a cluster."""
+        try:
+            self.workers[run_dir] = _jobs_backend(status).adopt(status["job_id"], run_dir)
+        except store.RunError as e:
+            self._say_once(run_dir, f"cannot follow its job: {e}")
 
     def scan(self) -> tuple[list[Path], int]:
         """Returns (queued runs in the order to start them (fair_order), runs with a worker);
@@ -410,6 +523,12 @@ class _Queue:
             try:
                 status = store.read_status(run_dir)
                 state = status.get("state")
+                if (
+                    status.get("job_id") is not None
+                    and status.get("recorded_state", state) == "running"
+                    and run_dir not in self.workers
+                ):
+                    self.adopt(run_dir, status)
                 owner = self.owner(run_dir)
                 started = status.get("started_at")
                 if isinstance(started, (int, float)):
@@ -429,6 +548,17 @@ class _Queue:
             except Exception as e:  # noqa: BLE001 - one run's trouble never stops the queue
                 self._say_once(run_dir, f"skipped this poll: {type(e).__name__}: {e}")
         return fair_order(queued, busy, last_started), running
+
+    def say_waiting(self, run_dir: Path, message: str | None) -> None:
+        """Shows why a queued run waits (the cluster does not answer) in its status.json."""
+        if message is None:
+            return
+        with contextlib.suppress(OSError):
+            store.write_progress(
+                run_dir,
+                when=lambda s: _is_queued(s) and s.get("message") != message,
+                message=message,
+            )
 
     def _say_once(self, run_dir: Path, text: str) -> None:
         if self.said.get(run_dir) != text:
@@ -454,8 +584,9 @@ class _Queue:
         """Ends a live worker that stopped responding, or that a stop did not end in time."""
         now, grace = time.time(), stop_grace_s()
         pid, started_at = status.get("pid"), status.get("pid_started_at")
+        job_id = status.get("job_id")
         kill = self.kills.get(run_dir)
-        if kill is not None and kill.pid != pid:  # another process owns the run now
+        if kill is not None and not kill.same_owner(pid, job_id):  # another owns the run now
             del self.kills[run_dir]
             kill = None
         if kill is None:
@@ -468,7 +599,8 @@ class _Queue:
                     "(FINETUNE_STOP_GRACE_S), so it was killed; resume to continue from the "
                     "last checkpoint"
                 )
-                kill = _Kill(pid, started_at, asked, {"state": "stopped", "message": message})
+                end = {"state": "stopped", "message": message}
+                kill = _Kill(pid, started_at, asked, end, job_id)
             elif stalled:
                 silent = store.silent_for_s(status, now) or 0.0
                 message = (
@@ -476,15 +608,15 @@ class _Queue:
                     f"(FINETUNE_STALE_S {store.stale_after_s():g} s), so the queue's supervisor "
                     "ended it; resume to continue from the last checkpoint"
                 )
-                kill = _Kill(pid, started_at, now, {"state": "crashed", "message": message})
-                BACKEND.stop(pid, started_at)
+                kill = _Kill(pid, started_at, now, {"state": "crashed", "message": message}, job_id)
+                _signal_worker(status)
                 _say(f"{run_dir.name}: worker {pid} stopped responding; SIGTERM")
             else:
                 return
             self.kills[run_dir] = kill
         if not kill.killed and now - kill.since >= grace:
             kill.killed = True
-            BACKEND.kill(pid, started_at)
+            _signal_worker(status, kill=True)
             _say(f"{run_dir.name}: worker {pid} did not end {grace:g} s after SIGTERM; SIGKILL")
 
     def start(self, queued: list[Path], running: int) -> None:
@@ -509,6 +641,7 @@ class _Queue:
                 return
             except Exception as e:  # noqa: BLE001 - this run's trouble, not the queue's
                 self._say_once(run_dir, f"cannot start it: {type(e).__name__}: {e}")
+                self.say_waiting(run_dir, BACKEND.waiting_message(e))
                 continue
             if proc is not None:
                 self.workers[run_dir] = proc
@@ -629,8 +762,11 @@ def stop_run(run_dir: str | os.PathLike, *, actor: str | None = None) -> str:
         return "not running"
     pid, started_at = status.get("pid"), status.get("pid_started_at")
     if store.stop_requested_at(run_dir, status) is None:  # the grace runs from the first Stop
-        store.request_stop(run_dir, pid, started_at)
-    BACKEND.stop(pid, started_at)
+        if status.get("job_id") is None:
+            store.request_stop(run_dir, pid, started_at)
+        else:
+            store.request_stop(run_dir, pid, started_at, status["job_id"])
+    _signal_worker(status)
     with contextlib.suppress(OSError):
         ensure_supervisor(run_dir.resolve().parent)
     return "stopping"

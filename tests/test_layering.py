@@ -30,6 +30,8 @@ ALLOWED = {
     "metrics": set(),
     "stats": set(),  # bootstrap intervals (numpy): plots and the engine use them
     "memory": set(),  # a training step's measured memory, a run's stored size (torch)
+    # one run on several devices: torchrun's process group, DDP, the collectives (torch)
+    "distributed": set(),
     # weight drift per group and epoch (torch); its record's split is the store's contract
     "drift": {"callbacks", "store", "strategies"},
     "data": {"util"},
@@ -47,6 +49,7 @@ ALLOWED = {
         "config",
         "data",
         "device",
+        "distributed",
         "heads",
         "memory",
         "metrics",
@@ -69,7 +72,9 @@ ALLOWED = {
         "util",
         "weights",
     },
-    "runner": {"config", "store", "util"},
+    "runner": {"config", "store", "util", "ray_jobs"},
+    # the queue on a Ray cluster (FINETUNE_RUNNER=ray): Ray only when a job is submitted
+    "ray_jobs": {"store"},
     "jobs": {"runner", "util"},
     # uploads kept by content; the extraction job loads data (torch) in the job's process
     "uploads": {"data", "store", "util"},
@@ -79,6 +84,7 @@ ALLOWED = {
         "config",
         "data",
         "device",
+        "distributed",
         "drift",
         "engine",
         "estimate",
@@ -145,6 +151,7 @@ TORCH_FREE = {
     "config",
     "store",
     "runner",
+    "ray_jobs",
     "cli",
     "plots",
     "report",

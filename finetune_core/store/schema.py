@@ -74,7 +74,15 @@ STATUS_TYPES: dict[str, tuple[type, ...]] = {
     "resume": (bool,),
     "resumable": (bool,),
     "cancelled": (bool,),
+    # a run whose worker a cluster runs (absent for a local run): the backend that started
+    # it ("ray"), the cluster's id of its job, and the host its worker runs on (null until
+    # the job's worker starts); its pid means something on that host only
+    "backend": (str,),
+    "job_id": (str,),
+    "host": (str,),
 }
+# the fields that name a run's cluster job: cleared when another owner takes the run
+JOB_FIELDS = ("backend", "job_id", "host")
 
 
 def status_problem(data: Any) -> str | None:

@@ -14,6 +14,11 @@ message saying why; nothing acts on such a run, and every other run carries on.
 A worker writes `heartbeat_at` every few seconds from a thread of its own (so a long
 training step is not taken for a stall); FINETUNE_STALE_S (default 300 s) is how long
 silence may last.
+
+A run whose worker a cluster runs (FINETUNE_RUNNER=ray) also records its `backend`, its
+`job_id` and the `host` its worker runs on. Its pid tells whether it lives only on that
+host: elsewhere a reader goes by the heartbeat alone (stalled, never crashed), and the
+queue's supervisor asks the cluster's jobs API (runner.py).
 """
 
 from __future__ import annotations
@@ -21,6 +26,7 @@ from __future__ import annotations
 import contextlib
 import json
 import os
+import socket
 import time
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -30,6 +36,7 @@ from finetune_core.store.schema import (
     ACTIVE_STATES,
     CRASHED_MESSAGE,
     FINAL_STATES,
+    JOB_FIELDS,
     RESUMABLE_STATES,
     STALLED,
     TRANSITIONS,
@@ -98,6 +105,19 @@ def new_status(owner_pid: int | None = None) -> dict[str, Any]:
 
 def _claimed_by(pid: int) -> dict[str, Any]:
     return {"state": "running", "pid": pid, "pid_started_at": process_start_time(pid)}
+
+
+def this_host() -> str:
+    """Returns this machine's host name, as a run's `host` records where its worker runs."""
+    return socket.gethostname()
+
+
+def _pid_is_here(status: dict[str, Any]) -> bool:
+    """Returns True when status.json's pid names a process of this machine: always for a
+    local run; for a cluster job's run only once its worker started, on this host."""
+    if status.get("backend") is None:
+        return True
+    return status.get("pid") is not None and status.get("host") == this_host()
 
 
 def _load(run_dir: Path) -> tuple[dict[str, Any] | None, str | None]:
@@ -218,10 +238,12 @@ def set_state(
 
     Entering "running" needs the pid of the process that owns the run, or a function that
     starts that process and returns its pid: it is called under the status lock once the
-    change is allowed, so the process can never see the run before it is marked as its.
-    Entering "queued" clears the previous owner; a final state records when it was
-    reached, and is written even on a full disk where the file's own space allows. `fields`
-    are written with it (message, exit_code, ...).
+    change is allowed, so the process can never see the run before it is marked as its. A
+    cluster's job owns a run the same way: the function then returns the fields that name
+    it (backend, job_id, and pid None until the job's worker starts). Entering "queued"
+    clears the previous owner, job fields included, as does another process taking the run;
+    a final state records when it was reached, and is written even on a full disk where the
+    file's own space allows. `fields` are written with it (message, exit_code, ...).
     """
     if to == "running" and pid is None:
         raise ValueError("a running run needs the pid of the process that owns it")
@@ -233,9 +255,15 @@ def set_state(
         if when is not None and not when(status):
             return None
         update = {**_implied(to, time.time()), "state": to}
-        if pid is not None:
-            update.update(_claimed_by(pid() if callable(pid) else pid))
+        owner = pid() if callable(pid) else pid
+        a_process = owner is not None and not isinstance(owner, dict)
+        if to == "queued" or (a_process and owner != status.get("pid")):
+            update.update({key: None for key in JOB_FIELDS if key in status})
+        if a_process:
+            update.update(_claimed_by(owner))
         update.update(fields)
+        if isinstance(owner, dict):  # a job's fields, its message included
+            update.update(owner)
         changed.append(update)
         return update
 
@@ -284,9 +312,15 @@ def can_resume(status: dict[str, Any]) -> bool:
 
 
 def is_orphaned(status: dict[str, Any]) -> bool:
-    """Returns True for a running run whose process is gone (or is another process now)."""
-    return status.get("state") == "running" and not process_alive(
-        status.get("pid"), status.get("pid_started_at")
+    """Returns True for a running run whose process is gone (or is another process now).
+
+    Never for a cluster job's run whose worker is not on this host (or not started yet):
+    its pid means nothing here; the heartbeat and the cluster tell.
+    """
+    return (
+        status.get("state") == "running"
+        and _pid_is_here(status)
+        and not process_alive(status.get("pid"), status.get("pid_started_at"))
     )
 
 
@@ -315,7 +349,12 @@ def shown_status(status: dict[str, Any], now: float | None = None) -> dict[str, 
     silent, limit = silent_for_s(status, now), stale_after_s()
     if silent is not None and silent > limit:
         pid = status.get("pid")
-        how = " (the process is stopped: SIGSTOP or Ctrl-Z)" if process_stopped(pid) else ""
+        if not _pid_is_here(status):
+            how = f" on {status.get('host')} (job {status.get('job_id')})"
+        elif process_stopped(pid):
+            how = " (the process is stopped: SIGSTOP or Ctrl-Z)"
+        else:
+            how = ""
         return {
             **status,
             "state": STALLED,
@@ -358,21 +397,53 @@ def record_crash(run_dir: str | os.PathLike, message: str = CRASHED_MESSAGE, **f
     return set_state(run_dir, "crashed", when=is_orphaned, message=message, **fields)
 
 
+def claim_for_job(run_dir: str | os.PathLike, job_id: str) -> dict[str, Any] | None:
+    """Marks a run that a cluster's job `job_id` owns as this process's: its pid and this
+    host, so that the worker this process becomes (exec) finds the run its own. Returns the
+    new status, or None when the run is not that job's any more, or a stop was asked for
+    before the job's worker started."""
+    run_dir, me = Path(run_dir), os.getpid()
+
+    def still_the_jobs(status: dict[str, Any]) -> bool:
+        return (
+            status.get("job_id") == job_id
+            and status.get("pid") is None
+            and status.get("stop_requested_at") is None
+        )
+
+    def owner() -> dict[str, Any]:
+        return {"pid": me, "pid_started_at": process_start_time(me), "host": this_host()}
+
+    return set_state(
+        run_dir, "running", when=still_the_jobs, pid=owner, message="the worker starts"
+    )
+
+
 STOP_REQUEST = ".stop_request.json"  # who was asked to stop, and when (see request_stop)
 
 
-def request_stop(run_dir: str | os.PathLike, pid: int, pid_started_at: float | None) -> None:
-    """Records that worker pid was asked to stop now: in .stop_request.json, written without
-    the status lock (a SIGSTOPped worker may hold that lock for good), and as status.json's
-    stop_requested_at when the lock comes within 2 s. A full disk loses only the record."""
+def request_stop(
+    run_dir: str | os.PathLike,
+    pid: int | None,
+    pid_started_at: float | None,
+    job_id: str | None = None,
+) -> None:
+    """Records that worker pid (of cluster job job_id, if any) was asked to stop now: in
+    .stop_request.json, written without the status lock (a SIGSTOPped worker may hold that
+    lock for good), and as status.json's stop_requested_at when the lock comes within 2 s.
+    A full disk loses only the record."""
     run_dir, now = Path(run_dir), time.time()
     request = {"pid": pid, "pid_started_at": pid_started_at, "at": now}
+    if job_id is not None:  # a job's worker has no pid before it starts
+        request["job_id"] = job_id
     with contextlib.suppress(OSError):
         write_json_atomic(run_dir / STOP_REQUEST, request)
     with contextlib.suppress(OSError, RunError):
         write_progress(
             run_dir,
-            when=lambda s: s.get("state") == "running" and s.get("pid") == pid,
+            when=lambda s: (
+                s.get("state") == "running" and s.get("pid") == pid and s.get("job_id") == job_id
+            ),
             lock_timeout_s=2.0,
             message="stopping: saving a checkpoint",
             stop_requested_at=now,
@@ -387,9 +458,10 @@ def stop_requested_at(run_dir: str | os.PathLike, status: dict[str, Any]) -> flo
     request = read_json(Path(run_dir) / STOP_REQUEST)
     if not isinstance(request, dict):
         return None
-    same = (request.get("pid"), request.get("pid_started_at")) == (
+    same = (request.get("pid"), request.get("pid_started_at"), request.get("job_id")) == (
         status.get("pid"),
         status.get("pid_started_at"),
+        status.get("job_id"),
     )
     at = request.get("at")
     return float(at) if same and isinstance(at, (int, float)) and not isinstance(at, bool) else None
