@@ -1,5 +1,5 @@
 """The command line: python -m finetune_core train | lr-find | sweep | list | show | compare |
-report | stop | cancel | resume | worker | queue | models.
+report | stop | cancel | resume | worker | rank | queue | models.
 
 `train` validates everything before a run folder exists (exit 2 with a message naming the
 flag), then runs the same worker body as the dashboard's queue, in the foreground, with a
@@ -205,7 +205,7 @@ def _run_in_foreground(run_dir: Path) -> int:
     _report_skipped(run_dir)
     status = store.read_status(run_dir)
     if code == runner.EXIT_FAILED:
-        print(f"error: run failed: {status.get('message')}", file=sys.stderr)
+        print(f"error: run {status.get('state')}: {status.get('message')}", file=sys.stderr)
     else:
         print(status.get("message"))
     print(run_dir)
@@ -513,6 +513,12 @@ def cmd_worker(args) -> int:
     from finetune_core import worker
 
     return worker.run_worker(store.resolve_run(args.run_dir, store.runs_dir(args.runs_dir)))
+
+
+def cmd_rank(args) -> int:
+    from finetune_core import worker
+
+    return worker.run_rank(args.run_dir)
 
 
 def cmd_job(args) -> int:
@@ -1040,6 +1046,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("run_dir")
     runs_dir_flag(p)
     p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser(
+        "rank", help="train one process of a run on several devices (started under torchrun)"
+    )
+    p.add_argument("run_dir")
+    p.set_defaults(func=cmd_rank)
 
     p = sub.add_parser("job", help="do a background job (used by the dashboard)")
     p.add_argument("job_dir")

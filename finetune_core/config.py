@@ -68,11 +68,24 @@ class RunConfig:
     )
     batch_size: int = setting(
         64,
-        "images per optimizer step; lower it when memory runs out",
+        "images per optimizer step on each device (with devices > 1 every device takes this "
+        "many); lower it when memory runs out",
         label="Batch size",
         min=1,
         max=4096,
         step=8,
+    )
+    devices: int = setting(
+        1,
+        "processes that train this one run together, one per GPU (torchrun and "
+        "DistributedDataParallel; on a CPU, gloo processes): batch size is per device, so the "
+        "effective batch is batch size x devices x accumulation; the learning rate is not "
+        "scaled with it",
+        label="Devices (GPUs) for this run",
+        min=1,
+        max=64,
+        unit=" device",
+        step=1,
     )
     accumulate_steps: int = setting(
         1,
@@ -554,6 +567,16 @@ def _recipe_problems(cfg: RunConfig) -> dict[str, str]:
         e["hflip"] = (
             "--augment flip only mirrors images, which --hflip off forbids: choose --augment "
             "none, or another augmentation (crop, fastai, trivialaugment, ...) without the mirror"
+        )
+    if cfg.devices > 1 and cfg.tune_lr:
+        e["devices"] = (
+            f"--tune-lr searches in one process, so it cannot run on --devices {cfg.devices}: "
+            "tune with --devices 1 (or lr-find), then train at that --lr on several devices"
+        )
+    if cfg.devices > 1 and cfg.device == "mps":
+        e["devices"] = (
+            f"--devices {cfg.devices} needs CUDA GPUs (NCCL) or the CPU (gloo); Apple's mps "
+            "trains on one device: choose --device cuda or cpu, or --devices 1"
         )
     if cfg.tta == "flip" and not cfg.hflip:
         e["tta"] = (

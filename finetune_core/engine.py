@@ -25,6 +25,7 @@ from torch import nn
 
 from finetune_core import (
     checkpoints,
+    distributed,
     heads,
     memory,
     metrics,
@@ -275,14 +276,23 @@ class _Recorder:
         self.images += len(y)
 
     def due(self) -> bool:
-        return len(self.losses) >= TRAIN_RECORD_EVERY and (
-            time.perf_counter() - self.since >= RECORD_SECONDS
-        )
+        """Returns True when a train record is due: every rank asks at the same steps and
+        rank 0's clock decides for all (the record is a collective on several devices)."""
+        if len(self.losses) < TRAIN_RECORD_EVERY:
+            return False
+        return distributed.rank0_says(time.perf_counter() - self.since >= RECORD_SECONDS)
 
     def flush(self) -> dict | None:
         if not self.losses:
             return None
-        losses = torch.stack(self.losses).float().cpu()
+        losses = torch.stack(self.losses).float()
+        correct = torch.stack(self.correct).sum().float()
+        if distributed.active():  # every rank's figures: the mean loss per step, all images
+            counts = torch.stack([correct, torch.tensor(float(self.images), device=correct.device)])
+            both = distributed.sum_all(torch.cat([losses, counts]))
+            losses = both[: len(losses)] / distributed.world_size()
+            correct, self.images = both[-2], int(both[-1].item())
+        losses = losses.cpu()
         bad = (~torch.isfinite(losses)).nonzero()
         if len(bad):
             step = self.first_step + int(bad[0])
@@ -297,7 +307,7 @@ class _Recorder:
             epoch=t.epoch,
             step=t.step,
             loss=float(losses.mean()),
-            acc=float(torch.stack(self.correct).sum()) / self.images,
+            acc=float(correct) / self.images,
             acc5=None,
             lr=t.head_lr(),
             time_s=round(t.elapsed(), 3),
@@ -322,6 +332,12 @@ class Trainer:
         self.cfg = exp.cfg
         self.parts = exp.parts
         self.device = exp.device
+        # on several devices: this process's rank, and only rank 0 writes files
+        self.rank, self.world = distributed.rank(), distributed.world_size()
+        self.writes = distributed.is_writer()
+        full_train = exp.data.train
+        if self.world > 1:  # this rank trains its fixed shard (its feature cache too)
+            exp = self.exp = _sharded(exp, self.rank, self.world)
         self.callbacks = list(callbacks)
         self.checkpoint_dir = Path(checkpoint_dir) if checkpoint_dir else None
         self.plan = strategies.make_plan(self.cfg, self.parts)
@@ -365,8 +381,8 @@ class Trainer:
         self.steps_per_epoch = len(self.train_loader)
         self.total_steps = self.steps_per_epoch * self.cfg.epochs
         weight = None
-        if self.cfg.balance == "loss":
-            counts = data_mod.class_counts(train, exp.num_classes).float()
+        if self.cfg.balance == "loss":  # the weights of the whole split, the same on every rank
+            counts = data_mod.class_counts(full_train, exp.num_classes).float()
             weight = (counts.sum() / (len(counts) * counts.clamp(min=1))).to(dev)
         self.loss_fn = nn.CrossEntropyLoss(weight=weight, label_smoothing=self.cfg.label_smoothing)
         self.l2sp = L2SP(self.parts, self.plan, self.cfg.l2sp) if self.cfg.l2sp else None
@@ -378,6 +394,8 @@ class Trainer:
             lambda s: lr_factor(self.cfg, s, self.total_steps, self.steps_per_epoch),
         )
         self._recipe_init()
+        # the model in DDP while it trains on several devices (built per phase: begin_epoch)
+        self.replica = distributed.Replicated(self.parts.model) if self.world > 1 else None
         self.callbacks.append(FollowPlan())  # last, so other callbacks see the epoch's own phase
 
     def _loader(self, split: data_mod.TensorSplit) -> data_mod.TensorLoader:
@@ -446,7 +464,9 @@ class Trainer:
     # --- the loop ------------------------------------------------------------------------
     def _batch_generator(self, batch_index: int) -> torch.Generator:
         g = torch.Generator(device=self.device)
-        g.manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 10_007 + batch_index)
+        # each rank draws its own augmentation (rank 0's draws are a one-device run's)
+        offset = self.rank * 2_147_483_647
+        g.manual_seed(self.cfg.seed * 1_000_003 + self.epoch * 10_007 + batch_index + offset)
         return g
 
     def _set_modes(self, phase: strategies.Phase) -> None:
@@ -463,34 +483,20 @@ class Trainer:
         self._head_only = phase.head_only
         loader = self.train_loader if self.feature_cache is None else self.cache_loader
         loader.set_epoch(self.epoch)
+        if self.replica is not None:
+            self.replica.for_phase()
         return loader
 
     def train_step(self, inputs: torch.Tensor, labels: torch.Tensor, batch_index: int):
         """Takes one optimizer step on a batch (uint8 images, or the indices of cached rows);
         returns (loss, logits, labels on the device)."""
         y = labels.to(self.device, non_blocking=True)
-        targets = None  # class probabilities instead of labels (MixUp/CutMix)
-        with self.autocast():
-            if self.feature_cache is not None:  # only the trained part runs
-                cache = self.feature_cache
-                logits = cache.rest(cache.batch(inputs, self._batch_generator(batch_index)))
-            else:
-                generator = self._batch_generator(batch_index)
-                x = self.to_input(inputs, generator)
-                if self.mixer is not None:
-                    x, targets = self.mixer(x, y, generator)
-                if self._head_only:
-                    logits = self.parts.forward_head(self.features(x))
-                else:
-                    logits = self.model(x)
-            loss = self.loss_fn(logits.float(), y if targets is None else targets)
-            if self.l2sp is not None:
-                loss = loss + self.l2sp.penalty()
         every = self.cfg.accumulate_steps  # batches per optimizer step (recipe.accumulation)
         first, last, size = recipe.accumulation(batch_index, every, self.steps_per_epoch)
         if first:
             self.optimizer.zero_grad(set_to_none=True)
-        self.scaler.scale(loss / size if size > 1 else loss).backward()
+        with self._local_grads(not last):
+            loss, logits, y = self._forward_backward(inputs, y, batch_index, size)
         self.accumulating = not last
         if last:
             if self.cfg.clip_grad > 0:
@@ -510,6 +516,42 @@ class Trainer:
         self.step += 1
         recipe.set_momentum(self.optimizer, self._momentum(self.step))
         return loss, logits, y
+
+    def _forward_backward(
+        self, inputs: torch.Tensor, y: torch.Tensor, batch_index: int, size: int
+    ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Computes the loss of a batch and its gradients (scaled by 1 / size, the batches
+        accumulated); on several devices the forward runs inside DDP, whose backward
+        averages the gradients over the ranks."""
+        targets = None  # class probabilities instead of labels (MixUp/CutMix)
+
+        def logits_of(inputs: torch.Tensor) -> torch.Tensor:
+            nonlocal targets
+            if self.feature_cache is not None:  # only the trained part runs
+                cache = self.feature_cache
+                return cache.rest(cache.batch(inputs, self._batch_generator(batch_index)))
+            generator = self._batch_generator(batch_index)
+            x = self.to_input(inputs, generator)
+            if self.mixer is not None:
+                x, targets = self.mixer(x, y, generator)
+            if self._head_only:
+                return self.parts.forward_head(self.features(x))
+            return self.model(x)
+
+        with self.autocast():
+            logits = logits_of(inputs) if self.replica is None else self.replica(logits_of, inputs)
+            loss = self.loss_fn(logits.float(), y if targets is None else targets)
+            if self.l2sp is not None:
+                loss = loss + self.l2sp.penalty()
+        self.scaler.scale(loss / size if size > 1 else loss).backward()
+        return loss, logits, y
+
+    def _local_grads(self, local: bool):
+        """Returns the context of a backward whose gradients stay on this rank (a batch
+        before the last of an accumulated step: DDP's no_sync); a no-op on one device."""
+        if local and self.replica is not None:
+            return self.replica.no_sync()
+        return contextlib.nullcontext()
 
     def measured_step(self, inputs: torch.Tensor, labels: torch.Tensor, batch_index: int):
         """Takes train_step's step and measures its memory (memory.measure_step), keeping the
@@ -566,13 +608,15 @@ class Trainer:
         preds, targets, confidences = [], [], []
         bs = max(self.cfg.batch_size, 128)
         loss_fn = nn.CrossEntropyLoss(reduction="sum")
-        for start in range(0, len(split), bs):
-            y = split.labels[start : start + bs].to(self.device)
+        lo, hi = distributed.span(len(split))  # on several devices: this rank's part
+        for start in range(lo, hi, bs):
+            end = min(start + bs, hi)
+            y = split.labels[start:end].to(self.device)
             with self.autocast():
                 if cached is not None:
-                    logits = self.feature_cache.rest(cached[start : start + bs])
+                    logits = self.feature_cache.rest(cached[start:end])
                 else:
-                    logits = self.model(self.to_input(split.images[start : start + bs], None))
+                    logits = self.model(self.to_input(split.images[start:end], None))
             logits = logits.float()
             total_loss += float(loss_fn(logits, y))
             top1 += metrics.topk_correct(logits, y, 1)
@@ -582,7 +626,13 @@ class Trainer:
             preds.append(pred.cpu())
             confidences.append(confidence.cpu())
             targets.append(y.cpu())
-        pred, target = torch.cat(preds), torch.cat(targets)
+        none = torch.zeros(0, dtype=torch.long)
+        pred, target = torch.cat(preds or [none]), torch.cat(targets or [none])
+        confidence = torch.cat(confidences or [none.float()])
+        if distributed.active():  # the whole split's figures, the parts in rank order
+            parts = distributed.gather((total_loss, n, top1, top5, pred, target, confidence))
+            total_loss, n, top1, top5 = (sum(p[i] for p in parts) for i in range(4))
+            pred, target, confidence = (torch.cat([p[i] for p in parts]) for i in (4, 5, 6))
         cm = metrics.confusion_matrix(pred, target, k)
         return {
             "loss": total_loss / max(n, 1),
@@ -593,7 +643,7 @@ class Trainer:
             # per image, in the split's order: what the intervals and comparisons resample
             "true": target.tolist(),
             "pred": pred.tolist(),
-            "confidence": torch.cat(confidences).tolist(),
+            "confidence": confidence.tolist(),
         }
 
     # --- the feature cache: a phase's frozen prefix computed once -----------------------------
@@ -850,8 +900,10 @@ class Trainer:
             out["ema_decay_per_update"] = self.ema.decay
             out["raw_best_val_acc"] = max(self.raw_val_acc, default=None)
             out["raw_final_val_acc"] = self.raw_val_acc[-1] if self.raw_val_acc else None
-        if cfg.accumulate_steps > 1:
-            out["effective_batch_size"] = cfg.batch_size * cfg.accumulate_steps
+        if cfg.accumulate_steps > 1 or self.world > 1:
+            out["effective_batch_size"] = cfg.batch_size * cfg.accumulate_steps * self.world
+        if self.world > 1:
+            out["devices"] = self.world
         if self.tta_scored:
             out["tta"] = cfg.tta
             out["tta_averages"] = recipe.tta_words(cfg)
@@ -864,7 +916,9 @@ class Trainer:
     # --- checkpoints -------------------------------------------------------------------------
     def _save_weights(self, path: Path) -> None:
         """Writes a weights file: a run whose backbone never trains keeps only its head, and
-        names the backbone it trained on (see checkpoints.py)."""
+        names the backbone it trained on (see checkpoints.py). Only rank 0 writes."""
+        if not self.writes:
+            return
         if self.plan.frozen_backbone and self.backbone_ref is None:
             self.backbone_ref = checkpoints.backbone_ref(
                 self.parts, self.cfg.weights, self.cfg.seed
@@ -880,8 +934,15 @@ class Trainer:
 
     def save_checkpoint(self, epoch_done: bool) -> None:
         """Saves the resume point as one unit: the weights and last_state.pt (optimizer,
-        scheduler, RNG, counters) of the same step (see checkpoints.save_resume_point)."""
+        scheduler, RNG, counters) of the same step (see checkpoints.save_resume_point).
+        On several devices every rank calls it (stopped inside an accumulated step, their
+        gradients are averaged first) and rank 0 writes."""
         if self.checkpoint_dir is None:
+            return
+        if self.accumulating and self.replica is not None:
+            trained = [p for p in self.parts.model.parameters() if p.requires_grad]
+            distributed.average_grads(trained)
+        if not self.writes:
             return
         state = {
             "epoch": self.epoch,
@@ -980,7 +1041,7 @@ class Trainer:
                 if self.checkpoint_dir is not None:
                     self._save_weights(self.checkpoint_dir / "best.safetensors")
         seconds = max(self.elapsed(), 1e-9)
-        speed = round(self.step * self.cfg.batch_size / seconds, 2)
+        speed = round(self.step * self.cfg.batch_size * self.world / seconds, 2)
         record = self._eval_record("val", ev, seconds, images_per_s=speed, phase=self.phase)
         if raw is not None:
             self.raw_val_acc.append(raw["acc"])
@@ -1048,7 +1109,7 @@ class Trainer:
             ),
         }
         summary.update(self._recipe_summary())
-        if state == "completed" and self.checkpoint_dir is not None:
+        if state == "completed" and self.checkpoint_dir is not None and self.writes:
             summary.update(self._save_added_pieces())
         return summary
 
@@ -1079,6 +1140,7 @@ class Trainer:
         record, and writes every image's prediction to the run's predictions.csv; returns
         {split: evaluate()'s result}."""
         best = self.checkpoint_dir / "best.safetensors" if self.checkpoint_dir else None
+        distributed.barrier()  # rank 0 has written the best weights the others read now
         if best is not None and best.exists():
             self._load_weights(best)
             # the feature cache holds only for a frozen backbone, which the best weights share
@@ -1096,7 +1158,7 @@ class Trainer:
         if self.cfg.tta != "none":  # the best weights again, on test-time augmented views
             splits = {"val": self.exp.data.val, "test": self.exp.data.test}
             self.tta_scored = {s: recipe.tta_evaluate(self, splits[s]) for s in scored}
-        if self.checkpoint_dir is not None:
+        if self.checkpoint_dir is not None and self.writes:
             write_predictions(
                 self.checkpoint_dir.parent / PREDICTIONS_FILE, scored, self.tta_scored
             )
@@ -1108,6 +1170,14 @@ class Trainer:
                     {s: (splits[s].images, ev) for s, ev in scored.items()},
                 )
         return scored
+
+
+def _sharded(exp: Experiment, rank: int, world: int) -> Experiment:
+    """Returns exp with rank's fixed shard of the training images in place of them all."""
+    train = exp.data.train
+    index = distributed.shard_indices(len(train), exp.cfg.seed, rank, world)
+    shard = data_mod.TensorSplit(train.images.index_select(0, index), train.labels[index])
+    return dataclasses.replace(exp, data=dataclasses.replace(exp.data, train=shard))
 
 
 PREDICTIONS_FILE = "predictions.csv"

@@ -19,9 +19,13 @@ from __future__ import annotations
 import contextlib
 import dataclasses
 import gc
+import json
 import os
+import re
 import signal
+import subprocess
 import sys
+import tempfile
 import threading
 import time
 import traceback
@@ -33,6 +37,7 @@ from typing import Any
 from finetune_core import (
     checkpoints,
     data,
+    distributed,
     drift,
     engine,
     estimate,
@@ -46,7 +51,7 @@ from finetune_core import (
 )
 from finetune_core.callbacks import Callback, StopTraining
 from finetune_core.config import ConfigError, validate_fields
-from finetune_core.device import DeviceError
+from finetune_core.device import DeviceError, pick_device
 from finetune_core.runner import EXIT_DISK_FULL, EXIT_FAILED, EXIT_INVALID, exit_code
 from finetune_core.util.durations import Eta
 from finetune_core.util.files import disk_full_message, failed_write, note_failed_write
@@ -172,22 +177,26 @@ class _Log:
     Best effort: on a full disk a line is lost, never the run's final state.
     """
 
-    def __init__(self, path: Path, echo: bool):
-        self.path = path
+    def __init__(self, path: Path | None, echo: bool):
+        self.path = path  # None: stderr (a rank of a several-device run other than 0)
         self.echo = echo
 
-    def _append(self, text: str) -> None:
+    def append(self, text: str) -> None:
+        if self.path is None:
+            with contextlib.suppress(OSError, ValueError):
+                sys.stderr.write(text)
+            return
         with contextlib.suppress(OSError), open(self.path, "a") as f:
             f.write(text)
 
     def __call__(self, message: str) -> None:
-        self._append(f"{datetime.now():%Y-%m-%d %H:%M:%S} {message}\n")
+        self.append(f"{datetime.now():%Y-%m-%d %H:%M:%S} {message}\n")
         if self.echo:
             with contextlib.suppress(OSError, ValueError):
                 print(message, file=sys.stderr, flush=True)
 
     def traceback(self) -> None:
-        self._append(traceback.format_exc())
+        self.append(traceback.format_exc())
 
 
 class _MetricsWriter(store.MetricsWriter):
@@ -425,7 +434,43 @@ def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bo
     heartbeat = Heartbeat(run_dir, store.heartbeat_interval_s()).start()
     flag = StopFlag()
     flag.install()
-    metrics = _MetricsWriter(run_dir)
+    try:
+        outcome = train_here(run_dir, flag, log, resume=resume, callbacks=callbacks, echo=echo)
+        _free_memory()
+        return _finish_run(run_dir, outcome, log)
+    finally:
+        heartbeat.stop()
+        flag.restore()  # only now: a SIGTERM while the final state is written must not kill it
+
+
+@dataclasses.dataclass
+class Outcome:
+    """How a training ended: the final state, its message, the summary, whether a resume
+    is offered, and the data files skipped as unreadable."""
+
+    state: str
+    message: str
+    summary: dict[str, Any] = dataclasses.field(default_factory=dict)
+    resumable: bool = True
+    skipped: list[str] = dataclasses.field(default_factory=list)
+
+
+def train_here(
+    run_dir: Path,
+    flag: StopFlag,
+    log: _Log,
+    *,
+    resume: bool,
+    callbacks: Iterable = (),
+    echo: bool = False,
+) -> Outcome:
+    """Trains the run in this process (or, with devices > 1 and no process group yet, on
+    several under torchrun: see train_on_devices); returns how it ended.
+
+    Inside a several-device group every rank runs this; only rank 0 writes the run folder
+    (metrics, status, checkpoints, log), the others train and stop with it."""
+    writer = distributed.is_writer()
+    metrics = _MetricsWriter(run_dir) if writer else None
     exp = None
     summary: dict[str, Any] = {}
     resumable = True
@@ -434,21 +479,27 @@ def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bo
         errors = validate_fields(cfg)
         if errors:
             raise ConfigError(errors)
-        progress = _progress_reporter(run_dir, flag, log)
-        if weights.is_builtin(cfg.weights):
+        progress = _progress_reporter(run_dir, flag, log) if writer else _stop_check(flag)
+        if weights.is_builtin(cfg.weights) and writer:
             pretrain.ensure_builtin(cfg.model, progress)
+        if cfg.devices > 1 and not distributed.active():
+            metrics.close()
+            return train_on_devices(run_dir, cfg, flag, log, echo=echo)
+        if not writer:
+            distributed.barrier()  # rank 0 decodes the data first; the others read its cache
         exp = engine.prepare(cfg, runs_dir=run_dir.parent, progress=progress)
-        for warning in getattr(exp.data, "warnings", ()):  # usable data worth a look
-            log(f"warning: {warning}")
+        if writer:
+            distributed.barrier()
+            for warning in getattr(exp.data, "warnings", ()):  # usable data worth a look
+                log(f"warning: {warning}")
         if flag.requested:
             raise StopRequested
         if cfg.tune_lr:
             exp = _tuned(run_dir, exp, progress, log)
-        store.write_progress(run_dir, message="training")
         status_callback = StatusCallback(run_dir)
-        summary = engine.fit(
-            exp,
-            callbacks=[
+        if writer:
+            store.write_progress(run_dir, message="training")
+            callbacks = [
                 metrics,
                 status_callback,
                 StopCallback(flag),
@@ -456,9 +507,11 @@ def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bo
                 drift.DriftCallback(exp, metrics.write),  # θ₀: the model as prepared
                 *_RaiseOutOfMemory.from_env(cfg),
                 *callbacks,
-            ],
-            checkpoint_dir=run_dir / "checkpoints",
-            resume=resume,
+            ]
+        else:  # the stop is decided by all ranks together; nothing else to do here
+            callbacks = [StopCallback(flag), ProgressOnly(status_callback)]
+        summary = engine.fit(
+            exp, callbacks=callbacks, checkpoint_dir=run_dir / "checkpoints", resume=resume
         )
         state = summary.get("state") or "completed"
         if state == "stopped":
@@ -477,35 +530,52 @@ def run_worker(run_dir: str | os.PathLike, *, callbacks: Iterable = (), echo: bo
         state, message = "stopped", "stopped; resume to continue from the last checkpoint"
         log.traceback()
     except Exception as error:  # noqa: BLE001 - every failure must end as a final state
-        state, message = "failed", _failure_message(error, run_dir)
-        # a full disk is the server's trouble (free space, resume); out of memory and bad
-        # input are the run's own: a resume would fail the same way
-        resumable = failed_write(error)[0] or not (
-            isinstance(error, INPUT_FAILURES) or _is_out_of_memory(error)
-        )
         log.traceback()
+        if distributed.peer_lost(error):  # another rank died: not this run's own failure
+            state, message = (
+                "crashed",
+                (
+                    f"another training process of this run ended ({_failure_message(error)}); "
+                    "resume to continue from the last checkpoint"
+                ),
+            )
+        else:
+            state, message = "failed", _failure_message(error, run_dir)
+            # a full disk is the server's trouble (free space, resume); out of memory and bad
+            # input are the run's own: a resume would fail the same way
+            resumable = failed_write(error)[0] or not (
+                isinstance(error, INPUT_FAILURES) or _is_out_of_memory(error)
+            )
     finally:
-        metrics.close()
+        if metrics is not None:
+            metrics.close()
 
     skipped = list(getattr(getattr(exp, "data", None), "skipped_files", []) or [])
     exp = None  # the model, its optimizer and data: freed before the next run needs them
-    _free_memory()
-    try:
-        return _finish_run(run_dir, skipped, summary, state, message, resumable, log)
-    finally:
-        heartbeat.stop()
-        flag.restore()  # only now: a SIGTERM while the final state is written must not kill it
+    return Outcome(state, message, summary, resumable, skipped)
 
 
-def _finish_run(
-    run_dir: Path,
-    skipped: list[str],
-    summary: dict[str, Any],
-    state: str,
-    message: str,
-    resumable: bool,
-    log: _Log,
-) -> int:
+class ProgressOnly(Callback):
+    """On a rank that writes nothing: keeps the epoch and step a stop message names."""
+
+    def __init__(self, status: StatusCallback):
+        self.status = status
+
+    def on_batch_end(self, trainer) -> None:
+        self.status.epoch, self.status.step = trainer.epoch, trainer.step
+
+
+def _stop_check(flag: StopFlag) -> Callable:
+    """Returns the progress function of a rank that writes nothing: it only stops on a signal."""
+
+    def progress(stage: str, fraction: float | None, message: str) -> None:
+        if flag.requested:
+            raise StopRequested
+
+    return progress
+
+
+def _finish_run(run_dir: Path, outcome: Outcome, log: _Log) -> int:
     """Writes summary.json, then the final status (readers that see it find the summary);
     returns the exit code: that of the state, or EXIT_DISK_FULL when the final state could
     not be written (the supervisor records it then).
@@ -513,7 +583,8 @@ def _finish_run(
     A summary the disk refuses ends a completed or stopped run as failed (resumable), with
     the message saying which file to free space for.
     """
-    summary = dict(summary)
+    summary, skipped = dict(outcome.summary), outcome.skipped
+    state, message, resumable = outcome.state, outcome.message, outcome.resumable
     try:
         if summary.get("best_val_acc") is None:
             val = store.read_metrics(run_dir).query("split == 'val'")["acc"].dropna()
@@ -545,6 +616,194 @@ def _finish_run(
         message if message.startswith(state) else f"{state}: {message}"
     )
     return exit_code(state)
+
+
+# --- one run on several devices (torchrun) -------------------------------------------------
+
+POLL_S = 0.2  # seconds between the worker's looks at its torchrun group
+
+
+def train_on_devices(
+    run_dir: Path, cfg, flag: StopFlag, log: _Log, *, echo: bool = False
+) -> Outcome:
+    """Trains the run on cfg.devices processes of this machine under torchrun (each runs
+    `python -m finetune_core rank RUN_DIR`, i.e. run_rank); returns how it ended.
+
+    This process stays the run's worker (its pid is in status.json, it beats the heartbeat
+    and writes the final state): a stop (SIGTERM) is passed on to torchrun, which passes it
+    to every rank; they stop after the same step and rank 0 saves the checkpoint. torchrun's
+    output goes into worker.log. A rank that dies makes torchrun end the others, and the run
+    ends crashed, with the rank and its signal or exit code in the message."""
+    device = pick_device(cfg.device)
+    if device.type == "cuda":
+        import torch
+
+        have = torch.cuda.device_count()
+        if have < cfg.devices:
+            raise DeviceError(
+                f"--devices {cfg.devices} asks for {cfg.devices} GPUs, and this machine has "
+                f"{have}: choose --devices {have} or fewer"
+            )
+    fd, outcome_path = tempfile.mkstemp(prefix=f"finetune-{run_dir.name}-", suffix=".json")
+    os.close(fd)
+    outcome_file = Path(outcome_path)
+    outcome_file.unlink()  # rank 0 writes it at the end; none means it never got there
+    command = distributed.launch_command(run_dir, cfg.devices)
+    log(
+        f"training on {cfg.devices} processes ({distributed.backend_for(device)}, "
+        f"{device.type}): {' '.join(command[1:])}"
+    )
+    store.write_progress(run_dir, message=f"starting {cfg.devices} training processes")
+    set_death_signal = distributed.death_signal_setter()
+    proc = subprocess.Popen(
+        command,
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        env=distributed.launch_env(cfg.devices, str(outcome_file), device.type),
+        start_new_session=True,  # the terminal's Ctrl-C reaches the ranks through us only
+        preexec_fn=set_death_signal,  # noqa: PLW1509 - only a prctl call, bound beforehand
+    )
+    output = _GroupOutput(proc, log, echo).start()
+    forwarded = False
+    try:
+        while proc.poll() is None:
+            if flag.requested and not forwarded:
+                log(f"stop requested: SIGTERM to torchrun (pid {proc.pid}) and its ranks")
+                proc.send_signal(signal.SIGTERM)
+                forwarded = True
+            time.sleep(POLL_S)
+    except BaseException:  # a second Ctrl-C: end the group at once
+        with contextlib.suppress(OSError):
+            proc.kill()
+        proc.wait()
+        raise
+    finally:
+        output.join()
+    code = proc.returncode
+    reported = _read_outcome(outcome_file)
+    first, cause = _root_cause(output.lines)
+    if reported is not None and reported.state in ("completed", "stopped"):
+        return reported
+    if reported is not None and reported.state == "failed" and first in (None, 0):
+        return reported  # rank 0's own failure (data, memory, a diverging loss, ...)
+    if cause:
+        lost = f"training process {cause}, so torchrun ended the others"
+    else:
+        lost = f"the training processes ended without a final state (torchrun: {_exit(code)})"
+    return Outcome(
+        "crashed",
+        f"{lost}; resume to continue from the last checkpoint (worker.log has their output)",
+        reported.summary if reported else {},
+        True,
+        reported.skipped if reported else [],
+    )
+
+
+class _GroupOutput:
+    """Copies torchrun's output (its own lines and every rank's) into worker.log, and to
+    stderr in the foreground; keeps the last lines for the crash message."""
+
+    def __init__(self, proc: subprocess.Popen, log: _Log, echo: bool, keep: int = 200):
+        self.proc, self.log, self.echo = proc, log, echo
+        self.lines: list[str] = []
+        self.keep = keep
+        self._thread = threading.Thread(target=self._copy, name="torchrun-output", daemon=True)
+
+    def start(self) -> _GroupOutput:
+        self._thread.start()
+        return self
+
+    def _copy(self) -> None:
+        for raw in self.proc.stdout:
+            line = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
+            self.log.append(line if line.endswith("\n") else line + "\n")
+            if self.echo:
+                with contextlib.suppress(OSError, ValueError):
+                    sys.stderr.write(line)
+            self.lines = (self.lines + [line.rstrip("\n")])[-self.keep :]
+
+    def join(self) -> None:
+        self._thread.join(timeout=30)
+
+
+def _root_cause(lines: list[str]) -> tuple[int | None, str]:
+    """Returns the first failed rank of torchrun's failure report and what happened to it
+    in words: (1, "rank 1 (pid 123) was killed by signal 9 (SIGKILL)"); (None, "") when
+    the output holds no report."""
+    text = "\n".join(lines)
+    at = text.rfind("Root Cause")
+    if at < 0:
+        return None, ""
+    block = text[at:]
+    rank = re.search(r"rank\s*:\s*(\d+)", block)
+    code = re.search(r"exitcode\s*:\s*(-?\d+)\s*\(pid:\s*(\d+)\)", block)
+    if not rank or not code:
+        return None, ""
+    return int(
+        rank.group(1)
+    ), f"rank {rank.group(1)} (pid {code.group(2)}) {_exit(int(code.group(1)))}"
+
+
+def _exit(code: int | None) -> str:
+    """Returns a process's exit status in words: "exited with code 1", "was killed by
+    signal 9 (SIGKILL)"."""
+    if code is None or code >= 0:
+        return f"exited with code {code}"
+    try:
+        name = signal.Signals(-code).name
+    except ValueError:
+        name = "unknown"
+    return f"was killed by signal {-code} ({name})"
+
+
+def _read_outcome(path: Path) -> Outcome | None:
+    try:
+        data = json.loads(path.read_text())
+    except (OSError, ValueError):
+        return None
+    finally:
+        with contextlib.suppress(OSError):
+            path.unlink()
+    return Outcome(**data)
+
+
+def run_rank(run_dir: str | os.PathLike) -> int:
+    """Trains one rank of a several-device run (started by train_on_devices under torchrun:
+    `python -m finetune_core rank RUN_DIR`); returns the exit code of the outcome. Rank 0
+    writes the run folder and the outcome for the worker, the others only train."""
+    distributed.die_with_parent()  # torchrun gone (killed with its worker): so is this rank
+    run_dir = Path(run_dir).resolve()
+    flag = StopFlag()
+    flag.install()
+    try:
+        cfg = store.run_config(run_dir)
+        distributed.init(pick_device(cfg.device))
+        writer = distributed.is_writer()
+        log = _Log(run_dir / "worker.log" if writer else None, echo=False)
+        if writer:
+            log(
+                f"rank 0 of {distributed.world_size()} (pid {os.getpid()}) trains run "
+                f"{run_dir.name}; only it writes the run folder"
+            )
+        status = store.read_status(run_dir)
+        resume = bool(status.get("resume")) and (run_dir / "checkpoints" / "last_state.pt").exists()
+        outcome = train_here(run_dir, flag, log, resume=resume)
+        if writer:
+            _write_outcome(outcome)
+        return exit_code(outcome.state)
+    finally:
+        distributed.shutdown()
+        flag.restore()
+
+
+def _write_outcome(outcome: Outcome) -> None:
+    path = os.environ.get(distributed.OUTCOME_ENV)
+    if not path:
+        return
+    tmp = Path(path + ".tmp")
+    tmp.write_text(json.dumps(dataclasses.asdict(outcome), default=str))
+    os.replace(tmp, path)
 
 
 # job kind -> the function that does it: (args, progress(fraction, message)) -> result
