@@ -294,7 +294,8 @@ class RayJobs:
         except ImportError as e:
             raise ClusterUnavailable(RAY_MISSING.format(python=sys.executable)) from e
         try:
-            self._client = JobSubmissionClient()  # RAY_ADDRESS, as Ray reads it
+            # RAY_ADDRESS as Ray reads it (unset: a cluster started on this machine)
+            self._client = JobSubmissionClient(self.environ.get("RAY_ADDRESS") or None)
         except Exception as e:  # noqa: BLE001 - Ray raises several kinds for "no cluster"
             refusal = ClusterUnavailable(
                 f"cannot reach the Ray cluster's Jobs API at RAY_ADDRESS={self.address()} "
