@@ -23,11 +23,18 @@ import torch
 from finetune_core import cli, data, engine, models, store, strategies
 from finetune_core.callbacks import Callback
 from finetune_core.config import RunConfig
+from finetune_core.data import shapes
 
 REPO = Path(__file__).resolve().parent.parent
-# small and quick: resnet18 at 32 px on the built-in shapes, no pretrained weights to build
-TINY = ["--data", "builtin:shapes", "--model", "resnet18", "--weights", "none"]
-TINY += ["--image-size", "32", "--seed", "0"]
+# small and quick: resnet18 at 32 px, no pretrained weights to build
+TINY = ["--model", "resnet18", "--weights", "none", "--image-size", "32", "--seed", "0"]
+
+
+@pytest.fixture(scope="module")
+def shapes_folders(tmp_path_factory) -> dict[int, Path]:
+    """The built-in shapes' first 100 and 40 images of each of its 6 classes, as folders."""
+    root = tmp_path_factory.mktemp("shapes")
+    return {n: shapes.generate("shapes", root / f"shapes{n}", per_class=n) for n in (100, 40)}
 
 
 def train(runs: Path, *flags: str, timeout: float = 240) -> tuple[int, Path, str]:
@@ -103,12 +110,14 @@ def assert_one_record_per_split_and_step(run: Path) -> None:
 
 def test_devices_below_one_or_with_the_lr_search_exits_2_naming_the_flag(tmp_path, capsys):
     runs = tmp_path / "runs"
-    assert cli.main(["train", *TINY, "--devices", "0", "--runs-dir", str(runs)]) == 2
-    assert "--devices: must be at least 1 device, got 0" in capsys.readouterr().err
-    assert cli.main(["train", *TINY, "--devices", "two", "--runs-dir", str(runs)]) == 2
-    assert "--devices: must be a whole number" in capsys.readouterr().err
-    assert cli.main(["train", *TINY, "--devices", "2", "--tune-lr", "--runs-dir", str(runs)]) == 2
-    assert "--devices: --tune-lr searches in one process" in capsys.readouterr().err
+    for flags, said in (
+        (["--devices", "0"], "--devices: must be at least 1 device, got 0"),
+        (["--devices", "two"], "--devices: must be a whole number, got text 'two'"),
+        (["--devices", "2", "--tune-lr"], "--devices: --tune-lr searches in one process"),
+        (["--devices", "2", "--device", "mps"], "--devices: --devices 2 needs CUDA GPUs"),
+    ):
+        assert cli.main(["train", *TINY, *flags, "--runs-dir", str(runs)]) == 2
+        assert said in capsys.readouterr().err
     assert not runs.exists() or not any(runs.iterdir())
 
 
@@ -181,10 +190,13 @@ def test_every_trainable_parameter_gets_a_gradient(model, kw):
 # ---------------------------------------------------------------- 2 processes against 1
 
 
-def test_two_processes_reach_one_process_accuracy_with_the_same_global_batch(tmp_path):
+def test_two_processes_reach_one_process_accuracy_with_the_same_global_batch(
+    tmp_path, shapes_folders
+):
     """A linear probe (convex, so both runs converge to the same place) from the frozen
     prefix's cache, built per rank for its shard: within 3 points, one metrics file."""
-    flags = ["--strategy", "linear_probe", "--augment", "none", "--epochs", "8", "--lr", "0.05"]
+    flags = ["--data", str(shapes_folders[100]), "--val-fraction", "0.3"]
+    flags += ["--strategy", "linear_probe", "--augment", "none", "--epochs", "8", "--lr", "0.05"]
     code, one, _ = train(tmp_path / "one", *flags, "--batch-size", "64")
     assert code == 0
     code, two, err = train(tmp_path / "two", *flags, "--batch-size", "32", "--devices", "2")
@@ -207,9 +219,10 @@ def test_two_processes_reach_one_process_accuracy_with_the_same_global_batch(tmp
 # ---------------------------------------------------------------- stop, resume, crash
 
 
-def test_a_stopped_two_process_run_resumes_to_completion(tmp_path):
+def test_a_stopped_two_process_run_resumes_to_completion(tmp_path, shapes_folders):
     runs = tmp_path / "runs"
-    proc = start_train(runs, "--epochs", "1", "--batch-size", "16", "--devices", "2")
+    data_flags = ["--data", str(shapes_folders[40])]
+    proc = start_train(runs, *data_flags, "--epochs", "1", "--batch-size", "8", "--devices", "2")
     run = wait_for_step(runs, 3)
     os.kill(store.read_status(run)["pid"], signal.SIGTERM)  # what Stop sends
     _, err = proc.communicate(timeout=120)
@@ -233,9 +246,10 @@ def test_a_stopped_two_process_run_resumes_to_completion(tmp_path):
     assert store.read_summary(run)["devices"] == 2
 
 
-def test_a_killed_rank_ends_the_run_as_crashed_naming_it(tmp_path):
+def test_a_killed_rank_ends_the_run_as_crashed_naming_it(tmp_path, shapes_folders):
     runs = tmp_path / "runs"
-    proc = start_train(runs, "--epochs", "2", "--batch-size", "16", "--devices", "2")
+    data_flags = ["--data", str(shapes_folders[40])]
+    proc = start_train(runs, *data_flags, "--epochs", "3", "--batch-size", "8", "--devices", "2")
     run = wait_for_step(runs, 2)
     worker = store.read_status(run)["pid"]
     victim = rank_pid(worker, 1)
