@@ -14,6 +14,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import pytest
 
@@ -209,6 +210,94 @@ def test_an_unreachable_cluster_is_named_by_its_ray_address_and_the_run_waits(tm
         jobs.client()
     message = jobs.waiting_message(refused.value)
     assert message.startswith("waiting for the Ray cluster") and "ray start --head" in message
+
+
+class _FakeCluster:
+    """Stands in for the Jobs API (the real one is below): a job whose status the test sets."""
+
+    name = "ray"
+
+    def __init__(self):
+        self.info = SimpleNamespace(status="RUNNING", message=None, driver_exit_code=None)
+        self.stopped: list[str] = []
+
+    def adopt(self, job_id, run_dir):
+        return ray_jobs.RayJob(self, job_id, run_dir)
+
+    def job_info(self, job_id):
+        return self.info
+
+    def stop_job(self, job_id):
+        self.stopped.append(job_id)
+        return True
+
+    def append_log(self, job_id, run_dir):
+        with open(run_dir / "worker.log", "a") as log:
+            log.write(f"--- the Ray log of job {job_id} ---\n")
+
+    def waiting_message(self, error):
+        return None
+
+
+def _running_as_job(tmp_path, job_id="j", **fields):
+    run_dir = store.create_run(RunConfig(**TINY), tmp_path / "runs")
+    job = {"pid": None, "pid_started_at": None, "backend": "ray", "job_id": job_id, "host": None}
+    store.set_state(run_dir, "running", pid=lambda: job)
+    if fields:
+        store.write_status(run_dir, **fields)
+    return run_dir
+
+
+def _poll_until_recorded(queue, run_dir, cluster_status, cluster):
+    cluster.info = SimpleNamespace(status=cluster_status, message=None, driver_exit_code=None)
+    cluster.info.message = {"FAILED": "Job supervisor actor died"}.get(cluster_status)
+    for job in queue.workers.values():
+        job.asked_at = 0.0  # ask the cluster at the next poll
+    queue.poll()
+    return store.read_status(run_dir)
+
+
+def test_a_restarted_supervisor_follows_a_runs_job_and_records_it_lost_with_its_node(
+    tmp_path, monkeypatch
+):
+    cluster = _FakeCluster()
+    monkeypatch.setattr(runner, "BACKEND", cluster)
+    run_dir = _running_as_job(tmp_path, pid=2**22 + 7, host="node-b", heartbeat_at=time.time())
+    queue = runner._Queue(tmp_path / "runs", None)  # no memory of the job: it adopts it
+    assert queue.poll() is True and run_dir in queue.workers
+    assert store.read_status(run_dir)["state"] == "running"  # the job runs: nothing recorded
+    status = _poll_until_recorded(queue, run_dir, "FAILED", cluster)
+    assert status["state"] == "crashed" and not status.get("derived")
+    assert "Ray job j FAILED: Job supervisor actor died" in status["message"]
+    assert "the Ray log of job j" in (run_dir / "worker.log").read_text()
+    assert store.can_resume(status) and run_dir not in queue.workers
+
+
+def test_a_stop_of_a_job_goes_to_the_cluster_and_a_job_it_ended_is_recorded_stopped(
+    tmp_path, monkeypatch
+):
+    cluster = _FakeCluster()
+    monkeypatch.setattr(runner, "BACKEND", cluster)
+    monkeypatch.setattr(runner, "ensure_supervisor", lambda *a, **k: False)
+    run_dir = _running_as_job(tmp_path)  # pending: its worker has not started
+    assert runner.stop_run(run_dir) == "stopping"
+    assert cluster.stopped == ["j"]
+    assert store.stop_requested_at(run_dir, store.read_status(run_dir)) is not None
+    queue = runner._Queue(tmp_path / "runs", None)
+    queue.poll()
+    status = _poll_until_recorded(queue, run_dir, "STOPPED", cluster)
+    assert status["state"] == "stopped" and "resume" in status["message"]
+
+
+def test_a_job_that_failed_before_its_worker_started_fails_with_rays_word(tmp_path, monkeypatch):
+    cluster = _FakeCluster()
+    monkeypatch.setattr(runner, "BACKEND", cluster)
+    run_dir = _running_as_job(tmp_path)
+    queue = runner._Queue(tmp_path / "runs", None)
+    queue.poll()
+    status = _poll_until_recorded(queue, run_dir, "FAILED", cluster)
+    assert status["state"] == "failed" and store.can_resume(status)
+    assert "before its worker started" in status["message"]
 
 
 # ---------------------------------------------------------------------------------------------
