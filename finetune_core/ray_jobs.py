@@ -11,9 +11,9 @@ data at the same paths, and have the same Python environment (FINETUNE_RAY_PYTHO
 the supervisor's interpreter).
 
 Each job asks for the run's resources: entrypoint_num_gpus the run's `devices` (1), none
-for a run on cpu or mps; entrypoint_num_cpus FINETUNE_RAY_NUM_CPUS (1), which is also the
-worker's OMP_NUM_THREADS. Stop is the Jobs API's stop_job: Ray sends SIGTERM to the job's
-processes (the worker saves a checkpoint and ends as stopped) and SIGKILL after
+for a run on cpu or mps; entrypoint_num_cpus FINETUNE_RAY_NUM_CPUS (one per device), which
+is also the worker's OMP_NUM_THREADS. Stop is the Jobs API's stop_job: Ray sends SIGTERM to
+the job's processes (the worker saves a checkpoint and ends as stopped) and SIGKILL after
 RAY_JOB_STOP_WAIT_TIME_S, which each job gets set to the queue's grace period
 (FINETUNE_STOP_GRACE_S, 60 s) instead of Ray's 3 s.
 
@@ -71,7 +71,8 @@ def _env_number(environ: Mapping[str, str], name: str, default: float) -> float:
 
 def job_resources(config: Mapping[str, Any], environ: Mapping[str, str] = os.environ) -> dict:
     """Returns the Jobs API's resource arguments for a run's config.json: as many GPUs as the
-    run's `devices` (1 when it has none), none on cpu or mps; FINETUNE_RAY_NUM_CPUS CPUs (1)."""
+    run's `devices` (1 when it has none), none on cpu or mps; FINETUNE_RAY_NUM_CPUS CPUs, by
+    default one per device (each of a multi-device run's processes has one)."""
     devices = config.get("devices", 1)
     if isinstance(devices, bool) or not isinstance(devices, int) or devices < 1:
         devices = 1
@@ -79,7 +80,7 @@ def job_resources(config: Mapping[str, Any], environ: Mapping[str, str] = os.env
     gpus = 0 if device.startswith(("cpu", "mps")) else devices
     return {
         "entrypoint_num_gpus": gpus,
-        "entrypoint_num_cpus": _env_number(environ, "FINETUNE_RAY_NUM_CPUS", 1.0),
+        "entrypoint_num_cpus": _env_number(environ, "FINETUNE_RAY_NUM_CPUS", float(devices)),
     }
 
 

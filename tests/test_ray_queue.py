@@ -79,7 +79,7 @@ def test_a_job_asks_for_the_runs_gpus_and_the_configured_cpus():
     assert ray_jobs.job_resources({"device": "auto"}, {})["entrypoint_num_gpus"] == 1
     assert ray_jobs.job_resources({"device": "cuda", "devices": 2}, {}) == {
         "entrypoint_num_gpus": 2,
-        "entrypoint_num_cpus": 1.0,
+        "entrypoint_num_cpus": 2.0,  # one per device's process
     }
     assert (
         ray_jobs.job_resources({"device": "cuda", "devices": "x"}, {"FINETUNE_RAY_NUM_CPUS": "-1"})[
