@@ -680,7 +680,7 @@ def collect_errors(page: Page) -> None:
 # ---------------------------------------------------------------- 4. settings
 
 LAYOUT = [
-    ["epochs", "batch_size", "lr", "optimizer", "weight_decay"],
+    ["epochs", "batch_size", "devices", "lr", "optimizer", "weight_decay"],
     ["scheduler", "warmup_epochs", "label_smoothing", "clip_grad", "early_stop"],
     ["image_size", "augment", "hflip", "balance", "val_fraction", "test_fraction"],
     ["seed", "device", "compile", "name"],
@@ -698,6 +698,8 @@ def settings_section(page: Page) -> None:
                     page.show(name)
                     if name == "augment":
                         cache_note(page)
+                    if name == "devices":
+                        effective_batch_note(page)
         recipe_part(page)
         lr_finder_part(page)
 
@@ -725,13 +727,33 @@ def recipe_part(page: Page) -> None:
                 for name in names_in_col:
                     field_input(name)
                     page.show(name)
-                    if name == "accumulate_steps" and page.cfgs:
-                        c0 = page.cfgs[0][1]
-                        if c0.accumulate_steps > 1:
-                            st.caption(
-                                f"Effective batch {c0.batch_size * c0.accumulate_steps:,} = "
-                                f"{c0.batch_size} × {c0.accumulate_steps} batches per step"
-                            )
+
+
+def effective_batch(cfg) -> str:
+    """Returns the effective batch in words when it is not the batch size: "Effective batch
+    256 = 32 per device × 2 devices × 4 batches per step", "" otherwise."""
+    devices, every = max(1, cfg.devices), max(1, cfg.accumulate_steps)
+    if devices == 1 and every == 1:
+        return ""
+    parts = [f"{cfg.batch_size} per device", f"{devices} devices"] if devices > 1 else []
+    parts = parts or [str(cfg.batch_size)]
+    if every > 1:
+        parts.append(f"{every} batches per step")
+    return f"Effective batch {cfg.batch_size * devices * every:,} = {' × '.join(parts)}"
+
+
+def effective_batch_note(page: Page) -> None:
+    """Says under Devices what one optimizer step takes, with several devices or
+    accumulated batches (the Recipe's accumulation), and that the lr is not scaled."""
+    if not page.cfgs:
+        return
+    cfg = page.cfgs[0][1]
+    said = effective_batch(cfg)
+    if said:
+        st.caption(
+            f"{said}; the learning rate stays {cfg.lr:g} (not scaled with the batch)."
+            + (" One process per GPU (torchrun); on a CPU, processes." if cfg.devices > 1 else "")
+        )
 
 
 def cache_note(page: Page) -> None:
@@ -865,16 +887,22 @@ def estimate_part(page: Page) -> None:
     background job, so the page stays usable (Launch too) while it measures."""
     first = page.cfgs[0][1]
     n_train = train_images(page, first)
-    batches = data_mod.steps_per_epoch(n_train, max(1, first.batch_size))
+    devices = max(1, first.devices)
+    # each device trains its own equal share of the images (what is left over is not trained)
+    batches = data_mod.steps_per_epoch(n_train // devices, max(1, first.batch_size))
     every = max(1, first.accumulate_steps)
+    effective = first.batch_size * every * devices
     per_epoch = (
         f"{batches} steps per epoch"
         if every == 1
         else f"{batches} batches, {-(-batches // every)} optimizer steps of {every} batches "
-        f"(effective batch {first.batch_size * every:,}) per epoch"
+        f"(effective batch {effective:,}) per epoch"
     )
+    if devices > 1 and every == 1:
+        per_epoch += f" (effective batch {effective:,})"
+    shared = f" · {n_train // devices:,} per device" if devices > 1 else ""
     st.caption(
-        f"{n_train:,} training images · batch {first.batch_size} → {per_epoch}. "
+        f"{n_train:,} training images{shared} · batch {first.batch_size} → {per_epoch}. "
         "A few measured steps on this machine give the time per epoch and the memory."
     )
     args = estimate_args(page)

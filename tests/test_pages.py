@@ -779,6 +779,27 @@ def test_new_run_counts_the_steps_per_epoch_the_run_will_take(new_run):
     assert "1 epochs" not in all_text(at)
 
 
+def test_new_run_shows_the_effective_batch_of_several_devices_and_accumulation(new_run):
+    at = new_run
+    assert "Effective batch" not in all_text(at)  # 1 device, no accumulation: the batch itself
+    at.number_input(key="f_devices").set_value(2).run()
+    # the default comparison tunes each strategy's lr, which runs in one process
+    assert "searches in one process" in "\n".join(str(e.value) for e in at.error)
+    assert at.button(key="launch").disabled
+    at.toggle(key="f_compare").set_value(False).run()
+    assert not at.error
+    said = all_text(at)
+    assert "Effective batch 128 = 64 per device × 2 devices; the learning rate stays" in said
+    at.number_input(key="f_accumulate_steps").set_value(4).run()
+    said = all_text(at)
+    assert "Effective batch 512 = 64 per device × 2 devices × 4 batches per step" in said
+    assert "(effective batch 512) per epoch" in said
+    assert said.count("Effective batch 512") == 1  # one caption, not one per field
+    at.number_input(key="f_devices").set_value(0).run()
+    assert "must be at least 1 device" in "\n".join(str(e.value) for e in at.error)
+    assert at.button(key="launch").disabled
+
+
 def test_new_run_shows_small_learning_rates_as_they_are(new_run):
     at = new_run
     at.number_input(key="f_lr").set_value(1e-6).run()
