@@ -186,7 +186,16 @@ class RayJob:
 
     def poll(self) -> int | None:
         """Returns the job's exit code once it ended (-1 when Ray gives none, as for a
-        stopped job), else None; asks the cluster at most every POLL_EVERY_S."""
+        stopped job), else None; asks the cluster at most every POLL_EVERY_S. A run whose
+        worker wrote its final state (or that another owner took) needs no question: its
+        job is done with it, whether or not the cluster still answers."""
+        status = store.read_status(self.run_dir)
+        if (
+            status.get("recorded_state", status.get("state")) != "running"
+            or status.get("job_id") != self.job_id
+        ):
+            code = status.get("exit_code")
+            return code if isinstance(code, int) else 0
         now = time.monotonic()
         if self.info is None or now - self.asked_at >= POLL_EVERY_S:
             self.asked_at = now
