@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import contextlib
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -321,13 +322,19 @@ def _descendants(roots: set[int]) -> set[int]:
     return found
 
 
-def _processes_of(temp_dir: str) -> set[int]:
-    """Returns the head's processes (their command lines name its temp dir) and their children."""
+def _processes_of(temp_dir: str, gcs_port: int) -> set[int]:
+    """Returns the head's processes and their children: those whose command line names its
+    temp dir, or its GCS port as the address they serve (Ray's client server)."""
     roots = set()
     for entry in os.listdir("/proc"):
         if entry.isdigit() and int(entry) != os.getpid():
             with contextlib.suppress(OSError):
-                if temp_dir in Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace"):
+                args = Path(f"/proc/{entry}/cmdline").read_bytes().decode(errors="replace")
+                serves = any(
+                    a.startswith("--address=") and a.endswith(f":{gcs_port}")
+                    for a in args.split("\0")
+                )
+                if temp_dir in args or serves:
                     roots.add(int(entry))
     return _descendants(roots)
 
@@ -398,18 +405,29 @@ def ray_head():
                 time.sleep(1)
         yield address, client
     finally:
-        _end(_processes_of(temp_dir))
+        _end(_processes_of(temp_dir, gcs))
+        shutil.rmtree(temp_dir, ignore_errors=True)
+
+
+def _stop_supervisor(root: Path) -> None:
+    """Ends the supervisor of a runs folder (its pid is in the lock file), as Ctrl-C would."""
+    with contextlib.suppress(OSError, ValueError):
+        os.kill(int((root / runner.SUPERVISOR_LOCK).read_text().split()[0]), signal.SIGTERM)
+    deadline = time.time() + 30
+    while runner.supervisor_running(root) and time.time() < deadline:
+        time.sleep(0.2)
 
 
 @pytest.fixture
-def on_ray(ray_head, monkeypatch):
-    """This test's supervisors run the queue on the module's Ray head."""
+def on_ray(ray_head, monkeypatch, tmp_path):
+    """This test's supervisors run the queue on the module's Ray head; ended after it."""
     address, client = ray_head
     monkeypatch.setenv("FINETUNE_RUNNER", "ray")
     monkeypatch.setenv("RAY_ADDRESS", address)
     monkeypatch.setenv("FINETUNE_RAY_NUM_CPUS", "2")
     monkeypatch.setenv("FINETUNE_STOP_GRACE_S", "30")
-    return client
+    yield client
+    _stop_supervisor(tmp_path / "runs")
 
 
 def _wait(run_dir: Path, predicate, timeout: float = 300, what: str = "the run") -> dict:
@@ -496,6 +514,7 @@ def test_a_job_lost_with_its_worker_on_another_host_is_recorded_crashed_and_resu
     assert f"Ray job {status['job_id']} FAILED" in status["message"], status["message"]
     assert status["message"].startswith(store.CRASHED_MESSAGE)
     assert "the Ray log of job" in (run_dir / "worker.log").read_text()
+    _stop_supervisor(run_dir.parent)  # the resumed run stays queued
     runner.resume_run(run_dir, start=False)
     queued = store.read_status(run_dir)
     assert queued["state"] == "queued" and queued["resume"] is True
