@@ -826,8 +826,11 @@ def _already_running(run_dir: Path, status: dict[str, Any]) -> store.RunError:
     if status.get("state") == "queued":
         return store.RunError(f"run {run_dir.name} is already queued; nothing to resume")
     hint = "; it does not respond: stop it first" if status.get("state") == store.STALLED else ""
+    where = f"pid {pid}"
+    if status.get("job_id") is not None:  # a cluster's job: its pid is known on its node
+        where = f"Ray job {status['job_id']}" + (f", pid {pid} on {status['host']}" if pid else "")
     return store.RunError(
-        f"run {run_dir.name} is already running (pid {pid}){hint}; resume it once it has stopped"
+        f"run {run_dir.name} is already running ({where}){hint}; resume it once it has stopped"
     )
 
 

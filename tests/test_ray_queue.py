@@ -281,6 +281,8 @@ def test_a_stop_of_a_job_goes_to_the_cluster_and_a_job_it_ended_is_recorded_stop
     monkeypatch.setattr(runner, "BACKEND", cluster)
     monkeypatch.setattr(runner, "ensure_supervisor", lambda *a, **k: False)
     run_dir = _running_as_job(tmp_path)  # pending: its worker has not started
+    with pytest.raises(store.RunError, match=r"already running \(Ray job j\)"):
+        runner.resume_run(run_dir, start=False)
     assert runner.stop_run(run_dir) == "stopping"
     assert cluster.stopped == ["j"]
     assert store.stop_requested_at(run_dir, store.read_status(run_dir)) is not None
