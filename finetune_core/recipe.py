@@ -11,6 +11,7 @@ torchvision's transforms.v2 for MixUp/CutMix (and data/augment.py for the augmen
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import math
 from typing import Any
 
@@ -44,12 +45,57 @@ def cache_blocker(cfg: Any) -> str | None:
 
 def ema_decay(cfg: Any) -> float:
     """Returns the decay of each EMA update, adjusted as torchvision's reference adjusts
-    --model-ema-decay: 1 - (1 - decay) x images per optimizer step x model_ema_steps /
+    --model-ema-decay: 1 - (1 - decay) x images per optimizer step (all devices) x model_ema_steps /
     epochs (at least 0), so that the average spans a like share of the run whatever the
     batch, the update interval and the epochs."""
-    images = cfg.batch_size * cfg.accumulate_steps
+    images = cfg.batch_size * cfg.accumulate_steps * max(1, getattr(cfg, "devices", 1))
     alpha = (1.0 - cfg.model_ema_decay) * images * cfg.model_ema_steps / cfg.epochs
     return 1.0 - min(1.0, alpha)
+
+
+EMA_STILL_AT_START = 0.25  # the share of the starting weights above which New run warns
+
+
+@dataclasses.dataclass(frozen=True)
+class EMAReach:
+    """How far a weight EMA gets in one run: `updates` averaging updates (after warm-up) of
+    `decay` each leave `still_at_start` (decay ** updates) of the average at the weights it
+    started from; `suggested_decay` is the --model-ema-decay that, updated every step,
+    leaves 1 % there (None when the run is too short for any)."""
+
+    updates: int
+    decay: float
+    still_at_start: float
+    suggested_decay: float | None
+
+
+def ema_reach(cfg: Any, train_images: int) -> EMAReach:
+    """Returns how far cfg's weight EMA gets over a run on train_images training images.
+
+    torchvision's defaults (decay 0.99998 every 32 steps, adjusted by ema_decay) are set
+    for ImageNet's 1.28 M images: since the adjustment divides by the epochs, what is left of
+    the start, about exp(-(1 - decay) x batch x model_ema_steps x updates per epoch), hangs
+    on the size of an epoch, not on the number of epochs. On ImageNet nothing is left; on
+    digits (1,437 images, batch 64: 22 steps an epoch) 96 % is, for 3 epochs as for 600,
+    and the figures the EMA is scored by are an untrained model's (bench/README.md, the
+    recipe's digits table)."""
+    from finetune_core.data.loader import steps_per_epoch
+
+    devices = max(1, getattr(cfg, "devices", 1))
+    batches = steps_per_epoch(max(1, train_images // devices), max(1, cfg.batch_size))
+    per_epoch = math.ceil(batches / max(1, cfg.accumulate_steps))
+    total = per_epoch * cfg.epochs
+    warmup = int(round(cfg.warmup_epochs * per_epoch))
+    every = max(1, cfg.model_ema_steps)
+    updates = sum(1 for step in range(1, total + 1, every) if step > warmup)
+    decay = ema_decay(cfg)
+    suggested = None
+    if total - warmup >= 10:  # updated every step, the average may forget its start
+        per_step = 0.01 ** (1 / (total - warmup))
+        images = cfg.batch_size * cfg.accumulate_steps * devices
+        suggested = 1 - (1 - per_step) * cfg.epochs / images  # ema_decay's adjustment undone
+        suggested = suggested if 0 < suggested < 1 else None
+    return EMAReach(updates, decay, decay**updates, suggested)
 
 
 class WeightEMA:

@@ -91,7 +91,9 @@ def test_the_weight_ema_is_the_average_of_the_trajectory_and_what_is_scored_and_
     path = Trajectory()
     log = Log()
     kw = dict(strategy="full", epochs=2, model_ema=True, model_ema_steps=2, model_ema_decay=0.99)
-    summary = engine.fit(experiment(**kw), [path, log], checkpoint_dir=tmp_path)
+    exp = experiment(**kw)
+    reach = recipe.ema_reach(exp.cfg, len(exp.data.train))  # what New run says beforehand
+    summary = engine.fit(exp, [path, log], checkpoint_dir=tmp_path)
 
     decay = 1 - (1 - 0.99) * 32 * 2 / 2  # the reference's adjustment: batch x steps / epochs
     assert summary["ema_decay_per_update"] == pytest.approx(decay)
@@ -102,7 +104,8 @@ def test_the_weight_ema_is_the_average_of_the_trajectory_and_what_is_scored_and_
             expected[k] = decay * expected[k] + (1 - decay) * path.states[step - 1][k]
     state = torch.load(tmp_path / "last_state.pt", weights_only=True)
     ema = state["weight_ema"]["tensors"]
-    assert state["weight_ema"]["n_averaged"] == 3
+    assert state["weight_ema"]["n_averaged"] == 3 == reach.updates
+    assert reach.decay == summary["ema_decay_per_update"] and reach.still_at_start == decay**3
     for k, v in expected.items():
         torch.testing.assert_close(ema[k], v, rtol=1e-5, atol=1e-6)
     raw = path.states[-1]["fc.weight"]
@@ -123,6 +126,31 @@ def test_the_weight_ema_is_the_average_of_the_trajectory_and_what_is_scored_and_
     assert (p.argmax(1) == val.labels).float().mean().item() == summary["best_val_acc"]
     assert summary["raw_best_val_acc"] == max(r["raw_acc"] for r in log.val)
     assert summary["raw_final_val_acc"] == log.val[-1]["raw_acc"]
+
+
+def test_new_run_can_say_that_the_references_ema_would_stay_at_the_start_of_a_short_run():
+    # digits: 1,437 training images, batch 64, 3 epochs (bench/README.md's recipe table,
+    # where the reference's EMA scored 10 % with its raw weights at 96 %)
+    short = RunConfig(model_ema=True, batch_size=64, epochs=3)
+    reach = recipe.ema_reach(short, 1437)
+    assert reach.updates == 3 and reach.still_at_start > 0.9  # 66 steps, one update in 32
+    suggested = RunConfig(
+        model_ema=True, batch_size=64, epochs=3, model_ema_steps=1,
+        model_ema_decay=reach.suggested_decay,
+    )  # fmt: skip
+    assert recipe.ema_reach(suggested, 1437).still_at_start == pytest.approx(0.01)
+    # warm-up updates copy the weights: the average starts after them
+    warm = RunConfig(model_ema=True, batch_size=64, epochs=3, model_ema_steps=1, warmup_epochs=1)
+    assert recipe.ema_reach(warm, 1437).updates == 66 - 22
+    # on several devices each step takes devices x the batch: fewer steps, a faster decay
+    two = RunConfig(model_ema=True, batch_size=32, epochs=3, model_ema_steps=1, devices=2)
+    one = RunConfig(model_ema=True, batch_size=64, epochs=3, model_ema_steps=1)
+    assert recipe.ema_reach(two, 1437) == recipe.ema_reach(one, 1437)
+    # the reference's adjustment divides by the epochs: more epochs do not help; the size of
+    # an epoch does (its defaults are for ImageNet's 1.28 M images)
+    longer = RunConfig(model_ema=True, batch_size=64, epochs=600)
+    assert recipe.ema_reach(longer, 1437).still_at_start > 0.9
+    assert recipe.ema_reach(short, 1_281_167).still_at_start < 1e-6
 
 
 # --- MixUp / CutMix ----------------------------------------------------------------------------
