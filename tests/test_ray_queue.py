@@ -521,3 +521,40 @@ def test_a_job_lost_with_its_worker_on_another_host_is_recorded_crashed_and_resu
     queued = store.read_status(run_dir)
     assert queued["state"] == "queued" and queued["resume"] is True
     assert (queued["backend"], queued["job_id"], queued["host"]) == (None, None, None)
+
+
+TRAP = """
+import signal, sys, time
+from pathlib import Path
+
+def stop(*_):
+    time.sleep(5)  # saving a checkpoint: longer than Ray's own 3 s before SIGKILL
+    Path(sys.argv[1]).write_text("saved")
+    sys.exit(130)
+
+signal.signal(signal.SIGTERM, stop)
+Path(sys.argv[1] + ".started").write_text("")
+while True:
+    time.sleep(0.1)
+"""
+
+
+def test_rays_stop_job_sends_sigterm_and_waits_the_grace_each_job_is_given(ray_head, tmp_path):
+    """What the Ray backend relies on, in the installed Ray: stop_job sends SIGTERM to the
+    entrypoint's processes and SIGKILLs only after the job's RAY_JOB_STOP_WAIT_TIME_S."""
+    _address, client = ray_head
+    script, marker = tmp_path / "trap.py", tmp_path / "saved"
+    script.write_text(TRAP)
+    env = ray_jobs.job_env({}, PACKAGE_ROOT, num_cpus=1, grace_s=20)
+    job = client.submit_job(
+        entrypoint=f"{sys.executable} {script} {marker}",
+        runtime_env={"env_vars": env},
+        entrypoint_num_cpus=1,
+    )
+    deadline = time.time() + 60
+    while not Path(f"{marker}.started").exists():
+        assert time.time() < deadline, client.get_job_logs(job)
+        time.sleep(0.2)
+    assert client.stop_job(job) is True
+    assert _job_status(client, job) == "STOPPED"
+    assert marker.read_text() == "saved"  # not SIGKILLed at Ray's default 3 s
