@@ -664,14 +664,16 @@ def train_on_devices(
         start_new_session=True,  # the terminal's Ctrl-C reaches the ranks through us only
         preexec_fn=set_death_signal,  # noqa: PLW1509 - only a prctl call, bound beforehand
     )
-    output = _GroupOutput(proc, log, echo).start()
-    forwarded = False
+    output = _GroupOutput(proc, log).start()  # worker.log only: the terminal gets progress
+    forwarded, said = False, ""
     try:
         while proc.poll() is None:
             if flag.requested and not forwarded:
                 log(f"stop requested: SIGTERM to torchrun (pid {proc.pid}) and its ranks")
                 proc.send_signal(signal.SIGTERM)
                 forwarded = True
+            if echo:  # in the foreground: rank 0's progress as status.json says it
+                said = _echo_progress(run_dir, said)
             time.sleep(POLL_S)
     except BaseException:  # a second Ctrl-C: end the group at once
         with contextlib.suppress(OSError):
@@ -700,12 +702,24 @@ def train_on_devices(
     )
 
 
-class _GroupOutput:
-    """Copies torchrun's output (its own lines and every rank's) into worker.log, and to
-    stderr in the foreground; keeps the last lines for the crash message."""
+def _echo_progress(run_dir: Path, said: str) -> str:
+    """Prints status.json's message to stderr when it changed; returns the message."""
+    status = store.read_status(run_dir)
+    message = status.get("message") or ""
+    if message and message != said:
+        step, total = status.get("step"), status.get("total_steps")
+        where = f"step {step}/{total}: " if step and total else ""
+        with contextlib.suppress(OSError, ValueError):
+            print(f"{where}{message}", file=sys.stderr, flush=True)
+    return message
 
-    def __init__(self, proc: subprocess.Popen, log: _Log, echo: bool, keep: int = 200):
-        self.proc, self.log, self.echo = proc, log, echo
+
+class _GroupOutput:
+    """Copies torchrun's output (its own lines and every rank's) into worker.log; keeps the
+    last lines for the crash message."""
+
+    def __init__(self, proc: subprocess.Popen, log: _Log, keep: int = 200):
+        self.proc, self.log = proc, log
         self.lines: list[str] = []
         self.keep = keep
         self._thread = threading.Thread(target=self._copy, name="torchrun-output", daemon=True)
@@ -718,9 +732,6 @@ class _GroupOutput:
         for raw in self.proc.stdout:
             line = raw.decode(errors="replace") if isinstance(raw, bytes) else raw
             self.log.append(line if line.endswith("\n") else line + "\n")
-            if self.echo:
-                with contextlib.suppress(OSError, ValueError):
-                    sys.stderr.write(line)
             self.lines = (self.lines + [line.rstrip("\n")])[-self.keep :]
 
     def join(self) -> None:
