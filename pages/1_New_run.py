@@ -727,6 +727,34 @@ def recipe_part(page: Page) -> None:
                 for name in names_in_col:
                     field_input(name)
                     page.show(name)
+                    if name == "model_ema_decay":
+                        ema_note(page)
+
+
+def ema_note(page: Page) -> None:
+    """Warns under EMA decay when the weight EMA would stay near where training started in
+    this run (torchvision's defaults are set for ImageNet-sized epochs), with a decay that
+    would not, updated every step."""
+    if not page.cfgs or page.data_info is None or page.errors:
+        return
+    cfg = page.cfgs[0][1]
+    if not cfg.model_ema:
+        return
+    reach = recipe.ema_reach(cfg, train_images(page, cfg))
+    if reach.still_at_start < recipe.EMA_STILL_AT_START:
+        return
+    advice = (
+        f"set EMA every (steps) to 1 and EMA decay to {reach.suggested_decay:.5f}, or train longer"
+        if reach.suggested_decay is not None
+        else "this run is too short for an average of its weights: train longer"
+    )
+    st.warning(
+        f"The weight EMA makes {reach.updates} updates in this run, each keeping "
+        f"{reach.decay:.4f} of the average, so {reach.still_at_start:.0%} of the EMA weights "
+        "it scores and saves as best stay where training started; "
+        f"{advice} (the EMA forgets its start then).",
+        icon=":material/warning:",
+    )
 
 
 def effective_batch(cfg) -> str:

@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import csv
 import math
+import re
 
 import pytest
 import torch
@@ -520,6 +521,19 @@ def test_new_run_says_before_launch_which_option_turns_the_feature_cache_off(tmp
         said = captions()
         assert "Effective batch 256 = 64 × 4 batches per step" in said
         assert "optimizer steps of 4 batches (effective batch 256) per epoch" in said
+        # the reference's EMA on a small data set: New run says it would stay at the start
+        at.checkbox(key="f_model_ema").check().run()
+        warned = "\n".join(str(w.value) for w in at.warning)
+        found = re.search(
+            r"so (\d+)% of the EMA weights it scores and saves as best stay where training "
+            r"started; set EMA every \(steps\) to 1 and EMA decay to (0\.\d+)",
+            warned,
+        )
+        assert found and int(found[1]) > 90, warned
+        at.number_input(key="f_model_ema_steps").set_value(1).run()
+        at.number_input(key="f_model_ema_decay").set_value(float(found[2])).run()
+        assert not [w for w in at.warning if "weight EMA" in str(w.value)]  # it forgets now
+        at.checkbox(key="f_model_ema").uncheck().run()
         at.selectbox(key="f_augment").set_value("flip").run()
         at.checkbox(key="f_hflip").uncheck().run()
         assert "--augment" not in captions()
