@@ -603,9 +603,7 @@ class Trainer:
     def evaluate(self, split: data_mod.TensorSplit, cached: torch.Tensor | None = None) -> dict:
         """Returns loss, acc, acc5, confusion matrix and per-class accuracy on a split."""
         self.parts.model.eval()
-        k = self.exp.num_classes
-        total_loss, n, top1, top5 = 0.0, 0, 0, 0
-        preds, targets, confidences = [], [], []
+        scores = metrics.SplitScores(self.exp.num_classes, self.exp.data.classes)
         bs = max(self.cfg.batch_size, 128)
         loss_fn = nn.CrossEntropyLoss(reduction="sum")
         lo, hi = distributed.span(len(split))  # on several devices: this rank's part
@@ -618,33 +616,10 @@ class Trainer:
                 else:
                     logits = self.model(self.to_input(split.images[start:end], None))
             logits = logits.float()
-            total_loss += float(loss_fn(logits, y))
-            top1 += metrics.topk_correct(logits, y, 1)
-            top5 += metrics.topk_correct(logits, y, 5)
-            n += len(y)
-            confidence, pred = logits.softmax(1).max(1)
-            preds.append(pred.cpu())
-            confidences.append(confidence.cpu())
-            targets.append(y.cpu())
-        none = torch.zeros(0, dtype=torch.long)
-        pred, target = torch.cat(preds or [none]), torch.cat(targets or [none])
-        confidence = torch.cat(confidences or [none.float()])
+            scores.add(logits, y, float(loss_fn(logits, y)))
         if distributed.active():  # the whole split's figures, the parts in rank order
-            parts = distributed.gather((total_loss, n, top1, top5, pred, target, confidence))
-            total_loss, n, top1, top5 = (sum(p[i] for p in parts) for i in range(4))
-            pred, target, confidence = (torch.cat([p[i] for p in parts]) for i in (4, 5, 6))
-        cm = metrics.confusion_matrix(pred, target, k)
-        return {
-            "loss": total_loss / max(n, 1),
-            "acc": top1 / max(n, 1),
-            "acc5": top5 / max(n, 1) if k > 5 else None,
-            "confusion_matrix": cm.tolist(),
-            "per_class_acc": metrics.per_class_accuracy(cm, self.exp.data.classes),
-            # per image, in the split's order: what the intervals and comparisons resample
-            "true": target.tolist(),
-            "pred": pred.tolist(),
-            "confidence": confidence.tolist(),
-        }
+            return scores.result(distributed.gather(scores.part()))
+        return scores.result()
 
     # --- the feature cache: a phase's frozen prefix computed once -----------------------------
     def cache_plan(self, phase: strategies.Phase, epoch: int) -> tuple[int | None, str]:

@@ -288,8 +288,7 @@ def tta_evaluate(trainer, split) -> dict:
         with trainer.autocast():
             return trainer.model(x).float().softmax(1)
 
-    total_loss, n, top1, top5 = 0.0, 0, 0, 0
-    preds, targets, confidences = [], [], []
+    scores = metrics.SplitScores(k, trainer.exp.data.classes)
     for start in range(0, len(split), bs):
         images = split.images[start : start + bs]
         y = split.labels[start : start + bs].to(trainer.device)
@@ -299,23 +298,6 @@ def tta_evaluate(trainer, split) -> dict:
         else:
             views = [probabilities(trainer.to_input(images, g)) for g in generators]
             p = TTA_BETA * plain + (1 - TTA_BETA) * torch.stack(views).mean(0)
-        total_loss += float(-p.gather(1, y[:, None]).clamp_min(1e-12).log().sum())
-        top1 += metrics.topk_correct(p, y, 1)
-        top5 += metrics.topk_correct(p, y, 5)
-        n += len(y)
-        confidence, pred = p.max(1)
-        preds.append(pred.cpu())
-        confidences.append(confidence.cpu())
-        targets.append(y.cpu())
-    pred, target = torch.cat(preds), torch.cat(targets)
-    cm = metrics.confusion_matrix(pred, target, k)
-    return {
-        "loss": total_loss / max(n, 1),
-        "acc": top1 / max(n, 1),
-        "acc5": top5 / max(n, 1) if k > 5 else None,
-        "confusion_matrix": cm.tolist(),
-        "per_class_acc": metrics.per_class_accuracy(cm, trainer.exp.data.classes),
-        "true": target.tolist(),
-        "pred": pred.tolist(),
-        "confidence": torch.cat(confidences).tolist(),
-    }
+        loss = float(-p.gather(1, y[:, None]).clamp_min(1e-12).log().sum())
+        scores.add(p, y, loss, probabilities=p)
+    return scores.result()
