@@ -20,6 +20,7 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_runs import tiny_config
 
 from finetune_core import runner, store, worker
 from finetune_core.callbacks import Callback
@@ -27,16 +28,7 @@ from finetune_core.config import RunConfig
 from finetune_core.util.processes import process_alive, process_start_time
 
 REPO = Path(__file__).resolve().parent.parent
-TINY = dict(
-    data="builtin:shapes",
-    model="resnet18",
-    weights="none",
-    image_size=32,
-    epochs=1,
-    batch_size=64,
-    augment="none",
-    strategy="linear_probe",
-)
+TINY = tiny_config(strategy="linear_probe")
 
 
 def _wait(predicate, timeout=120, what="it", every=0.2):

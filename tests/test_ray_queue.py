@@ -18,22 +18,14 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
+from tiny_runs import tiny_config
 
 from finetune_core import ray_jobs, runner, store
 from finetune_core.config import RunConfig
 from finetune_core.store import status as status_module
 from finetune_core.util.processes import process_alive
 
-TINY = dict(
-    data="builtin:shapes",
-    model="resnet18",
-    weights="none",
-    image_size=32,
-    epochs=1,
-    batch_size=64,
-    augment="none",
-    device="cpu",  # the test's head has no GPU: a run asks for none
-)
+TINY = tiny_config(device="cpu")  # the test's head has no GPU: a run asks for none
 PACKAGE_ROOT = str(Path(runner.__file__).resolve().parent.parent)
 
 

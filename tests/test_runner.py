@@ -10,19 +10,12 @@ import time
 from pathlib import Path
 
 import pytest
+from tiny_runs import tiny_config
 
 from finetune_core import runner, store, worker
 from finetune_core.config import ConfigError, RunConfig
 
-TINY = dict(
-    data="builtin:shapes",
-    model="resnet18",
-    weights="none",
-    image_size=32,
-    epochs=1,
-    batch_size=64,
-    augment="none",
-)
+TINY = tiny_config()
 
 
 def _wait(run_dir, predicate, timeout=600, what="the run"):

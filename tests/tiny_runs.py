@@ -26,3 +26,10 @@ def tiny_flags(**changes: object) -> list[str]:
         else:
             flags[key] = str(value)
     return [part for key, value in flags.items() for part in (f"--{key}", value)]
+
+
+def tiny_config(**changes: object) -> dict:
+    """Returns the tiny run as RunConfig keyword arguments, with `changes` set or added."""
+    fields = {key.replace("-", "_"): value for key, value in TINY_RUN.items()}
+    fields.update(image_size=32, epochs=1, batch_size=64)  # the numbers as numbers
+    return {**fields, **changes}
