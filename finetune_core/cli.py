@@ -225,6 +225,7 @@ def cmd_train(args) -> int:
     if errors:
         _report(errors)
         return runner.EXIT_INVALID
+    _warn_short_ema(cfg)
     owner = actor(args)
     with store.quota.launch_lock(root):
         store.quota.check_launch(root, owner, 1, [cfg.data, cfg.weights])
@@ -234,6 +235,28 @@ def cmd_train(args) -> int:
         file=sys.stderr,
     )
     return _run_in_foreground(run_dir)
+
+
+def _warn_short_ema(cfg) -> None:
+    """Says on stderr, as New run does under EMA decay, when --model-ema would leave most of
+    the average at the starting weights in this run (torchvision's defaults on a small data
+    set), with the flags that would not; the run still starts."""
+    from finetune_core import preflight
+
+    reach = preflight.short_ema(cfg)
+    if reach is None:
+        return
+    advice = (
+        f"--model-ema-steps 1 --model-ema-decay {reach.suggested_decay:.5f}, or more --epochs"
+        if reach.suggested_decay is not None
+        else "more --epochs"
+    )
+    print(
+        f"warning: --model-ema: {reach.updates} updates of {reach.decay:.4f} in this run leave "
+        f"{reach.still_at_start:.0%} of the EMA weights it scores and saves as best where "
+        f"training started; try {advice}",
+        file=sys.stderr,
+    )
 
 
 def _lr_find_steps(text: str) -> int:
@@ -452,6 +475,7 @@ def cmd_sweep(args) -> int:
         if errors:
             _report(errors)
             return runner.EXIT_INVALID
+    _warn_short_ema(cfgs[0])  # the group shares its data, epochs and batch
     run_dirs = runner.enqueue(cfgs, root, group=True, owner=actor(args))
     group = store.read_config(run_dirs[0]).get("group")
     labels = {d.name: strategies_label(store.read_config(d)) for d in run_dirs}

@@ -12,7 +12,7 @@ import functools
 import json
 from pathlib import Path
 
-from finetune_core import data, device, engine, models, pretrain, strategies, weights
+from finetune_core import data, device, engine, models, pretrain, recipe, strategies, weights
 from finetune_core.config import ConfigError, RunConfig, type_errors, validate_fields
 from finetune_core.util.names import nearest
 
@@ -104,3 +104,20 @@ def plan_for(cfg: RunConfig, num_classes: int) -> strategies.Plan:
 def availability(spec: str, model: str, *, runs_dir=None) -> tuple[str, str]:
     """Returns weights.availability with the time pretraining builtin weights takes here."""
     return weights.availability(spec, model, runs_dir=runs_dir, estimate=pretrain.estimate_seconds)
+
+
+def short_ema(cfg: RunConfig) -> recipe.EMAReach | None:
+    """Returns how far cfg's weight EMA gets over its data's training split when that leaves
+    more than recipe.EMA_STILL_AT_START of the average at the starting weights (what `train`
+    and `sweep` warn about, as New run does); None otherwise, without an EMA, or when the
+    data cannot be read (validate says so)."""
+    if not cfg.model_ema:
+        return None
+    try:
+        info = data.inspect_data(cfg.data)
+    except data.DataError:
+        return None
+    reach = recipe.ema_reach(
+        cfg, data.split_sizes(info, cfg.val_fraction, cfg.test_fraction)["train"]
+    )
+    return reach if reach.still_at_start >= recipe.EMA_STILL_AT_START else None

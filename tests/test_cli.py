@@ -4,6 +4,7 @@ with a checkpoint and `resume` finishes the run."""
 
 import json
 import os
+import re
 import subprocess
 import sys
 import time
@@ -90,6 +91,25 @@ def test_train_rejects_a_bad_config_file_naming_the_file(tmp_path, capsys, text,
     assert code == 2
     assert "error: --config:" in err and str(path) in err and hint in err
     assert not runs.exists()
+
+
+def test_train_warns_when_the_weight_ema_would_stay_at_the_start_and_trains_anyway(
+    tmp_path, capsys
+):
+    runs = tmp_path / "runs"
+    flags = ["--strategy", "linear_probe", "--model-ema", "--runs-dir", str(runs)]
+    code = cli.main(["train", *TINY, *flags])  # torchvision's EMA defaults, 1 epoch
+    err = capsys.readouterr().err
+    found = re.search(
+        r"warning: --model-ema: \d+ updates of 0\.\d+ in this run leave (\d+)% of the EMA "
+        r"weights it scores and saves as best where training started; try "
+        r"--model-ema-steps 1 --model-ema-decay (0\.\d+), or more --epochs",
+        err,
+    )
+    assert code == 0 and found and int(found[1]) > 90, err
+    decay = ["--model-ema-steps", "1", "--model-ema-decay", found[2]]
+    code = cli.main(["train", *TINY, *flags, *decay])  # what it proposed: no warning
+    assert code == 0 and "warning: --model-ema" not in capsys.readouterr().err
 
 
 def test_bad_input_in_a_real_process_exits_2_without_traceback(tmp_path):

@@ -68,6 +68,7 @@ ALLOWED = {
         "engine",
         "models",
         "pretrain",
+        "recipe",  # how far a weight EMA gets in a run, warned about before it starts
         "strategies",
         "util",
         "weights",
