@@ -18,7 +18,7 @@ from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
-from tiny_runs import tiny_config
+from tiny_runs import tiny_config, wait_for_status
 
 from finetune_core import ray_jobs, runner, store
 from finetune_core.config import RunConfig
@@ -426,17 +426,7 @@ def on_ray(ray_head, monkeypatch, tmp_path):
 
 
 def _wait(run_dir: Path, predicate, timeout: float = 300, what: str = "the run") -> dict:
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = store.read_status(run_dir)
-        if predicate(status):
-            return status
-        time.sleep(0.2)
-    supervisor = run_dir.parent / "supervisor.log"
-    raise AssertionError(
-        f"{what} did not get there in {timeout} s: {status}\n{store.read_log_tail(run_dir, 40)}\n"
-        + (supervisor.read_text()[-3000:] if supervisor.exists() else "")
-    )
+    return wait_for_status(run_dir, predicate, timeout, what)
 
 
 def _job_status(client, job_id: str, timeout: float = 60) -> str:

@@ -10,7 +10,7 @@ import time
 from pathlib import Path
 
 import pytest
-from tiny_runs import tiny_config
+from tiny_runs import tiny_config, wait_for_status
 
 from finetune_core import runner, store, worker
 from finetune_core.config import ConfigError, RunConfig
@@ -18,15 +18,8 @@ from finetune_core.config import ConfigError, RunConfig
 TINY = tiny_config()
 
 
-def _wait(run_dir, predicate, timeout=600, what="the run"):
-    deadline = time.time() + timeout
-    while time.time() < deadline:
-        status = store.read_status(run_dir)
-        if predicate(status):
-            return status
-        time.sleep(0.2)
-    log = store.read_log_tail(run_dir, 40)
-    raise AssertionError(f"{what} did not get there in {timeout} s: {status}\n{log}")
+def _wait(run_dir: Path, predicate, timeout: float = 600, what: str = "the run") -> dict:
+    return wait_for_status(run_dir, predicate, timeout, what)
 
 
 LAUNCHER = """
