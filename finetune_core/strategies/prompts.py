@@ -18,7 +18,12 @@ import torch
 import torchvision
 from torch import nn
 
-from finetune_core.strategies.vpt import PROMPT
+PROMPT = "vpt_prompt"  # the name of each block's prompt tokens (a parameter of the block)
+
+
+def is_prompt(name: str) -> bool:
+    """Returns True for the name of a block's prompt tokens in a state dict or a model."""
+    return name.rsplit(".", 1)[-1] == PROMPT
 
 
 def is_vit(model: nn.Module) -> bool:
@@ -57,7 +62,7 @@ def files(parts) -> dict[str, dict]:
     """Returns VPT's own files: prompts.safetensors (every block's prompts and the head,
     under the model's names) and prompts.json (what loading them needs)."""
     state = parts.model.state_dict()
-    tensors = {k: v for k, v in state.items() if k.rsplit(".", 1)[-1] == PROMPT}
+    tensors = {k: v for k, v in state.items() if is_prompt(k)}
     blocks = [k.rsplit(".", 1)[0] for k in tensors]
     tensors.update({k: v for k, v in state.items() if parts.is_head(k)})
     first = tensors[f"{blocks[0]}.{PROMPT}"]

@@ -13,8 +13,6 @@ from __future__ import annotations
 from finetune_core.options import Option
 from finetune_core.strategies.registry import PhaseSpec, Strategy, register
 
-PROMPT = "vpt_prompt"  # the name of each block's prompt tokens (a parameter of the block)
-
 
 def _not_a_vit(model: str) -> dict[str, str]:
     return {
@@ -68,7 +66,9 @@ class VisualPromptTuning(Strategy):
         return [PhaseSpec(f"vpt {cfg.vpt_mode}", 1, cfg.epochs, len(group_names))]
 
     def trainable_subset(self, parts):
-        return {n for n, _ in parts.model.named_parameters() if n.rsplit(".", 1)[-1] == PROMPT}
+        from finetune_core.strategies import prompts
+
+        return {n for n, _ in parts.model.named_parameters() if prompts.is_prompt(n)}
 
     def prepare(self, parts, cfg):
         from finetune_core.strategies import prompts
