@@ -106,18 +106,18 @@ def availability(spec: str, model: str, *, runs_dir=None) -> tuple[str, str]:
     return weights.availability(spec, model, runs_dir=runs_dir, estimate=pretrain.estimate_seconds)
 
 
-def short_ema(cfg: RunConfig) -> recipe.EMAReach | None:
-    """Returns how far cfg's weight EMA gets over its data's training split when that leaves
-    more than recipe.EMA_STILL_AT_START of the average at the starting weights (what `train`
-    and `sweep` warn about, as New run does); None otherwise, without an EMA, or when the
-    data cannot be read (validate says so)."""
+def short_ema(cfg: RunConfig, train_images: int | None = None) -> recipe.EMAReach | None:
+    """Returns how far cfg's weight EMA gets over its training split (train_images, else
+    read from its data) when that leaves more than recipe.EMA_STILL_AT_START of the average
+    at the starting weights (what New run, `train` and `sweep` warn about); None otherwise,
+    without an EMA, or when the data cannot be read (validate says so)."""
     if not cfg.model_ema:
         return None
-    try:
-        info = data.inspect_data(cfg.data)
-    except data.DataError:
-        return None
-    reach = recipe.ema_reach(
-        cfg, data.split_sizes(info, cfg.val_fraction, cfg.test_fraction)["train"]
-    )
+    if train_images is None:
+        try:
+            info = data.inspect_data(cfg.data)
+        except data.DataError:
+            return None
+        train_images = data.split_sizes(info, cfg.val_fraction, cfg.test_fraction)["train"]
+    reach = recipe.ema_reach(cfg, train_images)
     return reach if reach.still_at_start >= recipe.EMA_STILL_AT_START else None

@@ -48,7 +48,7 @@ def ema_decay(cfg: Any) -> float:
     --model-ema-decay: 1 - (1 - decay) x images per optimizer step (all devices) x model_ema_steps /
     epochs (at least 0), so that the average spans a like share of the run whatever the
     batch, the update interval and the epochs."""
-    images = cfg.batch_size * cfg.accumulate_steps * max(1, getattr(cfg, "devices", 1))
+    images = cfg.batch_size * cfg.accumulate_steps * max(1, cfg.devices)
     alpha = (1.0 - cfg.model_ema_decay) * images * cfg.model_ema_steps / cfg.epochs
     return 1.0 - min(1.0, alpha)
 
@@ -81,7 +81,7 @@ def ema_reach(cfg: Any, train_images: int) -> EMAReach:
     recipe's digits table)."""
     from finetune_core.data.loader import steps_per_epoch
 
-    devices = max(1, getattr(cfg, "devices", 1))
+    devices = max(1, cfg.devices)
     batches = steps_per_epoch(max(1, train_images // devices), max(1, cfg.batch_size))
     per_epoch = math.ceil(batches / max(1, cfg.accumulate_steps))
     total = per_epoch * cfg.epochs

@@ -738,10 +738,8 @@ def ema_note(page: Page) -> None:
     if not page.cfgs or page.data_info is None or page.errors:
         return
     cfg = page.cfgs[0][1]
-    if not cfg.model_ema:
-        return
-    reach = recipe.ema_reach(cfg, train_images(page, cfg))
-    if reach.still_at_start < recipe.EMA_STILL_AT_START:
+    reach = preflight.short_ema(cfg, train_images(page, cfg))
+    if reach is None:
         return
     advice = (
         f"set EMA every (steps) to 1 and EMA decay to {reach.suggested_decay:.5f}, or train longer"
